@@ -1,0 +1,286 @@
+"""Build the app image and its named stages with every cached image as ``--cache-from``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layerkeep.build_output import BuildkitParser, LegacyParser, StepTally
+from layerkeep.dockerfile import read_stages
+from layerkeep.engine import Engine, checked_stream
+from layerkeep.errors import BuildFailed, ConfigError, DockerOperationError
+from layerkeep.imageref import ImageRef, is_valid_tag
+from layerkeep.settings import Settings
+
+Log = Callable[[str], None]
+_TAIL = 20
+
+
+@dataclass(frozen=True)
+class Target:
+    """One build: a stage (None for the final image) and the tag it gets."""
+
+    stage: str | None
+    image: ImageRef
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What to build, in order; the final image comes last."""
+
+    context: Path
+    dockerfile: Path
+    targets: tuple[Target, ...]
+    unnamed_stages: tuple[int, ...] = ()
+
+    @property
+    def images(self) -> tuple[ImageRef, ...]:
+        """Every image the plan tags: what the cache keeps and builds reuse."""
+        return tuple(target.image for target in self.targets)
+
+
+@dataclass(frozen=True)
+class Builder:
+    """How images get built: the classic builder through the API, or BuildKit via a CLI."""
+
+    kind: str
+    cli: str = ""
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What a build did, with the cache figures from the builder's own output."""
+
+    builder: Builder
+    images: tuple[ImageRef, ...]
+    cache_from: tuple[str, ...]
+    seconds: float
+    tally: StepTally = field(compare=False)
+
+
+def stage_image(image: ImageRef, stage: str) -> ImageRef:
+    """The tag a named stage gets, beside the app image: ``app:latest-stage-builder``."""
+    tag = f"{image.tag}-stage-{stage}"
+    if not is_valid_tag(tag):
+        raise ConfigError(
+            f"stage {stage!r} of {image} gives the invalid tag {tag!r}",
+            hint="name stages with letters, digits, '.', '_' or '-', and keep tags short",
+        )
+    return image.with_tag(tag)
+
+
+def plan_build(settings: Settings) -> BuildPlan:
+    """Read the Dockerfile and list the stage builds and the final build."""
+    image = settings.require_image()
+    context = settings.context
+    if not context.is_dir():
+        raise ConfigError(
+            f"build context {context} is not a folder",
+            key="LAYERKEEP_CONTEXT",
+            hint="set LAYERKEEP_CONTEXT to the folder holding your sources",
+        )
+    dockerfile = context / settings.dockerfile
+    try:
+        text = dockerfile.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read Dockerfile {dockerfile}: {error.strerror}",
+            key="LAYERKEEP_DOCKERFILE",
+            hint="set LAYERKEEP_DOCKERFILE (relative to LAYERKEEP_CONTEXT)",
+        ) from None
+    stages = read_stages(text)
+    if not stages:
+        raise ConfigError(f"{dockerfile} has no FROM line", key="LAYERKEEP_DOCKERFILE")
+    earlier = stages[:-1]
+    targets = [
+        Target(stage.name, stage_image(image, stage.name)) for stage in earlier if stage.name
+    ]
+    targets.append(Target(None, image))
+    unnamed = tuple(stage.index for stage in earlier if not stage.name)
+    return BuildPlan(context, dockerfile, tuple(targets), unnamed)
+
+
+def choose_builder(
+    wanted: str, environ: Mapping[str, str], *, cli: str = "", engine: Engine
+) -> Builder:
+    """Resolve ``auto``/``legacy``/``buildkit`` to a builder that works on this machine."""
+    if wanted == "legacy":
+        return Builder("legacy")
+    tried: list[str] = []
+    if _engine_has_buildkit(engine):
+        for candidate in _cli_candidates(cli, environ):
+            tried.append(candidate)
+            if _cli_has_buildkit(candidate, environ):
+                return Builder("buildkit", candidate)
+    if wanted == "buildkit":
+        where = ", ".join(tried) or "no docker CLI on PATH"
+        raise ConfigError(
+            f"LAYERKEEP_BUILDER=buildkit but no docker CLI here can use BuildKit (tried {where})",
+            key="LAYERKEEP_BUILDER",
+            hint="install docker-buildx, set LAYERKEEP_DOCKER_CLI, or use LAYERKEEP_BUILDER=auto",
+        )
+    return Builder("legacy")
+
+
+def build_image(
+    engine: Engine,
+    settings: Settings,
+    builder: Builder,
+    environ: Mapping[str, str],
+    *,
+    log: Log = print,
+) -> BuildReport:
+    """Build every stage and then the app image, reusing every cached image present."""
+    plan = plan_build(settings)
+    for index in plan.unnamed_stages:
+        log(
+            f"warning: stage {index} of {plan.dockerfile.name} has no name, so its layers "
+            "cannot be cached on their own; name it with `FROM ... AS <name>`"
+        )
+    tally = StepTally()
+    started = time.monotonic()
+    cache_from: tuple[str, ...] = ()
+    for target in plan.targets:
+        cache_from = tuple(str(i) for i in plan.images if engine.image_id(str(i)) is not None)
+        log(
+            f"building {target.image} ({builder.kind}"
+            + (f", target {target.stage}" if target.stage else "")
+            + f", cache from {len(cache_from)} image(s))"
+        )
+        job = _Job(plan, target, cache_from, settings.build_args, tally, log)
+        if builder.kind == "buildkit":
+            _build_with_cli(builder.cli, job, environ)
+        else:
+            _build_with_api(engine, job)
+    seconds = time.monotonic() - started
+    log(f"{tally.summary()} ({plan.images[-1]} built in {seconds:.1f} s)")
+    return BuildReport(builder, plan.images, cache_from, seconds, tally)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One target's build: what both builders need."""
+
+    plan: BuildPlan
+    target: Target
+    cache_from: Sequence[str]
+    build_args: Mapping[str, str]
+    tally: StepTally
+    log: Log
+
+
+def _build_with_api(engine: Engine, job: _Job) -> None:
+    parser = LegacyParser(job.tally)
+    tail: deque[str] = deque(maxlen=_TAIL)
+    plan, image = job.plan, str(job.target.image)
+    chunks = engine.api.build(
+        path=str(plan.context),
+        dockerfile=str(plan.dockerfile.relative_to(plan.context))
+        if plan.dockerfile.is_relative_to(plan.context)
+        else str(plan.dockerfile),
+        tag=image,
+        target=job.target.stage,
+        cache_from=list(job.cache_from),
+        buildargs=dict(job.build_args),
+        rm=True,
+        forcerm=True,
+        pull=False,
+        decode=True,
+    )
+    try:
+        for chunk in checked_stream(chunks, action="build", image=image):
+            for line in str(chunk.get("stream", "")).splitlines():
+                if line.strip():
+                    tail.append(line)
+                    parser.feed(line)
+                    job.log(line)
+    except DockerOperationError as error:
+        raise BuildFailed(error.message, image=image, last_lines=list(tail)) from None
+    parser.finish()
+
+
+def _build_with_cli(cli: str, job: _Job, environ: Mapping[str, str]) -> None:
+    image = str(job.target.image)
+    command = [cli, "build", "--progress=plain", "-f", str(job.plan.dockerfile), "-t", image]
+    if job.target.stage:
+        command += ["--target", job.target.stage]
+    for cached in job.cache_from:
+        command += ["--cache-from", cached]
+    build_args = {**job.build_args, "BUILDKIT_INLINE_CACHE": "1"}
+    for name in build_args:
+        # Values travel in the environment, not the command line: `--build-arg NAME`
+        # takes the value from there, so secrets never show in `ps`.
+        command += ["--build-arg", name]
+    command.append(str(job.plan.context))
+    env = {**environ, **build_args, "DOCKER_BUILDKIT": "1", "BUILDKIT_PROGRESS": "plain"}
+    parser = BuildkitParser(job.tally)
+    tail: deque[str] = deque(maxlen=_TAIL)
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            parser.feed(line)
+            job.log(line)
+    if process.returncode != 0:
+        reason = next((line for line in reversed(tail) if "error" in line.lower()), "")
+        raise BuildFailed(
+            f"build {image} failed (exit {process.returncode}): {reason.strip()}",
+            image=image,
+            last_lines=list(tail),
+        )
+    parser.finish()
+
+
+def _engine_has_buildkit(engine: Engine) -> bool:
+    version = engine.api.version()
+    api = tuple(int(part) for part in str(version.get("ApiVersion", "0.0")).split("."))
+    return api >= (1, 39) and version.get("Os", "linux") == "linux"
+
+
+def _cli_candidates(cli: str, environ: Mapping[str, str]) -> Iterable[str]:
+    if cli:
+        return [cli]
+    found = [shutil.which("docker", path=environ.get("PATH")), "/usr/bin/docker"]
+    unique: dict[str, None] = {}
+    for path in found:
+        if path and os.access(path, os.X_OK):
+            unique.setdefault(os.path.realpath(path), None)
+    return list(unique)
+
+
+def _cli_has_buildkit(cli: str, environ: Mapping[str, str]) -> bool:
+    """A CLI with buildx, or a classic CLI (< 23) that speaks BuildKit itself."""
+    env = dict(environ)
+    try:
+        buildx = subprocess.run(
+            [cli, "buildx", "version"], env=env, capture_output=True, check=False, timeout=20
+        )
+        if buildx.returncode == 0:
+            return True
+        version = subprocess.run(
+            [cli, "version", "--format", "{{.Client.Version}}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    major = version.stdout.strip().split(".")[0]
+    return major.isdigit() and 18 <= int(major) < 23
+
+
+def images_to_cache(settings: Settings) -> list[str]:
+    """The app image, its stages and the extra images the settings name."""
+    images = [str(image) for image in plan_build(settings).images]
+    return images + [image for image in settings.cache_images if image not in images]

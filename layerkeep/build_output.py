@@ -1,0 +1,98 @@
+"""Count cached steps from the builders' own output: the figure the product promises."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_LEGACY_STEP = re.compile(r"^Step \d+/\d+ : (?P<instruction>.*)$")
+_BUILDKIT_VERTEX = re.compile(r"^#(?P<id>\d+) \[(?P<step>[^\]]*\d+/\d+)\] (?P<instruction>.*)$")
+_BUILDKIT_CACHED = re.compile(r"^#(?P<id>\d+) CACHED\s*$")
+
+
+@dataclass
+class StepTally:
+    """Steps seen across the builds of one run; a step's first sighting decides it.
+
+    Building a stage and then the final image walks the stage's steps twice; the
+    second time they are cached by the first, which says nothing about the cache.
+    """
+
+    reused_by_key: dict[str, bool] = field(default_factory=dict)
+
+    def record(self, key: str, reused: bool) -> None:
+        """Note one step; later sightings of the same step are ignored."""
+        self.reused_by_key.setdefault(key, reused)
+
+    @property
+    def total(self) -> int:
+        """Steps that run (FROM excluded)."""
+        return len(self.reused_by_key)
+
+    @property
+    def reused(self) -> int:
+        """Steps the builder took from its cache."""
+        return sum(self.reused_by_key.values())
+
+    def summary(self) -> str:
+        """``cache: 11/12 steps reused``."""
+        return f"cache: {self.reused}/{self.total} steps reused"
+
+
+class LegacyParser:
+    """Reads the classic builder's stream ("Step 3/9 : RUN ...", " ---> Using cache")."""
+
+    def __init__(self, tally: StepTally) -> None:
+        self.tally = tally
+        self.stage = -1
+        self.pending: str | None = None
+        self.pending_cached = False
+
+    def feed(self, line: str) -> None:
+        """Take one line of output."""
+        text = line.strip()
+        match = _LEGACY_STEP.match(text)
+        if match:
+            self._close()
+            instruction = match["instruction"].strip()
+            if instruction.upper().startswith("FROM "):
+                self.stage += 1
+                return
+            self.pending = f"{self.stage}:{instruction}"
+        elif text == "---> Using cache" and self.pending is not None:
+            self.pending_cached = True
+
+    def finish(self) -> None:
+        """Record the last step once the build ended."""
+        self._close()
+
+    def _close(self) -> None:
+        if self.pending is not None:
+            self.tally.record(self.pending, self.pending_cached)
+        self.pending, self.pending_cached = None, False
+
+
+class BuildkitParser:
+    """Reads BuildKit's plain progress ("#7 [builder 2/4] RUN ...", "#7 CACHED")."""
+
+    def __init__(self, tally: StepTally) -> None:
+        self.tally = tally
+        self.steps: dict[str, str] = {}
+        self.cached: set[str] = set()
+
+    def feed(self, line: str) -> None:
+        """Take one line of output."""
+        text = line.strip()
+        match = _BUILDKIT_VERTEX.match(text)
+        if match:
+            if not match["instruction"].upper().startswith("FROM "):
+                self.steps.setdefault(match["id"], f"{match['step']}:{match['instruction']}")
+            return
+        match = _BUILDKIT_CACHED.match(text)
+        if match:
+            self.cached.add(match["id"])
+
+    def finish(self) -> None:
+        """Record every step of this build."""
+        for vertex, key in self.steps.items():
+            self.tally.record(key, vertex in self.cached)

@@ -1,0 +1,64 @@
+"""The one family of errors layerkeep raises; each carries what a user needs to act."""
+
+from __future__ import annotations
+
+
+class LayerkeepError(Exception):
+    """Root of every error layerkeep reports to a user as one line."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and its hint on one line, as a user sees it."""
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(LayerkeepError):
+    """A setting, an env file line or a flag is not valid."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, key: str = "", source: str = "", hint: str = "") -> None:
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{message}", hint=hint)
+        self.key = key
+        self.source = source
+
+
+class EngineUnavailable(LayerkeepError):
+    """The Docker engine cannot be reached."""
+
+    exit_code = 3
+
+
+class DockerOperationError(LayerkeepError):
+    """The engine refused or failed an operation (build, push, pull, load, run)."""
+
+    def __init__(self, message: str, *, image: str = "", hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.image = image
+
+
+class BuildFailed(DockerOperationError):
+    """A build step failed; carries the step and the last lines of output."""
+
+    def __init__(self, message: str, *, image: str, last_lines: list[str]) -> None:
+        super().__init__(message, image=image)
+        self.last_lines = last_lines
+
+
+class GitError(LayerkeepError):
+    """git failed or the folder is not a usable repository."""
+
+
+class CommandFailed(LayerkeepError):
+    """A command the user configured exited non-zero; its code becomes ours."""
+
+    def __init__(self, message: str, *, return_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = return_code
