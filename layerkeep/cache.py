@@ -72,6 +72,7 @@ def save_images(
     started = time.monotonic()
     report = SaveReport()
     with cache.locked():
+        cache.remove_leftovers()
         manifest = _read_or_empty(cache, log)
         current = {image: engine.image_id(image) for image in images}
         report.missing = [image for image, image_id in current.items() if image_id is None]

@@ -216,8 +216,14 @@ class CacheDir:
                 path=path,
             )
 
+    def remove_leftovers(self) -> None:
+        """Delete temporary files an interrupted save left behind (hold the lock)."""
+        for folder in (self.root, self.root / BLOBS):
+            for path in folder.glob(f"{TEMP_PREFIX}*"):
+                path.unlink()
+
     def remove_unreferenced(self, manifest: Manifest) -> int:
-        """Delete files the manifest does not name, and temporary leftovers; returns bytes."""
+        """Delete blob files the manifest does not name; returns the bytes freed."""
         keep = {self.root / blob.file for blob in manifest.blobs.values()}
         freed = 0
         blob_dir = self.root / BLOBS
@@ -225,8 +231,6 @@ class CacheDir:
             if path not in keep:
                 freed += path.stat().st_size
                 path.unlink()
-        for path in self.root.glob(f"{TEMP_PREFIX}*"):
-            path.unlink()
         return freed
 
     @contextlib.contextmanager

@@ -1,0 +1,45 @@
+"""Session setup: a running engine with the stand-in images, and cleanup by label."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from engine_setup import ensure_engine, sweep
+
+from layerkeep.engine import Engine, connect
+from layerkeep.standins import ensure_standins
+
+TEST_LABEL = ("io.layerkeep.test", "1")
+TEST_REPOSITORY = "layerkeep-test"
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    """The real engine (started when missing), with every stand-in image present."""
+    ensure_engine(os.environ)
+    connected = connect(os.environ, labels=dict([TEST_LABEL]))
+    ensure_standins(connected)
+    sweep(connected, *TEST_LABEL)
+    remove_test_images(connected)
+    yield connected
+    sweep(connected, *TEST_LABEL)
+    remove_test_images(connected)
+
+
+def remove_test_images(engine: Engine, repository_prefix: str = TEST_REPOSITORY) -> None:
+    """Remove every image whose repository starts with ``repository_prefix``."""
+    for image in engine.api.images():
+        for tag in image.get("RepoTags") or []:
+            if tag.startswith(repository_prefix):
+                engine.api.remove_image(tag, force=True)
+
+
+@pytest.fixture
+def unique_repository(engine: Engine) -> Iterator[str]:
+    """A repository name no other test uses; its images are removed afterwards."""
+    repository = f"{TEST_REPOSITORY}/{uuid.uuid4().hex[:10]}"
+    yield repository
+    remove_test_images(engine, repository)

@@ -1,0 +1,133 @@
+"""Dockerfile stages, builder output and tar streams: the pure parsing pieces."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from layerkeep.build_output import BuildkitParser, LegacyParser, StepTally
+from layerkeep.dockerfile import instructions, read_stages
+from layerkeep.tarstream import Entry, IterReader, write_tar
+
+MULTI_STAGE = """\
+# syntax=docker/dockerfile:1
+ARG BASE=python:3.11-slim
+FROM --platform=linux/amd64 ${BASE} AS Builder
+RUN pip install \\
+    # a comment inside a continuation
+    flask
+from builder as tests
+FROM python:3.11-slim
+COPY --from=builder /venv /venv
+"""
+
+
+def test_stages_names_and_bases() -> None:
+    stages = read_stages(MULTI_STAGE)
+    assert [(s.index, s.name, s.base) for s in stages] == [
+        (0, "builder", "${BASE}"),
+        (1, "tests", "builder"),
+        (2, None, "python:3.11-slim"),
+    ]
+
+
+def test_continuations_join_and_skip_comments() -> None:
+    lines = instructions(MULTI_STAGE)
+    assert lines[2].split() == ["RUN", "pip", "install", "flask"]
+    assert len(lines) == 6
+    assert not any(line.startswith("#") for line in lines)
+
+
+def test_escape_directive() -> None:
+    text = "# escape=`\nFROM base AS a\nRUN echo `\n  hi\nFROM a\n"
+    assert instructions(text)[1].split() == ["RUN", "echo", "hi"]
+    assert [s.name for s in read_stages(text)] == ["a", None]
+
+
+def test_legacy_tally_counts_first_sightings_and_skips_from() -> None:
+    tally = StepTally()
+    stage_build = LegacyParser(tally)
+    for line in [
+        "Step 1/3 : FROM base AS deps",
+        "Step 2/3 : RUN make deps",
+        " ---> Using cache",
+        " ---> 1234",
+        "Step 3/3 : RUN make more",
+        " ---> Running in abc",
+    ]:
+        stage_build.feed(line)
+    stage_build.finish()
+    final_build = LegacyParser(tally)
+    for line in [
+        "Step 1/5 : FROM base AS deps",
+        "Step 2/5 : RUN make deps",
+        " ---> Using cache",
+        "Step 3/5 : RUN make more",
+        " ---> Using cache",
+        "Step 4/5 : FROM base",
+        "Step 5/5 : COPY . /app",
+        " ---> Using cache",
+    ]:
+        final_build.feed(line)
+    final_build.finish()
+    # "RUN make more" ran in the stage build: its cached re-run in the final build is not a hit.
+    assert (tally.reused, tally.total) == (2, 3)
+    assert tally.summary() == "cache: 2/3 steps reused"
+
+
+def test_same_instruction_in_two_stages_counts_twice() -> None:
+    tally = StepTally()
+    parser = LegacyParser(tally)
+    for line in ["Step 1/4 : FROM a", "Step 2/4 : RUN x", "Step 3/4 : FROM b", "Step 4/4 : RUN x"]:
+        parser.feed(line)
+    parser.finish()
+    assert tally.total == 2
+
+
+def test_buildkit_tally() -> None:
+    tally = StepTally()
+    parser = BuildkitParser(tally)
+    for line in [
+        "#1 [internal] load build definition from Dockerfile",
+        "#4 [deps 1/3] FROM docker.io/library/debian:bookworm-slim",
+        "#4 CACHED",
+        "#5 [deps 2/3] RUN sleep 2",
+        "#5 CACHED",
+        "#6 [final 2/3] COPY src /src",
+        "#6 DONE 0.1s",
+        "#7 [final 3/3] RUN make",
+        "#7 0.345 compiling",
+        "#7 DONE 2.0s",
+    ]:
+        parser.feed(line)
+    parser.finish()
+    assert (tally.reused, tally.total) == (1, 3)
+
+
+def test_write_tar_round_trips_through_tarfile() -> None:
+    entries = [
+        Entry("manifest.json", 2, [b"[]"]),
+        Entry("abc/layer.tar", 1500, [b"x" * 1000, b"y" * 500]),
+        Entry("empty/layer.tar", 0, []),
+    ]
+    data = b"".join(write_tar(entries))
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        names = archive.getnames()
+        member = archive.extractfile("abc/layer.tar")
+        assert member is not None
+        assert member.read() == b"x" * 1000 + b"y" * 500
+    assert names == ["manifest.json", "abc/layer.tar", "empty/layer.tar"]
+
+
+def test_write_tar_refuses_short_content() -> None:
+    with pytest.raises(ValueError, match="expected 10 bytes, got 3"):
+        b"".join(write_tar([Entry("a", 10, [b"abc"])]))
+
+
+def test_iter_reader_reads_across_chunks() -> None:
+    reader = IterReader([b"ab", b"cde", b"", b"f"])
+    assert reader.read(4) == b"abcd"
+    assert reader.read(-1) == b"ef"
+    assert reader.read(3) == b""
