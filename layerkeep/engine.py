@@ -66,12 +66,15 @@ def connect(
     """Connect to the engine named by ``environ`` (DOCKER_HOST & co.) and check it answers."""
     where = describe_host(environ)
     hint = "start it (`sudo systemctl start docker`, or `dockerd &` as root) or set DOCKER_HOST"
+    client: docker.DockerClient | None = None
     try:
         client = docker.DockerClient(
             **docker.utils.kwargs_from_env(environment=dict(environ)), timeout=timeout
         )
         client.ping()
     except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
+        if client is not None:
+            client.close()
         raise EngineUnavailable(
             f"cannot reach the Docker engine at {where}: {_first_line(error)}", hint=hint
         ) from error
@@ -83,12 +86,16 @@ def checked_stream(
 ) -> Iterator[Mapping[str, Any]]:
     """Pass decoded stream records through, raising on the errors engines send in-band.
 
-    Push, pull, load and build answer 200 and report failure inside the stream.
+    Push, pull, load and build answer 200 and report failure inside the stream. The
+    stream is read to its end before raising, so its connection is released.
     """
-    for chunk in chunks:
+    records = iter(chunks)
+    for chunk in records:
         if "error" in chunk or "errorDetail" in chunk:
             detail = chunk.get("errorDetail") or {}
             message = str(chunk.get("error") or detail.get("message") or "unknown error")
+            for _ in records:
+                pass
             raise DockerOperationError(f"{action} {image} failed: {message.strip()}", image=image)
         yield chunk
 

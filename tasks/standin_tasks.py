@@ -1,6 +1,6 @@
 """standins.*: make official-image stand-ins on machines that cannot pull."""
 
-from invoke import task
+from invoke.tasks import task
 from invoke.context import Context
 
 from layerkeep.standins import STANDINS, ensure_standins

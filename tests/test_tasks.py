@@ -1,0 +1,132 @@
+"""The Invoke layer: what `inv` shows, one-line errors, and reuse from another project."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+INV = [sys.executable, "-m", "invoke"]
+
+PROJECT_TASKS = '''\
+from invoke import task
+
+from layerkeep.tasks import git_tasks
+
+
+@task(pre=[git_tasks.touch])
+def announce(c):
+    """A project's own step, after layerkeep's git.touch."""
+    print("announced after touch")
+'''
+
+PROJECT_ROOT = '''\
+from layerkeep.tasks import ns
+
+import shipping
+
+ns.add_collection(shipping)
+'''
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, check=False, env={**os.environ, **env}
+    )
+
+
+def test_repository_collection_lists_its_namespaces() -> None:
+    listing = run([*INV, "--list"], REPO)
+    assert listing.returncode == 0, listing.stderr
+    for name in ("git.touch", "cache.load", "cache.save", "image.build", "standins.build"):
+        assert name in listing.stdout
+
+
+def test_every_task_flag_has_help() -> None:
+    for task in ("git.touch", "cache.load", "cache.save", "image.build", "standins.build"):
+        shown = run([*INV, "--help", task], REPO)
+        assert shown.returncode == 0, shown.stderr
+        options = [line for line in shown.stdout.splitlines() if line.strip().startswith("-")]
+        assert all(len(line.split(None, 1)) == 2 for line in options), (task, options)
+
+
+@pytest.mark.parametrize(
+    ("env_file", "expected"),
+    [
+        ("LAYERKEEP_BULDER=legacy\n", "did you mean LAYERKEEP_BUILDER?"),
+        ("LAYERKEEP_IMAGE=app\nnot a line\n", ".env: line 2 is not KEY=VALUE"),
+        ("LAYERKEEP_BUILDER=fast\n", "allowed: auto, legacy, buildkit"),
+    ],
+)
+def test_bad_settings_give_one_line_and_exit_2(
+    tmp_path: Path, env_file: str, expected: str
+) -> None:
+    (tmp_path / "tasks.py").write_text("from layerkeep.tasks import ns\n")
+    (tmp_path / ".env").write_text(env_file)
+    done = run([*INV, "cache.save"], tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("layerkeep: ")
+    assert expected in lines[0]
+
+
+def test_flags_override_settings_and_are_checked(tmp_path: Path) -> None:
+    (tmp_path / "tasks.py").write_text("from layerkeep.tasks import ns\n")
+    done = run([*INV, "image.build", "--builder", "podman"], tmp_path)
+    assert done.returncode == 2
+    assert "flag --builder" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+COMMIT_DATES = {"GIT_COMMITTER_DATE": "@1600000000 +0000", "GIT_AUTHOR_DATE": "@1600000000 +0000"}
+
+
+def make_user_project(folder: Path) -> None:
+    folder.mkdir(exist_ok=True)
+    (folder / "shipping.py").write_text(PROJECT_TASKS)
+    (folder / "tasks.py").write_text(PROJECT_ROOT)
+    (folder / "README").write_text("a project\n")
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one"],
+    ):
+        subprocess.run(command, cwd=folder, check=True, env={**os.environ, **COMMIT_DATES})
+
+
+def test_another_project_adds_its_own_tasks_around_ours(tmp_path: Path) -> None:
+    make_user_project(tmp_path)
+    listing = run([*INV, "--list"], tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert "shipping.announce" in listing.stdout
+    assert "git.touch" in listing.stdout
+    done = run([*INV, "shipping.announce"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    touched, announced = done.stdout.index("touched 3 files"), done.stdout.index("announced")
+    assert touched < announced
+    assert (tmp_path / "README").stat().st_mtime == 1600000000
+
+
+def test_installed_package_carries_the_collection(tmp_path: Path) -> None:
+    """A real (non-editable) install, as `pip install layerkeep` from a path gives."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    python = env_dir / "bin" / "python"
+    install = run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps",
+         str(REPO)], tmp_path)
+    assert install.returncode == 0, install.stderr
+    where = run([str(python), "-c", "import layerkeep.tasks as t; print(t.__file__)"], tmp_path)
+    assert where.stdout.strip().startswith(str(env_dir))
+    project = tmp_path / "project"
+    make_user_project(project)
+    listing = run([str(python), "-m", "invoke", "--list"], project)
+    assert listing.returncode == 0, listing.stderr
+    assert "shipping.announce" in listing.stdout
+    assert "image.build" in listing.stdout
