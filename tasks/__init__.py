@@ -9,7 +9,7 @@ In another project's tasks.py::
         ns.add_collection(collection, name)
 """
 
-from invoke import Collection
+from invoke.collection import Collection
 
 from . import cache_tasks, git_tasks, image_tasks, standin_tasks
 

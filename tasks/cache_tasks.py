@@ -1,6 +1,6 @@
 """cache.*: keep images across fresh CI machines."""
 
-from invoke import task
+from invoke.tasks import task
 from invoke.context import Context
 
 from layerkeep.build import images_to_cache

@@ -1,6 +1,6 @@
 """git.*: make the build context stable across checkouts."""
 
-from invoke import task
+from invoke.tasks import task
 from invoke.context import Context
 
 from layerkeep.gittouch import touch as touch_files

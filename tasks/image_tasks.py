@@ -1,6 +1,6 @@
 """image.*: build the app image with every cached image as --cache-from."""
 
-from invoke import task
+from invoke.tasks import task
 from invoke.context import Context
 
 from layerkeep.build import build_image, choose_builder

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,13 +11,13 @@ import pytest
 from layerkeep.ci_vars import GitFacts, detect, git_facts
 from layerkeep.errors import ConfigError
 from layerkeep.imageref import ImageRef, parse_image_ref
-from layerkeep.settings import KEYS, Source, load_settings, read_env_file
+from layerkeep.settings import KEYS, Settings, Source, load_settings, read_env_file
 
 REPO = Path(__file__).resolve().parent.parent
 NO_GIT = GitFacts(commit="", branch="")
 
 
-def load(folder: Path, environ: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def load(folder: Path, environ: dict[str, str] | None = None) -> Settings:
     return load_settings(folder, environ or {}, git_facts=lambda _: NO_GIT)
 
 
@@ -52,8 +53,6 @@ def test_env_files_do_not_touch_os_environ(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("LAYERKEEP_IMAGE", raising=False)
     (tmp_path / ".env").write_text("LAYERKEEP_IMAGE=app\n")
     load(tmp_path)
-    import os
-
     assert "LAYERKEEP_IMAGE" not in os.environ
 
 
@@ -141,11 +140,12 @@ def test_image_references(text: str, expected: ImageRef | None) -> None:
 
 
 def test_env_example_documents_exactly_the_keys_the_code_reads() -> None:
-    documented = set(read_env_file(REPO / ".env.example", {}))
+    example = read_env_file(REPO / ".env.example", {})
+    documented = set(example)
     known = {key.name for key in KEYS}
     assert documented - known == set(), "documented in .env.example but unknown to the code"
     assert known - documented == set(), "read by the code but missing from .env.example"
-    defaults = {name: value for name, (value, _) in read_env_file(REPO / ".env.example", {}).items()}
+    defaults = {name: value for name, (value, _) in example.items()}
     assert defaults == {key.name: key.default for key in KEYS}
 
 
