@@ -13,8 +13,8 @@ from pathlib import Path
 
 from layerkeep.build_output import BuildkitParser, LegacyParser, StepTally
 from layerkeep.dockerfile import read_stages
-from layerkeep.engine import Engine, checked_stream
-from layerkeep.errors import BuildFailed, ConfigError, DockerOperationError
+from layerkeep.engine import Engine
+from layerkeep.errors import BuildFailed, ConfigError
 from layerkeep.imageref import ImageRef, is_valid_tag
 from layerkeep.settings import Settings
 
@@ -177,31 +177,24 @@ class _Job:
 
 def _build_with_api(engine: Engine, job: _Job) -> None:
     parser = LegacyParser(job.tally)
-    tail: deque[str] = deque(maxlen=_TAIL)
-    plan, image = job.plan, str(job.target.image)
-    chunks = engine.api.build(
-        path=str(plan.context),
-        dockerfile=str(plan.dockerfile.relative_to(plan.context))
-        if plan.dockerfile.is_relative_to(plan.context)
-        else str(plan.dockerfile),
-        tag=image,
+
+    def on_line(line: str) -> None:
+        parser.feed(line)
+        job.log(line)
+
+    plan = job.plan
+    dockerfile = plan.dockerfile
+    engine.build(
+        plan.context,
+        tag=str(job.target.image),
+        dockerfile=str(dockerfile.relative_to(plan.context))
+        if dockerfile.is_relative_to(plan.context)
+        else str(dockerfile),
         target=job.target.stage,
-        cache_from=list(job.cache_from),
-        buildargs=dict(job.build_args),
-        rm=True,
-        forcerm=True,
-        pull=False,
-        decode=True,
+        cache_from=job.cache_from,
+        build_args=job.build_args,
+        on_line=on_line,
     )
-    try:
-        for chunk in checked_stream(chunks, action="build", image=image):
-            for line in str(chunk.get("stream", "")).splitlines():
-                if line.strip():
-                    tail.append(line)
-                    parser.feed(line)
-                    job.log(line)
-    except DockerOperationError as error:
-        raise BuildFailed(error.message, image=image, last_lines=list(tail)) from None
     parser.finish()
 
 

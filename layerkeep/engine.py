@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
 import requests.exceptions
 
-from layerkeep.errors import DockerOperationError, EngineUnavailable
+from layerkeep.errors import BuildFailed, DockerOperationError, EngineUnavailable
 
 LABEL_PREFIX = "io.layerkeep"
 PROJECT_LABEL = f"{LABEL_PREFIX}.project"
 BUILD_ID_LABEL = f"{LABEL_PREFIX}.build-id"
 DEFAULT_TIMEOUT = 120
+# A build's longest silence (apt unpacking postgresql, pip compiling) is well under this.
+BUILD_TIMEOUT = 900
+_LAST_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,63 @@ class Engine:
             if error.status_code == 400:
                 return None
             raise
+
+    def build(
+        self,
+        context: Path,
+        *,
+        tag: str,
+        dockerfile: str | None = None,
+        target: str | None = None,
+        cache_from: Sequence[str] = (),
+        build_args: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        nocache: bool = False,
+        on_line: Callable[[str], None] = lambda _: None,
+    ) -> str:
+        """Build with the classic builder (never pulling) as ``tag``; return the image id.
+
+        Each output line goes to ``on_line``; a failure raises BuildFailed with the last
+        lines of output.
+        """
+        tail: deque[str] = deque(maxlen=_LAST_LINES)
+        built: str | None = None
+        try:
+            chunks = self.api.build(
+                path=str(context),
+                dockerfile=dockerfile,
+                tag=tag,
+                target=target,
+                cache_from=list(cache_from),
+                buildargs=dict(build_args or {}),
+                labels=dict(labels or {}),
+                decode=True,
+                rm=True,
+                forcerm=True,
+                pull=False,
+                nocache=nocache,
+                timeout=BUILD_TIMEOUT,
+            )
+            for chunk in checked_stream(chunks, action="build", image=tag):
+                for line in str(chunk.get("stream", "")).splitlines():
+                    if line.strip():
+                        tail.append(line.rstrip())
+                        on_line(line.rstrip())
+                aux = chunk.get("aux")
+                if isinstance(aux, dict) and "ID" in aux:
+                    built = str(aux["ID"])
+        except DockerOperationError as error:
+            raise BuildFailed(error.message, image=tag, last_lines=list(tail)) from None
+        except (docker.errors.APIError, requests.exceptions.RequestException) as error:
+            raise BuildFailed(
+                f"build {tag} failed: {_first_line(error)}", image=tag, last_lines=list(tail)
+            ) from None
+        found = self.image_id(tag)
+        if found is None or (built is not None and found != built):
+            raise BuildFailed(
+                f"build {tag} ended without tagging an image", image=tag, last_lines=list(tail)
+            )
+        return found
 
     def image_attrs(self, reference: str) -> dict[str, Any] | None:
         """The engine's inspect record of a local image, or None."""

@@ -35,7 +35,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +44,7 @@ import docker.errors
 import requests.exceptions
 
 from layerkeep.engine import Engine, checked_stream
-from layerkeep.errors import BuildFailed, ConfigError, DockerOperationError
+from layerkeep.errors import ConfigError, DockerOperationError
 
 STANDIN_LABEL = "io.layerkeep.standin"
 STANDIN_IMAGE_LABEL = "io.layerkeep.standin.image"
@@ -255,65 +254,14 @@ def build_base(
     return image_id
 
 
-def build_image(
-    engine: Engine,
-    reference: str,
-    context: Path,
-    *,
-    labels: dict[str, str] | None = None,
-    nocache: bool = False,
-) -> str:
-    """Build ``context`` (legacy builder, never pulling) as ``reference``; return its id.
-
-    ``nocache`` makes every step run again, as a forced rebuild must to pick up updates.
-    """
-    tail: deque[str] = deque(maxlen=_LAST_LINES)
-    image_id: str | None = None
-    try:
-        chunks = engine.api.build(
-            path=str(context),
-            tag=reference,
-            labels=labels,
-            decode=True,
-            rm=True,
-            forcerm=True,
-            pull=False,
-            nocache=nocache,
-            timeout=BUILD_TIMEOUT,
-        )
-        for chunk in checked_stream(chunks, action="build", image=reference):
-            for line in str(chunk.get("stream", "")).splitlines():
-                if line.strip():
-                    tail.append(line.rstrip())
-            aux = chunk.get("aux")
-            if isinstance(aux, dict) and "ID" in aux:
-                image_id = str(aux["ID"])
-    except DockerOperationError as error:
-        raise BuildFailed(error.message, image=reference, last_lines=list(tail)) from error
-    except (docker.errors.APIError, requests.exceptions.RequestException) as error:
-        raise BuildFailed(
-            f"build {reference} failed: {_first_line(error)}",
-            image=reference,
-            last_lines=list(tail),
-        ) from error
-    found = engine.image_id(reference)
-    if found is None or (image_id is not None and found != image_id):
-        raise BuildFailed(
-            f"build {reference} ended without tagging an image",
-            image=reference,
-            last_lines=list(tail),
-        )
-    return found
-
-
 def _build_service(engine: Engine, standin: Standin, ca_bundle: Path, *, fresh: bool) -> str:
     with tempfile.TemporaryDirectory(prefix="layerkeep-standin-") as scratch:
         context = Path(scratch) / standin.folder
         shutil.copytree(IMAGES_DIR / standin.folder, context)
         if standin.needs_ca_bundle:
             shutil.copyfile(ca_bundle, context / CA_BUNDLE_NAME)
-        return build_image(
-            engine, standin.reference, context, labels=_labels(standin.reference), nocache=fresh
+        return engine.build(
+            context, tag=standin.reference, labels=_labels(standin.reference), nocache=fresh
         )
 
 

@@ -33,7 +33,6 @@ from layerkeep.standins import (
     STANDIN_LABEL,
     STANDINS,
     build_base,
-    build_image,
     ensure_standins,
 )
 
@@ -207,7 +206,7 @@ def test_pip_install_works_inside_docker_build(
         'CMD ["python", "-c", "import six; print(six.__name__)"]\n'
     )
     try:
-        build_image(engine, reference, tmp_path, labels=TEST_LABELS)
+        engine.build(tmp_path, tag=reference, labels=TEST_LABELS)
         code, output = run_once(engine, reference, [])
         assert (code, output.strip()) == (0, "six")
     finally:
@@ -344,7 +343,7 @@ def test_build_failure_names_the_image_and_keeps_the_last_lines(
     reference = "layerkeep-test/broken:1"
     (tmp_path / "Dockerfile").write_text(f"FROM {BASE}\nRUN echo about-to-fail && false\n")
     with pytest.raises(BuildFailed) as caught:
-        build_image(engine, reference, tmp_path, labels=TEST_LABELS)
+        engine.build(tmp_path, tag=reference, labels=TEST_LABELS)
     assert caught.value.image == reference
     assert reference in caught.value.message
     assert "non-zero code" in caught.value.message
@@ -366,7 +365,7 @@ def test_sweep_removes_labelled_containers_networks_and_images(
     labels = {**TEST_LABELS, key: value}
     reference = f"layerkeep-test/sweep:{value[:10]}"
     (tmp_path / "Dockerfile").write_text(f'FROM {BASE}\nCMD ["sleep", "60"]\n')
-    build_image(engine, reference, tmp_path, labels=labels)
+    engine.build(tmp_path, tag=reference, labels=labels)
     network = engine.client.networks.create(f"layerkeep-test-{value[:10]}", labels=labels)
     container = engine.client.containers.run(
         reference, detach=True, labels=labels, network=network.name
