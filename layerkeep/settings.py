@@ -21,6 +21,15 @@ from dotenv.variables import parse_variables
 from layerkeep import ci_vars
 from layerkeep.errors import ConfigError
 from layerkeep.imageref import ImageRef, parse_image_ref
+from layerkeep.services_config import (
+    KNOWN_KINDS,
+    SUFFIXES,
+    ServiceSpec,
+    parse_names,
+    parse_service,
+    service_key,
+)
+from layerkeep.values import Invalid, parse_bool, parse_list, parse_pairs
 
 PREFIX = "LAYERKEEP_"
 ENV_FILES = (".env", ".env.local")
@@ -36,10 +45,6 @@ class Source(IntEnum):
     ENV_LOCAL_FILE = 2
     ENVIRONMENT = 3
     FLAG = 4
-
-
-class Invalid(ValueError):
-    """A value a parser rejects; its text says what is allowed."""
 
 
 def _text(value: str, _: Path) -> str:
@@ -63,11 +68,35 @@ def _path(value: str, _: Path) -> Path:
     return Path(value.strip())
 
 
-def _build_args(value: str, _: Path) -> dict[str, str]:
-    pairs = [part.strip() for part in value.split(",") if part.strip()]
-    if not all(_BUILD_ARG.match(pair) for pair in pairs):
-        raise Invalid("write comma-separated NAME=value pairs")
-    return dict(pair.split("=", 1) for pair in pairs)
+def _pairs(value: str, _: Path) -> dict[str, str]:
+    return parse_pairs(value)
+
+
+def _flag(value: str, _: Path) -> bool:
+    return parse_bool(value)
+
+
+def _services(value: str, _: Path) -> tuple[str, ...]:
+    return parse_names(value)
+
+
+def _files(value: str, project_dir: Path) -> tuple[Path, ...]:
+    return tuple(project_dir / item for item in parse_list(value))
+
+
+def _optional_folder(value: str, project_dir: Path) -> Path | None:
+    return project_dir / value.strip() if value.strip() else None
+
+
+def _mounts(value: str, project_dir: Path) -> tuple[Mount, ...]:
+    mounts: list[Mount] = []
+    for item in parse_list(value):
+        parts = item.split(":")
+        mode = parts.pop() if len(parts) == 3 else "rw"
+        if len(parts) != 2 or not parts[1].startswith("/") or mode not in ("ro", "rw"):
+            raise Invalid(f"{item!r}: write host-folder:/container/path[:ro], comma-separated")
+        mounts.append(Mount(project_dir / parts[0], parts[1], read_only=mode == "ro"))
+    return tuple(mounts)
 
 
 def _builder(value: str, _: Path) -> Builder:
@@ -86,18 +115,20 @@ def _images(value: str, _: Path) -> tuple[str, ...]:
 
 def _whole_number(low: int, high: int) -> Callable[[str, Path], int]:
     def parse(value: str, _: Path) -> int:
-        try:
-            number = int(value.strip())
-        except ValueError:
-            number = low - 1
-        if not low <= number <= high:
+        if not value.strip().isdigit() or not low <= int(value) <= high:
             raise Invalid(f"use a whole number from {low} to {high}")
-        return number
+        return int(value)
 
     return parse
 
 
-_BUILD_ARG = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+@dataclass(frozen=True)
+class Mount:
+    """A host folder mounted into the test container."""
+
+    source: Path
+    target: str
+    read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,7 +151,7 @@ KEYS: tuple[Key, ...] = (
     Key("LAYERKEEP_IMAGE", "", "Repository (and optional tag) of the app image.", _image),
     Key("LAYERKEEP_CONTEXT", ".", "Build context folder, relative to the project.", _folder),
     Key("LAYERKEEP_DOCKERFILE", "Dockerfile", "Dockerfile, relative to the context.", _path),
-    Key("LAYERKEEP_BUILD_ARGS", "", "Build arguments: comma-separated NAME=value.", _build_args),
+    Key("LAYERKEEP_BUILD_ARGS", "", "Build arguments: comma-separated NAME=value.", _pairs),
     Key("LAYERKEEP_BUILDER", "auto", "auto (BuildKit if it works), legacy or buildkit.", _builder),
     Key("LAYERKEEP_DOCKER_CLI", "", "docker CLI for BuildKit builds; default: one that works."),
     Key("LAYERKEEP_DOCKER_TIMEOUT", "120", "Seconds per Docker API call.", _whole_number(1, 3600)),
@@ -130,6 +161,25 @@ KEYS: tuple[Key, ...] = (
     Key("LAYERKEEP_BUILD_ID", "", "Id of this CI job; default: the CI's own, else 'local'."),
     Key("LAYERKEEP_COMMIT", "", "Commit SHA; default: the CI's own variable, else git."),
     Key("LAYERKEEP_BRANCH", "", "Branch name; default: the CI's own variable, else git."),
+    Key("LAYERKEEP_SERVICES", "", "Service containers, e.g. postgres,redis.", _services),
+    Key("LAYERKEEP_SWEEP_AFTER", "3600", "services.sweep removes leftovers older than this (s).",
+        _whole_number(0, 10**7)),
+    Key("LAYERKEEP_DB_SERVICE", "postgres", "The postgres service db.init prepares."),
+    Key("LAYERKEEP_DB_NAME", "app_test", "Database db.init creates if missing."),
+    Key("LAYERKEEP_DB_USER", "postgres", "Database user (the postgres service's superuser)."),
+    Key("LAYERKEEP_DB_PASSWORD", "layerkeep", "Its password; never printed."),
+    Key("LAYERKEEP_DB_INIT_SQL", "", "SQL files db.init runs, comma-separated.", _files),
+    Key("LAYERKEEP_DB_INIT_COMMAND", "", "Command db.init runs in the app image."),
+    Key("LAYERKEEP_TEST_COMMAND", "python -m pytest --junitxml=/reports/junit.xml",
+        "Test command run in the app image."),
+    Key("LAYERKEEP_TEST_ENV", "", "Test environment: NAME={service.fact} templates.", _pairs),
+    Key("LAYERKEEP_TEST_MOUNTS", "", "host-folder:/container/path[:ro], comma-separated.",
+        _mounts),
+    Key("LAYERKEEP_TEST_SETUP", "", "Shell commands run before the tests, same container."),
+    Key("LAYERKEEP_TEST_WORKDIR", "", "Working directory for the tests; default: the image's."),
+    Key("LAYERKEEP_REPORTS_DIR", "", "JUnit XML folder; default: the CI's, or reports.",
+        _optional_folder),
+    Key("LAYERKEEP_KEEP_SERVICES", "no", "Keep services after test.run, for debugging.", _flag),
 )
 KNOWN = {key.name: key for key in KEYS}
 
@@ -153,6 +203,21 @@ class Settings:
     build_id: str
     commit: str
     branch: str
+    services: tuple[ServiceSpec, ...]
+    sweep_after: int
+    db_service: str
+    db_name: str
+    db_user: str
+    db_password: str = field(repr=False)
+    db_init_sql: tuple[Path, ...]
+    db_init_command: str
+    test_command: str
+    test_env: Mapping[str, str]
+    test_mounts: tuple[Mount, ...]
+    test_setup: str
+    test_workdir: str
+    reports_dir: Path
+    keep_services: bool
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def require_image(self) -> ImageRef:
@@ -195,10 +260,18 @@ def load_settings(
     for key, value in environ.items():
         if key.startswith(PREFIX):
             values[key] = (value, "environment")
-    _reject_unknown(values)
-    parsed = _parse_fields(values, project_dir)
+    services = _service_names(values)
+    _reject_unknown(values, services)
+    parsed = _parse_fields({k: v for k, v in values.items() if k in KNOWN}, project_dir)
+    parsed["services"] = _parse_services(values, services, parsed)
+    if not parsed["test_env"]:
+        parsed["test_env"] = default_test_env(parsed["services"], parsed["db_service"])
+    check_templates(parsed["test_env"], parsed["services"], values["LAYERKEEP_TEST_ENV"][1])
     project = parsed.pop("project") or project_dir.resolve().name
     ci = ci_vars.detect(environ)
+    parsed["reports_dir"] = parsed["reports_dir"] or (
+        Path(ci.reports_dir) if ci.reports_dir else project_dir / "reports"
+    )
     commit = parsed.pop("commit") or ci.commit
     branch = parsed.pop("branch") or ci.branch
     if not (commit and branch):
@@ -243,12 +316,93 @@ def read_env_file(path: Path, environ: Mapping[str, str]) -> dict[str, tuple[str
     return result
 
 
-def _reject_unknown(values: Mapping[str, tuple[str, str]]) -> None:
+def _service_names(values: Mapping[str, tuple[str, str]]) -> tuple[str, ...]:
+    value, where = values["LAYERKEEP_SERVICES"]
+    try:
+        return parse_names(value)
+    except Invalid as error:
+        raise ConfigError(
+            f"LAYERKEEP_SERVICES={value!r} (from {where}) is not valid",
+            key="LAYERKEEP_SERVICES",
+            hint=str(error),
+        ) from None
+
+
+def _reject_unknown(values: Mapping[str, tuple[str, str]], services: tuple[str, ...]) -> None:
+    described = set(services) | set(KNOWN_KINDS)
+    allowed = set(KNOWN) | {service_key(name, suffix) for name in described for suffix in SUFFIXES}
     for key, (_, where) in values.items():
-        if key not in KNOWN:
-            close = difflib.get_close_matches(key, KNOWN, n=1)
-            hint = f"did you mean {close[0]}?" if close else "see .env.example for every key"
-            raise ConfigError(f"unknown setting {key} (from {where})", key=key, hint=hint)
+        if key in allowed:
+            continue
+        near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.9)
+        suffix = next((x for x in SUFFIXES if key.endswith(f"_{x}")), "")
+        service = key[len(PREFIX) : -len(suffix) - 1] if suffix else ""
+        close = difflib.get_close_matches(key, allowed, n=1)
+        if near:
+            hint = f"did you mean {near[0]}?"
+        elif service:
+            hint = f"add {service.lower().replace('_', '-')} to LAYERKEEP_SERVICES to describe it"
+        elif close:
+            hint = f"did you mean {close[0]}?"
+        else:
+            hint = "see .env.example for every key"
+        raise ConfigError(f"unknown setting {key} (from {where})", key=key, hint=hint)
+
+
+def _parse_services(
+    values: Mapping[str, tuple[str, str]], names: tuple[str, ...], parsed: Mapping[str, Any]
+) -> tuple[ServiceSpec, ...]:
+    postgres_env = {"POSTGRES_USER": parsed["db_user"], "POSTGRES_PASSWORD": parsed["db_password"]}
+    services: list[ServiceSpec] = []
+    for name in names:
+
+        def get(suffix: str, name: str = name) -> str:
+            return values.get(service_key(name, suffix), ("", ""))[0]
+
+        try:
+            services.append(parse_service(name, get, postgres_env=postgres_env))
+        except Invalid as error:
+            key = service_key(name, error.suffix)
+            value, where = values.get(key, ("", "default"))
+            raise ConfigError(
+                f"{key}={value!r} (from {where}) is not valid", key=key, hint=str(error)
+            ) from None
+    return tuple(services)
+
+
+_TEMPLATE = re.compile(r"\{([a-z][a-z0-9-]*)\.([a-z_]+)\}")
+FACTS = ("host", "port", "user", "password", "database", "url")
+
+
+def default_test_env(services: tuple[ServiceSpec, ...], db_service: str) -> dict[str, str]:
+    """DATABASE_URL for the database service and REDIS_URL for the first redis."""
+    env: dict[str, str] = {}
+    if any(s.name == db_service and s.kind == "postgres" for s in services):
+        env["DATABASE_URL"] = f"{{{db_service}.url}}"
+    redis = next((s for s in services if s.kind == "redis"), None)
+    if redis is not None:
+        env["REDIS_URL"] = f"{{{redis.name}.url}}"
+    return env
+
+
+def check_templates(env: Mapping[str, str], services: tuple[ServiceSpec, ...], where: str) -> None:
+    """Every ``{service.fact}`` in the test environment names a service and a known fact."""
+    names = {service.name for service in services}
+    for variable, template in env.items():
+        for service, fact in _TEMPLATE.findall(template):
+            if service not in names or fact not in FACTS:
+                raise ConfigError(
+                    f"LAYERKEEP_TEST_ENV: {variable}={template!r} (from {where}) names "
+                    f"{{{service}.{fact}}}",
+                    key="LAYERKEEP_TEST_ENV",
+                    hint=f"services: {', '.join(sorted(names)) or 'none'}; "
+                    f"facts: {', '.join(FACTS)}",
+                )
+
+
+def render_template(template: str, facts: Mapping[str, Mapping[str, str]]) -> str:
+    """Fill ``{service.fact}`` placeholders from ``facts[service][fact]``."""
+    return _TEMPLATE.sub(lambda match: facts[match[1]][match[2]], template)
 
 
 def _parse_fields(values: Mapping[str, tuple[str, str]], project_dir: Path) -> dict[str, Any]:

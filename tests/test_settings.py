@@ -11,6 +11,7 @@ import pytest
 from layerkeep.ci_vars import GitFacts, detect, git_facts
 from layerkeep.errors import ConfigError
 from layerkeep.imageref import ImageRef, parse_image_ref
+from layerkeep.services_config import KNOWN_KINDS, SUFFIXES, service_key
 from layerkeep.settings import KEYS, Settings, Source, load_settings, read_env_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,11 +143,12 @@ def test_image_references(text: str, expected: ImageRef | None) -> None:
 def test_env_example_documents_exactly_the_keys_the_code_reads() -> None:
     example = read_env_file(REPO / ".env.example", {})
     documented = set(example)
-    known = {key.name for key in KEYS}
+    service_keys = {service_key(name, suffix) for name in KNOWN_KINDS for suffix in SUFFIXES}
+    known = {key.name for key in KEYS} | service_keys
     assert documented - known == set(), "documented in .env.example but unknown to the code"
     assert known - documented == set(), "read by the code but missing from .env.example"
     defaults = {name: value for name, (value, _) in example.items()}
-    assert defaults == {key.name: key.default for key in KEYS}
+    assert defaults == {key.name: key.default for key in KEYS} | dict.fromkeys(service_keys, "")
 
 
 def test_ci_variables_win_over_git() -> None:
@@ -184,3 +186,79 @@ def test_settings_take_ci_facts_then_git(tmp_path: Path) -> None:
     assert (from_git.commit, from_git.branch) == (facts.commit, "trunk")
     overridden = load_settings(tmp_path, {"LAYERKEEP_BRANCH": "x", "LAYERKEEP_COMMIT": "y"})
     assert (overridden.commit, overridden.branch) == ("y", "x")
+
+
+def test_services_with_kind_defaults_and_overrides(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        {
+            "LAYERKEEP_SERVICES": "postgres,redis,search",
+            "LAYERKEEP_REDIS_IMAGE": "redis:7.0",
+            "LAYERKEEP_SEARCH_IMAGE": "example/search:1",
+            "LAYERKEEP_SEARCH_CONTAINER_PORT": "9200",
+            "LAYERKEEP_SEARCH_PORT": "19200",
+            "LAYERKEEP_SEARCH_READY": "curl -fs localhost:9200",
+            "LAYERKEEP_SEARCH_ENV": "A=1,B=x\\,y",
+            "LAYERKEEP_DB_PASSWORD": "s3cret",
+        },
+    )
+    postgres, redis, search = settings.services
+    assert (postgres.kind, postgres.image) == ("postgres", "postgres:15")
+    assert postgres.container_port == 5432
+    assert postgres.env == {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "s3cret"}
+    assert postgres.ready.startswith("pg_isready -h 127.0.0.1")
+    assert (redis.kind, redis.image, redis.ready) == ("redis", "redis:7.0", "redis-cli ping")
+    assert (search.kind, search.container_port, search.host_port) == ("generic", 9200, 19200)
+    assert search.env == {"A": "1", "B": "x,y"}
+    assert settings.test_env == {"DATABASE_URL": "{postgres.url}", "REDIS_URL": "{redis.url}"}
+    assert "s3cret" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"LAYERKEEP_SERVICES": "Postgres"}, "LAYERKEEP_SERVICES='Postgres'"),
+        ({"LAYERKEEP_SERVICES": "search"}, "LAYERKEEP_SEARCH_IMAGE='' (from default)"),
+        ({"LAYERKEEP_SERVICES": "redis", "LAYERKEEP_REDIS_PORT": "99999"}, "port number"),
+        ({"LAYERKEEP_SERVICES": "redis", "LAYERKEEP_REDIS_KIND": "mysql"}, "allowed: postgres"),
+        ({"LAYERKEEP_MYSQL_IMAGE": "mysql:8"}, "add mysql to LAYERKEEP_SERVICES"),
+        ({"LAYERKEEP_POSTGRES_IMAG": "x"}, "did you mean LAYERKEEP_POSTGRES_IMAGE?"),
+        (
+            {"LAYERKEEP_SERVICES": "postgres", "LAYERKEEP_TEST_ENV": "DB={postgres.uri}"},
+            "facts: host, port, user, password, database, url",
+        ),
+        (
+            {"LAYERKEEP_SERVICES": "postgres", "LAYERKEEP_TEST_ENV": "R={redis.url}"},
+            "services: postgres",
+        ),
+        ({"LAYERKEEP_TEST_MOUNTS": "tests:app/tests"}, "host-folder:/container/path"),
+        ({"LAYERKEEP_KEEP_SERVICES": "maybe"}, "use yes or no"),
+    ],
+)
+def test_bad_service_and_test_settings(
+    tmp_path: Path, environ: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, environ)
+    assert expected in caught.value.one_line()
+
+
+def test_test_settings(tmp_path: Path) -> None:
+    settings = load(
+        tmp_path,
+        {
+            "LAYERKEEP_SERVICES": "postgres",
+            "LAYERKEEP_TEST_ENV": "POSTGRES_HOST={postgres.host},DEBUG=0",
+            "LAYERKEEP_TEST_MOUNTS": "tests:/app/tests:ro,data:/data",
+            "LAYERKEEP_KEEP_SERVICES": "yes",
+        },
+    )
+    assert settings.test_env == {"POSTGRES_HOST": "{postgres.host}", "DEBUG": "0"}
+    assert [(m.source, m.target, m.read_only) for m in settings.test_mounts] == [
+        (tmp_path / "tests", "/app/tests", True),
+        (tmp_path / "data", "/data", False),
+    ]
+    assert settings.keep_services
+    assert settings.reports_dir == tmp_path / "reports"
+    circle = load(tmp_path, {"CIRCLECI": "true", "CIRCLE_TEST_REPORTS": "/tmp/circle"})
+    assert circle.reports_dir == Path("/tmp/circle")

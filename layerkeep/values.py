@@ -1,0 +1,65 @@
+"""Parsers for setting values: each returns the typed value or raises Invalid."""
+
+from __future__ import annotations
+
+import re
+
+_PAIR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+class Invalid(ValueError):
+    """A value a parser rejects; its text says what is allowed.
+
+    ``suffix`` names the part of a compound setting at fault (e.g. a service's IMAGE).
+    """
+
+    def __init__(self, message: str, *, suffix: str = "") -> None:
+        super().__init__(message)
+        self.suffix = suffix
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+    """Comma-separated items, blanks dropped."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def parse_pairs(value: str) -> dict[str, str]:
+    """``A=1,B=two`` -> {"A": "1", "B": "two"}; a comma inside a value is written ``\\,``."""
+    pairs = [part.replace("\0", ",").strip() for part in value.replace("\\,", "\0").split(",")]
+    pairs = [pair for pair in pairs if pair]
+    if not all(_PAIR.match(pair) for pair in pairs):
+        raise Invalid("write comma-separated NAME=value pairs")
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def parse_port(value: str) -> int | None:
+    """A TCP port, or None when empty."""
+    text = value.strip()
+    if not text:
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise Invalid("use a port number from 1 to 65535")
+    return int(text)
+
+
+def parse_bool(value: str) -> bool:
+    """yes/no, true/false, on/off, 1/0."""
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise Invalid("use yes or no")
+
+
+def parse_number(value: str, low: float, high: float) -> float:
+    """A number within [low, high]."""
+    try:
+        number = float(value.strip())
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise Invalid(f"use a number from {low:g} to {high:g}")
+    return number
