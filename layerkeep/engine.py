@@ -105,6 +105,59 @@ class Engine:
             )
         return found
 
+    def ensure_network(self, name: str, *, labels: Mapping[str, str] | None = None) -> str:
+        """The id of a user-defined bridge network ``name``, created (labelled) if missing."""
+        for network in self.api.networks(names=[name]):
+            if network["Name"] == name:
+                return str(network["Id"])
+        created = self.api.create_network(
+            name, driver="bridge", labels={**self.labels, **(labels or {})}, check_duplicate=True
+        )
+        return str(created["Id"])
+
+    def create_container(
+        self,
+        image: str,
+        *,
+        name: str,
+        network: str,
+        aliases: Sequence[str] = (),
+        command: str | Sequence[str] | None = None,
+        environment: Mapping[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        mounts: Sequence[tuple[str, str, bool]] = (),
+        ports: Mapping[int, int] | None = None,
+        working_dir: str | None = None,
+        entrypoint: str | Sequence[str] | None = None,
+    ) -> str:
+        """Create (not start) a labelled container on ``network``; returns its id.
+
+        ``mounts`` are (host path, container path, read only); ``ports`` map a container
+        port to a host port published on 127.0.0.1 only.
+        """
+        host_config = self.api.create_host_config(
+            binds={source: {"bind": target, "mode": "ro" if ro else "rw"}
+                   for source, target, ro in mounts},
+            port_bindings={port: ("127.0.0.1", host) for port, host in (ports or {}).items()},
+            network_mode=network,
+        )
+        networking = self.api.create_networking_config(
+            {network: self.api.create_endpoint_config(aliases=list(aliases))}
+        )
+        created = self.api.create_container(
+            image,
+            name=name,
+            command=command,
+            environment=dict(environment or {}),
+            labels={**self.labels, **(labels or {})},
+            host_config=host_config,
+            networking_config=networking,
+            ports=list((ports or {}).keys()),
+            working_dir=working_dir,
+            entrypoint=entrypoint,
+        )
+        return str(created["Id"])
+
     def image_attrs(self, reference: str) -> dict[str, Any] | None:
         """The engine's inspect record of a local image, or None."""
         try:
