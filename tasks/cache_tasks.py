@@ -1,7 +1,7 @@
 """cache.*: keep images across fresh CI machines."""
 
-from invoke.tasks import task
 from invoke.context import Context
+from invoke.tasks import task
 
 from layerkeep.build import images_to_cache
 from layerkeep.cache import load_images, save_images

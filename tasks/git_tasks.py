@@ -1,7 +1,7 @@
 """git.*: make the build context stable across checkouts."""
 
-from invoke.tasks import task
 from invoke.context import Context
+from invoke.tasks import task
 
 from layerkeep.gittouch import touch as touch_files
 from layerkeep.taskkit import reported, say, settings

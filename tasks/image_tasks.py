@@ -1,7 +1,7 @@
 """image.*: build the app image with every cached image as --cache-from."""
 
-from invoke.tasks import task
 from invoke.context import Context
+from invoke.tasks import task
 
 from layerkeep.build import build_image, choose_builder
 from layerkeep.taskkit import engine_for, environ, reported, say, settings

@@ -1,7 +1,7 @@
 """standins.*: make official-image stand-ins on machines that cannot pull."""
 
-from invoke.tasks import task
 from invoke.context import Context
+from invoke.tasks import task
 
 from layerkeep.standins import STANDINS, ensure_standins
 from layerkeep.taskkit import engine_for, reported, say, settings

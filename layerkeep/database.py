@@ -1,0 +1,148 @@
+"""db.init: create the test database if missing, then run the project's initialisation."""
+
+from __future__ import annotations
+
+import io
+import re
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import docker.errors
+
+from layerkeep.app_container import mounts_for, run_in_app_image
+from layerkeep.engine import Engine
+from layerkeep.errors import CommandFailed, ConfigError, DockerOperationError
+from layerkeep.services import container_name, redact, secrets
+from layerkeep.services_config import ServiceSpec
+from layerkeep.settings import Settings
+
+Log = Callable[[str], None]
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_SQL_FOLDER = "/layerkeep-sql"
+_POLL = 0.25
+
+
+@dataclass(frozen=True)
+class DbReport:
+    """What db.init did."""
+
+    created: bool
+    sql_files: int
+    command_ran: bool
+    seconds: float
+
+
+def database_service(settings: Settings) -> ServiceSpec:
+    """The postgres service db.init prepares; a one-line error when there is none."""
+    for service in settings.services:
+        if service.name == settings.db_service:
+            if service.kind != "postgres":
+                break
+            return service
+    raise ConfigError(
+        f"LAYERKEEP_DB_SERVICE={settings.db_service!r} is not a postgres service",
+        key="LAYERKEEP_DB_SERVICE",
+        hint="add postgres to LAYERKEEP_SERVICES or name your postgres service",
+    )
+
+
+def init_database(engine: Engine, settings: Settings, *, log: Log = print) -> DbReport:
+    """Wait for postgres, create LAYERKEEP_DB_NAME if missing, run SQL files and command."""
+    started = time.monotonic()
+    service = database_service(settings)
+    for name, value in (("LAYERKEEP_DB_NAME", settings.db_name),
+                        ("LAYERKEEP_DB_USER", settings.db_user)):
+        if not _IDENTIFIER.match(value):
+            raise ConfigError(
+                f"{name}={value!r} is not a plain SQL identifier",
+                key=name,
+                hint="use letters, digits and _, starting with a letter",
+            )
+    for path in settings.db_init_sql:
+        if not path.is_file():
+            raise ConfigError(f"SQL file {path} not found", key="LAYERKEEP_DB_INIT_SQL")
+    container = container_name(settings, service.name)
+    _wait_for_postgres(engine, settings, container, service.timeout)
+    # db_name is a checked identifier (above), so it can stand in the SQL text.
+    query = f"SELECT 1 FROM pg_database WHERE datname = '{settings.db_name}'"  # noqa: S608
+    exists = _psql(engine, settings, container, "postgres", ["-tAc", query]).strip() == "1"
+    if not exists:
+        create = f'CREATE DATABASE "{settings.db_name}"'
+        _psql(engine, settings, container, "postgres", ["-c", create])
+        log(f"created database {settings.db_name}")
+    else:
+        log(f"database {settings.db_name} exists")
+    if settings.db_init_sql:
+        _copy_sql(engine, container, settings)
+        for path in settings.db_init_sql:
+            _psql(engine, settings, container, settings.db_name,
+                  ["-v", "ON_ERROR_STOP=1", "-f", f"{_SQL_FOLDER}/{path.name}"])
+            log(f"ran {path.name} on {settings.db_name}")
+    if settings.db_init_command:
+        log(f"running {settings.db_init_command!r} in {settings.require_image()}")
+        code = run_in_app_image(
+            engine, settings, settings.db_init_command, purpose="db-init",
+            mounts=mounts_for(settings), log=log,
+        )
+        if code != 0:
+            raise CommandFailed(
+                f"LAYERKEEP_DB_INIT_COMMAND exited {code}", return_code=code
+            )
+    return DbReport(
+        created=not exists,
+        sql_files=len(settings.db_init_sql),
+        command_ran=bool(settings.db_init_command),
+        seconds=time.monotonic() - started,
+    )
+
+
+def _wait_for_postgres(engine: Engine, settings: Settings, container: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        code, output = _exec(engine, settings, container, ["pg_isready", "-h", "127.0.0.1"])
+        if code == 0:
+            return
+        if time.monotonic() > deadline:
+            raise DockerOperationError(
+                f"postgres in {container} not ready after {timeout:.0f} s: {output.strip()}",
+                hint="run `inv services.up` first, or raise LAYERKEEP_POSTGRES_TIMEOUT",
+            )
+        time.sleep(_POLL)
+
+
+def _psql(
+    engine: Engine, settings: Settings, container: str, database: str, args: list[str]
+) -> str:
+    command = ["psql", "-h", "127.0.0.1", "-U", settings.db_user, "-d", database, *args]
+    code, output = _exec(engine, settings, container, command)
+    if code != 0:
+        raise DockerOperationError(f"psql in {container} failed (exit {code}): {output.strip()}")
+    return output
+
+
+def _exec(
+    engine: Engine, settings: Settings, container: str, command: list[str]
+) -> tuple[int, str]:
+    # The password travels in the exec's environment, never on a command line.
+    try:
+        exec_id = engine.api.exec_create(
+            container, command, environment={"PGPASSWORD": settings.db_password}
+        )
+    except docker.errors.APIError as error:
+        raise DockerOperationError(
+            f"cannot run {command[0]} in {container}: {error}",
+            hint="run `inv services.up` first",
+        ) from None
+    output = engine.api.exec_start(exec_id).decode(errors="replace")
+    code = engine.api.exec_inspect(exec_id).get("ExitCode")
+    return (1 if code is None else int(code)), redact(output, secrets(settings))
+
+
+def _copy_sql(engine: Engine, container: str, settings: Settings) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for path in settings.db_init_sql:
+            archive.add(str(path), arcname=f"layerkeep-sql/{path.name}")
+    engine.api.put_archive(container, "/", buffer.getvalue())
