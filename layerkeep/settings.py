@@ -35,6 +35,8 @@ PREFIX = "LAYERKEEP_"
 ENV_FILES = (".env", ".env.local")
 Builder = Literal["auto", "legacy", "buildkit"]
 BUILDERS: tuple[Builder, ...] = ("auto", "legacy", "buildkit")
+CacheBackend = Literal["dir", "registry"]
+CACHE_BACKENDS: tuple[CacheBackend, ...] = ("dir", "registry")
 
 
 class Source(IntEnum):
@@ -82,6 +84,26 @@ def _services(value: str, _: Path) -> tuple[str, ...]:
 
 def _files(value: str, project_dir: Path) -> tuple[Path, ...]:
     return tuple(project_dir / item for item in parse_list(value))
+
+
+def _list(value: str, _: Path) -> tuple[str, ...]:
+    return parse_list(value)
+
+
+_REGISTRY = re.compile(r"^[a-zA-Z0-9.-]+(?::[0-9]+)?$|^\[[0-9a-fA-F:]+\](?::[0-9]+)?$")
+
+
+def _registry(value: str, _: Path) -> str:
+    text = value.strip().removeprefix("https://").removeprefix("http://").rstrip("/")
+    if text and not _REGISTRY.match(text):
+        raise Invalid("write a registry host with an optional port, e.g. ghcr.io or 127.0.0.1:5000")
+    return text
+
+
+def _backend(value: str, _: Path) -> CacheBackend:
+    if value.strip() not in CACHE_BACKENDS:
+        raise Invalid(f"allowed: {', '.join(CACHE_BACKENDS)}")
+    return cast(CacheBackend, value.strip())
 
 
 def _optional_folder(value: str, project_dir: Path) -> Path | None:
@@ -180,6 +202,17 @@ KEYS: tuple[Key, ...] = (
     Key("LAYERKEEP_REPORTS_DIR", "", "JUnit XML folder; default: the CI's, or reports.",
         _optional_folder),
     Key("LAYERKEEP_KEEP_SERVICES", "no", "Keep services after test.run, for debugging.", _flag),
+    Key("LAYERKEEP_REGISTRY", "", "Registry to release to (host[:port]); empty: no release.",
+        _registry),
+    Key("LAYERKEEP_REGISTRY_USER", "", "Registry user; empty: an existing docker login."),
+    Key("LAYERKEEP_REGISTRY_PASSWORD", "", "Registry password or token; never printed."),
+    Key("LAYERKEEP_RELEASE_BRANCHES", "*", "Branches release.push pushes (globs).", _list),
+    Key("LAYERKEEP_RELEASE_LATEST_BRANCH", "", "Branch whose pushes also get :latest."),
+    Key("LAYERKEEP_RELEASE_TAGS", "", "More tags; {git_tag} is the tag at HEAD, if any.", _list),
+    Key("LAYERKEEP_PUSH_RETRIES", "3", "Attempts per push on transient failures.",
+        _whole_number(1, 10)),
+    Key("LAYERKEEP_CACHE_BACKEND", "dir", "dir (LAYERKEEP_CACHE_DIR) or registry.", _backend),
+    Key("LAYERKEEP_CACHE_REPOSITORY", "", "Registry repository for cache tags (registry backend)."),
 )
 KNOWN = {key.name: key for key in KEYS}
 
@@ -218,6 +251,15 @@ class Settings:
     test_workdir: str
     reports_dir: Path
     keep_services: bool
+    registry: str
+    registry_user: str
+    registry_password: str = field(repr=False)
+    release_branches: tuple[str, ...]
+    release_latest_branch: str
+    release_tags: tuple[str, ...]
+    push_retries: int
+    cache_backend: CacheBackend
+    cache_repository: str
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def require_image(self) -> ImageRef:
