@@ -64,7 +64,7 @@ def run_in_app_image(
     container = engine.create_container(
         image,
         name=name,
-        network=job_network(settings),
+        network=_network(engine, settings),
         entrypoint=["sh", "-c"],
         command=[script],
         environment=app_environment(settings),
@@ -82,6 +82,12 @@ def run_in_app_image(
     finally:
         with contextlib.suppress(docker.errors.NotFound):
             engine.api.remove_container(container, force=True, v=True)
+
+
+def _network(engine: Engine, settings: Settings) -> str:
+    """The job's network when its services run, else Docker's default bridge."""
+    name = job_network(settings)
+    return name if engine.api.networks(names=[name]) else "bridge"
 
 
 def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
