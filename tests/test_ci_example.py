@@ -17,6 +17,21 @@ from layerkeep.engine import BUILD_ID_LABEL, Engine
 
 pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parent.parent
+PROJECT_TASKS = """\
+from invoke.tasks import task
+
+from layerkeep.tasks import ci_tasks, ns
+
+
+@task
+def announce(c):
+    \"\"\"A project's own step inside `inv ci`.\"\"\"
+    print("the project's own step ran")
+    return "announced"
+
+
+ci_tasks.add_step(announce, after="image.build")
+"""
 FAILING_TEST = """\
 def test_this_one_fails():
     assert 1 + 1 == 3, "deliberately red"
@@ -57,7 +72,7 @@ def example(tmp_path: Path, engine: Engine, unique_repository: str) -> ExamplePr
     root = tmp_path / "project"
     shutil.copytree(REPO / "example", root / "example")
     shutil.copy(REPO / ".env", root / ".env")
-    (root / "tasks.py").write_text("from layerkeep.tasks import ns\n")
+    (root / "tasks.py").write_text(PROJECT_TASKS)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q", str(root)], check=True)
     subprocess.run([*git, "-C", str(root), "add", "-A"], check=True)
@@ -96,6 +111,12 @@ def test_cold_then_restored_run(example: ExampleProject, engine: Engine) -> None
     assert set(cases.values()) == {"passed"}
     assert leftovers(engine, build_id) == []
     assert "no cache: cold build" in summary_line(cold.stdout, "cache.load")
+    steps = [line.split()[0] for line in cold.stdout.split("\nstep ")[-1].splitlines()[1:]]
+    assert steps == [
+        "git.touch", "cache.load", "image.build", "announce", "cache.save",
+        "services.up", "db.init", "test.run", "services.down", "total",
+    ]
+    assert summary_line(cold.stdout, "announce").endswith("announced")
 
     # A fresh machine: no app image, no builder cache; only the cache folder survives.
     for tag in (example.image, f"{example.image}:latest-stage-builder"):
