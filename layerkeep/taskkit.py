@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar, cast
 
+import docker.errors
+import requests.exceptions
 from invoke.context import Context
 from invoke.exceptions import Exit
 
@@ -62,6 +64,11 @@ def reported(body: Callable[P, R]) -> Callable[P, R]:
         except LayerkeepError as error:
             sys.stdout.flush()
             raise Exit(f"layerkeep: {error.one_line()}", code=error.exit_code) from None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
+            # The last resort for an engine failure no step turned into its own error.
+            sys.stdout.flush()
+            text = " ".join(str(error).split()) or type(error).__name__
+            raise Exit(f"layerkeep: the Docker engine failed: {text}", code=1) from None
 
     return run
 
