@@ -12,6 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 INV = [sys.executable, "-m", "invoke"]
+TASKS = (
+    "git.touch", "cache.load", "cache.save", "image.build", "services.up", "services.down",
+    "services.sweep", "db.init", "test.run", "ci", "standins.build",
+)
 
 PROJECT_TASKS = '''\
 from invoke import task
@@ -43,12 +47,12 @@ def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[s
 def test_repository_collection_lists_its_namespaces() -> None:
     listing = run([*INV, "--list"], REPO)
     assert listing.returncode == 0, listing.stderr
-    for name in ("git.touch", "cache.load", "cache.save", "image.build", "standins.build"):
+    for name in TASKS:
         assert name in listing.stdout
 
 
 def test_every_task_flag_has_help() -> None:
-    for task in ("git.touch", "cache.load", "cache.save", "image.build", "standins.build"):
+    for task in TASKS:
         shown = run([*INV, "--help", task], REPO)
         assert shown.returncode == 0, shown.stderr
         options = [line for line in shown.stdout.splitlines() if line.strip().startswith("-")]
@@ -130,3 +134,14 @@ def test_installed_package_carries_the_collection(tmp_path: Path) -> None:
     assert listing.returncode == 0, listing.stderr
     assert "shipping.announce" in listing.stdout
     assert "image.build" in listing.stdout
+
+
+def test_unreachable_engine_is_one_line_saying_where_and_how(tmp_path: Path) -> None:
+    (tmp_path / "tasks.py").write_text("from layerkeep.tasks import ns\n")
+    done = run([*INV, "cache.load"], tmp_path, DOCKER_HOST="unix:///tmp/no-such-docker.sock")
+    assert done.returncode == 3
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    where = "DOCKER_HOST=unix:///tmp/no-such-docker.sock"
+    assert f"cannot reach the Docker engine at {where}" in lines[0]
+    assert "dockerd" in lines[0]
