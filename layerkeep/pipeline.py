@@ -6,13 +6,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from layerkeep.build import build_image, choose_builder, images_to_cache
-from layerkeep.cache import load_images, save_images
-from layerkeep.cache_store import CacheDir
+from layerkeep.build import build_image, choose_builder
+from layerkeep.cache_backend import describe_load, load_cache, save_cache
 from layerkeep.database import init_database
 from layerkeep.engine import Engine
 from layerkeep.errors import CommandFailed, LayerkeepError
 from layerkeep.gittouch import touch
+from layerkeep.release import push_release
 from layerkeep.services import services_down, services_up
 from layerkeep.settings import Settings
 from layerkeep.testrun import run_tests
@@ -56,22 +56,17 @@ def ci_steps(
 ) -> list[Step]:
     """git.touch, cache.load, image.build, cache.save, services.up, db.init, test.run.
 
-    The cache is saved before the tests run, so a red test run still leaves it warm.
+    The cache is saved before the tests run, so a red test run still leaves it warm;
+    release.push comes last, when a registry is configured, and only runs when every
+    step before it (the tests included) passed.
     """
-    cache = CacheDir(settings.cache_dir)
 
     def git_touch() -> str:
         report = touch(settings.project_dir)
         return f"{report.touched} files"
 
     def cache_load() -> str:
-        report = load_images(engine, cache, log=log)
-        if report.cold:
-            return "no cache: cold build"
-        return (
-            f"{len(report.restored)} restored ({report.bytes_read / 1e6:.1f} MB), "
-            f"{len(report.present)} present, {len(report.failed)} skipped"
-        )
+        return describe_load(load_cache(engine, settings, log=log))
 
     def image_build() -> str:
         builder = choose_builder(settings.builder, environ, cli=settings.docker_cli, engine=engine)
@@ -79,9 +74,7 @@ def ci_steps(
         return f"{report.tally.reused}/{report.tally.total} steps reused ({builder.kind})"
 
     def cache_save() -> str:
-        report = save_images(
-            engine, cache, images_to_cache(settings), level=settings.cache_level, log=log
-        )
+        report = save_cache(engine, settings, log=log)
         if report.skipped:
             return "up to date"
         return f"{report.layers_written} layers, {report.bytes_written / 1e6:.1f} MB written"
@@ -102,6 +95,12 @@ def ci_steps(
             )
         return f"passed, {len(result.reports)} report(s)"
 
+    def release() -> str:
+        report = push_release(engine, settings, log=log)
+        if not report.plan.pushes:
+            return report.plan.reason
+        return f"{len(report.pushed)} tags at {report.digest[:19]}"
+
     steps = [
         Step("git.touch", git_touch),
         Step("cache.load", cache_load),
@@ -113,6 +112,8 @@ def ci_steps(
         if any(s.name == settings.db_service for s in settings.services):
             steps.append(Step("db.init", db_init))
     steps.append(Step("test.run", tests))
+    if settings.registry:
+        steps.append(Step("release.push", release))
     return steps
 
 

@@ -209,7 +209,7 @@ KEYS: tuple[Key, ...] = (
     Key("LAYERKEEP_RELEASE_BRANCHES", "*", "Branches release.push pushes (globs).", _list),
     Key("LAYERKEEP_RELEASE_LATEST_BRANCH", "", "Branch whose pushes also get :latest."),
     Key("LAYERKEEP_RELEASE_TAGS", "", "More tags; {git_tag} is the tag at HEAD, if any.", _list),
-    Key("LAYERKEEP_PUSH_RETRIES", "3", "Attempts per push on transient failures.",
+    Key("LAYERKEEP_PUSH_RETRIES", "3", "Attempts per registry call on transient failures.",
         _whole_number(1, 10)),
     Key("LAYERKEEP_CACHE_BACKEND", "dir", "dir (LAYERKEEP_CACHE_DIR) or registry.", _backend),
     Key("LAYERKEEP_CACHE_REPOSITORY", "", "Registry repository for cache tags (registry backend)."),

@@ -20,6 +20,7 @@ from . import (
     db_tasks,
     git_tasks,
     image_tasks,
+    release_tasks,
     services_tasks,
     standin_tasks,
     testing_tasks,
@@ -32,5 +33,6 @@ ns.add_collection(Collection.from_module(image_tasks), "image")
 ns.add_collection(Collection.from_module(services_tasks), "services")
 ns.add_collection(Collection.from_module(db_tasks), "db")
 ns.add_collection(Collection.from_module(testing_tasks), "test")
+ns.add_collection(Collection.from_module(release_tasks), "release")
 ns.add_collection(Collection.from_module(standin_tasks), "standins")
 ns.add_task(cast(Task[Any], ci_tasks.ci))  # invoke types @task's result loosely

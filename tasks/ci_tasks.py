@@ -36,7 +36,11 @@ def add_step(step: Callable[[Context], object], *, after: str = "", name: str = 
 @task
 @reported
 def ci(c: Context) -> None:
-    """git.touch, cache.load, image.build, cache.save, services.up, db.init, test.run."""
+    """The whole CI job in order; services.down always runs; a summary at the end.
+
+    git.touch, cache.load, image.build, cache.save, services.up, db.init, test.run, and
+    release.push when a registry is configured.
+    """
     current = settings(c)
     engine = engine_for(current)
     steps = ci_steps(engine, current, environ(), say)

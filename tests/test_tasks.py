@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 INV = [sys.executable, "-m", "invoke"]
 TASKS = (
     "git.touch", "cache.load", "cache.save", "image.build", "services.up", "services.down",
-    "services.sweep", "db.init", "test.run", "ci", "standins.build",
+    "services.sweep", "db.init", "test.run", "release.push", "ci", "standins.build",
 )
 
 PROJECT_TASKS = '''\

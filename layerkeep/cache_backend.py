@@ -1,0 +1,43 @@
+"""cache.load / cache.save through the backend the settings choose (dir or registry)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from layerkeep.build import images_to_cache
+from layerkeep.cache import LoadReport, SaveReport, load_images, save_images
+from layerkeep.cache_store import CacheDir
+from layerkeep.engine import Engine
+from layerkeep.registry_cache import RegistryLoadReport, load_from_registry, save_to_registry
+from layerkeep.settings import Settings
+
+Log = Callable[[str], None]
+
+
+def load_cache(engine: Engine, settings: Settings, *, log: Log) -> LoadReport:
+    """Restore the cached images the engine lacks."""
+    if settings.cache_backend == "registry":
+        return load_from_registry(engine, settings, log=log)
+    return load_images(engine, CacheDir(settings.cache_dir), log=log)
+
+
+def save_cache(engine: Engine, settings: Settings, *, log: Log) -> SaveReport:
+    """Save the app image, its stages and LAYERKEEP_CACHE_IMAGES."""
+    images = images_to_cache(settings)
+    if settings.cache_backend == "registry":
+        return save_to_registry(engine, settings, images, log=log)
+    return save_images(
+        engine, CacheDir(settings.cache_dir), images, level=settings.cache_level, log=log
+    )
+
+
+def describe_load(report: LoadReport) -> str:
+    """A short note on a load, for the ci summary."""
+    if isinstance(report, RegistryLoadReport) and report.unreachable:
+        return "registry unreachable: cold build"
+    if report.cold:
+        return "no cache: cold build"
+    return (
+        f"{len(report.restored)} restored ({report.bytes_read / 1e6:.1f} MB), "
+        f"{len(report.present)} present, {len(report.failed)} skipped"
+    )
