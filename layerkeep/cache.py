@@ -23,7 +23,7 @@ from layerkeep.cache_store import (
 )
 from layerkeep.engine import Engine, checked_stream
 from layerkeep.errors import DockerOperationError
-from layerkeep.tarstream import Entry, IterReader, resolve_link, write_tar
+from layerkeep.tarstream import Entry, reader_over, resolve_link, write_tar
 
 Log = Callable[[str], None]
 _SMALL = 4 << 20  # configs and manifests; layers are larger or named layer.tar/blobs
@@ -176,7 +176,7 @@ class _Saver:
         small: dict[str, bytes] = {}
         try:
             chunks = self.engine.api.get_image(tag, chunk_size=1 << 20)
-            with tarfile.open(fileobj=IterReader(chunks), mode="r|") as archive:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=reader_over(chunks), mode="r|") as archive:
                 for member in archive:
                     if member.issym():
                         links[member.name] = resolve_link(member)

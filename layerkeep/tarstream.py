@@ -2,33 +2,45 @@
 
 from __future__ import annotations
 
+import io
 import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 BLOCK = 512
 
 
-class IterReader:
-    """A read-only file over an iterator of byte chunks (what docker-py streams)."""
+class _ChunkReader(io.RawIOBase):
+    """Raw reads over an iterator of byte chunks, copying each byte once."""
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks = iter(chunks)
-        self._buffer = b""
+        self._pending = memoryview(b"")
 
-    def read(self, size: int = -1) -> bytes:
-        """Up to ``size`` bytes; all that is left when ``size`` is negative."""
-        while size < 0 or len(self._buffer) < size:
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        while not self._pending:
             chunk = next(self._chunks, None)
             if chunk is None:
-                break
-            self._buffer += chunk
-        if size < 0:
-            data, self._buffer = self._buffer, b""
-        else:
-            data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
+                return 0
+            self._pending = memoryview(chunk)
+        target = memoryview(buffer).cast("B")
+        size = min(len(target), len(self._pending))
+        target[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def reader_over(chunks: Iterable[bytes]) -> io.BufferedReader:
+    """A buffered binary file over byte chunks (what docker-py streams)."""
+    return io.BufferedReader(_ChunkReader(chunks), buffer_size=1 << 20)
 
 
 def resolve_link(member: tarfile.TarInfo) -> str:

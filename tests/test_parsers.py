@@ -9,7 +9,7 @@ import pytest
 
 from layerkeep.build_output import BuildkitParser, LegacyParser, StepTally
 from layerkeep.dockerfile import instructions, read_stages
-from layerkeep.tarstream import Entry, IterReader, write_tar
+from layerkeep.tarstream import Entry, reader_over, write_tar
 
 MULTI_STAGE = """\
 # syntax=docker/dockerfile:1
@@ -126,8 +126,8 @@ def test_write_tar_refuses_short_content() -> None:
         b"".join(write_tar([Entry("a", 10, [b"abc"])]))
 
 
-def test_iter_reader_reads_across_chunks() -> None:
-    reader = IterReader([b"ab", b"cde", b"", b"f"])
+def test_reader_reads_across_chunks() -> None:
+    reader = reader_over([b"ab", b"cde", b"", b"f"])
     assert reader.read(4) == b"abcd"
     assert reader.read(-1) == b"ef"
     assert reader.read(3) == b""
