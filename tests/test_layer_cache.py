@@ -11,50 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sample_project import build, make_project
 
-from layerkeep.build import Builder, BuildReport, build_image, choose_builder, images_to_cache
+from layerkeep.build import images_to_cache
 from layerkeep.cache import load_images, save_images
 from layerkeep.cache_store import CacheDir
 from layerkeep.engine import Engine
-from layerkeep.settings import Settings, load_settings
+from layerkeep.settings import Settings
 
 pytestmark = pytest.mark.docker
-
-DOCKERFILE = """\
-FROM {base} AS deps
-RUN sleep 2 && mkdir /deps && head -c 3000000 /dev/urandom > /deps/blob
-RUN echo two > /deps/two
-
-FROM {base} AS final
-COPY --from=deps /deps /deps
-WORKDIR /app
-COPY src /app/src
-RUN sleep 1 && cat /app/src/main.txt > /app/out.txt
-CMD ["cat", "/app/out.txt"]
-"""
-
-
-def make_project(root: Path, repository: str, engine: Engine) -> Settings:
-    """A project whose base image is its own tag, so a "fresh machine" can lack it too."""
-    base = f"{repository}-base:1"
-    engine.api.tag("debian:bookworm-slim", f"{repository}-base", "1")
-    (root / "src").mkdir(parents=True)
-    (root / "src" / "main.txt").write_text("hello\n")
-    (root / "Dockerfile").write_text(DOCKERFILE.format(base=base))
-    (root / ".env").write_text(
-        f"LAYERKEEP_IMAGE={repository}/app\nLAYERKEEP_CACHE_IMAGES={base}\n"
-        "LAYERKEEP_CACHE_DIR=cache\n"
-    )
-    return load_settings(root, {})
-
-
-def builder_for(kind: str, engine: Engine) -> Builder:
-    return choose_builder(kind, os.environ, engine=engine)
-
-
-def build(engine: Engine, settings: Settings, kind: str) -> BuildReport:
-    return build_image(engine, settings, builder_for(kind, engine), os.environ, log=lambda _: None)
-
 
 def wipe_like_a_fresh_machine(engine: Engine, settings: Settings) -> None:
     """Remove every image the project uses and the builder's own cache."""

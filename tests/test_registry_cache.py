@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import os
 import threading
 from pathlib import Path
 
 import pytest
 from docker.errors import ImageNotFound
 from registry_setup import Registry, running_registry
+from sample_project import build, make_project
 
-from layerkeep.build import BuildReport, build_image, choose_builder, images_to_cache
+from layerkeep.build import images_to_cache
 from layerkeep.ci_vars import GitFacts
 from layerkeep.engine import Engine
 from layerkeep.errors import ConfigError
@@ -33,40 +33,6 @@ from layerkeep.settings import Settings, load_settings
 
 docker = pytest.mark.docker  # the scheme tests need no engine
 PASSWORD = "cache-s3cret"  # noqa: S105 - the test registry's
-
-
-# The same project as tests/test_layer_cache.py's (kept here so each file stands alone):
-# two stages, a 3 MB layer of random bytes, and a base that is the project's own tag, so
-# a "fresh machine" lacks it too.
-DOCKERFILE = """\
-FROM {base} AS deps
-RUN sleep 2 && mkdir /deps && head -c 3000000 /dev/urandom > /deps/blob
-RUN echo two > /deps/two
-
-FROM {base} AS final
-COPY --from=deps /deps /deps
-WORKDIR /app
-COPY src /app/src
-RUN sleep 1 && cat /app/src/main.txt > /app/out.txt
-CMD ["cat", "/app/out.txt"]
-"""
-
-
-def make_project(root: Path, repository: str, engine: Engine) -> Settings:
-    base = f"{repository}-base:1"
-    engine.api.tag("debian:bookworm-slim", f"{repository}-base", "1")
-    (root / "src").mkdir(parents=True)
-    (root / "src" / "main.txt").write_text("hello\n")
-    (root / "Dockerfile").write_text(DOCKERFILE.format(base=base))
-    (root / ".env").write_text(
-        f"LAYERKEEP_IMAGE={repository}/app\nLAYERKEEP_CACHE_IMAGES={base}\n"
-    )
-    return load_settings(root, {}, git_facts=lambda _: GitFacts("", ""))
-
-
-def build(engine: Engine, settings: Settings, kind: str) -> BuildReport:
-    builder = choose_builder(kind, os.environ, engine=engine)
-    return build_image(engine, settings, builder, os.environ, log=quiet)
 
 
 def with_registry(settings: Settings, registry: Registry, **extra: str) -> Settings:

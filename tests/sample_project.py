@@ -1,0 +1,48 @@
+"""The small multi-stage project the cache tests build (local folder or registry backend).
+
+Two stages, a 3 MB layer of random bytes, sleeps that make a cold build visible, and a
+base image that is the project's own tag, so a "fresh machine" can lack it too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from layerkeep.build import BuildReport, build_image, choose_builder
+from layerkeep.ci_vars import GitFacts
+from layerkeep.engine import Engine
+from layerkeep.settings import Settings, load_settings
+
+DOCKERFILE = """\
+FROM {base} AS deps
+RUN sleep 2 && mkdir /deps && head -c 3000000 /dev/urandom > /deps/blob
+RUN echo two > /deps/two
+
+FROM {base} AS final
+COPY --from=deps /deps /deps
+WORKDIR /app
+COPY src /app/src
+RUN sleep 1 && cat /app/src/main.txt > /app/out.txt
+CMD ["cat", "/app/out.txt"]
+"""
+
+
+def make_project(root: Path, repository: str, engine: Engine) -> Settings:
+    """Write the project into ``root`` with images under ``repository``; its settings."""
+    base = f"{repository}-base:1"
+    engine.api.tag("debian:bookworm-slim", f"{repository}-base", "1")
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "main.txt").write_text("hello\n")
+    (root / "Dockerfile").write_text(DOCKERFILE.format(base=base))
+    (root / ".env").write_text(
+        f"LAYERKEEP_IMAGE={repository}/app\nLAYERKEEP_CACHE_IMAGES={base}\n"
+        "LAYERKEEP_CACHE_DIR=cache\n"
+    )
+    return load_settings(root, {}, git_facts=lambda _: GitFacts("", ""))
+
+
+def build(engine: Engine, settings: Settings, kind: str) -> BuildReport:
+    """Build with the named builder (legacy or buildkit), quietly."""
+    builder = choose_builder(kind, os.environ, engine=engine)
+    return build_image(engine, settings, builder, os.environ, log=lambda _: None)
