@@ -25,11 +25,11 @@ from typing import Any, NoReturn, Protocol
 from urllib.parse import quote
 
 import docker.errors
-import requests.exceptions
 
-from layerkeep.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine, checked_stream
+from layerkeep.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
 from layerkeep.errors import DockerOperationError, LayerkeepError
 from layerkeep.imageref import parse_image_ref
+from layerkeep.registry import credentials_for, pull_tag, registry_host
 from layerkeep.services_config import ServiceSpec, service_key
 from layerkeep.settings import Settings
 
@@ -183,25 +183,25 @@ def redact(text: str, hidden: Iterable[str]) -> str:
 # --- images ------------------------------------------------------------------------------
 
 
-def ensure_image(engine: Engine, image: str, *, log: Log) -> str:
-    """The id of ``image``: present in the engine, or pulled; else a one-line error."""
+def ensure_image(engine: Engine, settings: Settings, image: str, *, log: Log) -> str:
+    """The id of ``image``: present in the engine, or pulled; else a one-line error.
+
+    Pulls go through the registry module: transient failures are retried, and the
+    configured credentials are used when the image lives on LAYERKEEP_REGISTRY.
+    """
     found = engine.image_id(image)
     if found is not None:
         return found
     log(f"{image}: not in the engine, pulling")
     ref = parse_image_ref(image)
-    repository, tag = (ref.repository, ref.tag) if ref else (image, None)
-    try:
-        chunks = engine.api.pull(repository, tag=tag, stream=True, decode=True)
-        for _ in checked_stream(chunks, action="pull", image=image):
-            pass
-        reason = "the engine reports success but has no such image"
-    except DockerOperationError as error:
-        reason = error.message.removeprefix(f"pull {image} failed: ")
-    except docker.errors.APIError as error:
-        reason = str(error.explanation or error)
-    except requests.exceptions.RequestException as error:
-        reason = str(error) or type(error).__name__
+    reason = "not a valid image reference"
+    if ref is not None:
+        credentials = credentials_for(settings, registry_host(ref.repository))
+        try:
+            pull_tag(engine, ref, credentials, attempts=settings.push_retries, log=log)
+            reason = "the engine reports success but has no such image"
+        except DockerOperationError as error:
+            reason = error.message
     found = engine.image_id(image)
     if found is not None:
         return found
@@ -570,7 +570,7 @@ def services_up(engine: Engine, settings: Settings, *, log: Log) -> list[Running
     boot side by side; each one's timeout counts from its own start.
     """
     # Every image first: a missing one fails before anything is created.
-    images = [ensure_image(engine, spec.image, log=log) for spec in settings.services]
+    images = [ensure_image(engine, settings, spec.image, log=log) for spec in settings.services]
     network = job_network(settings)
     network_id = engine.ensure_network(network)
     _check_owner(engine.api.inspect_network(network_id).get("Labels"), settings,

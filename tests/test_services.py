@@ -377,7 +377,7 @@ def test_a_missing_image_that_cannot_be_pulled_is_one_line_naming_it(
     assert "LAYERKEEP_CACHE_IMAGES" in line
     assert "pull failed: " in line
     # A present image is used as it is.
-    assert ensure_image(current.engine, "redis:7", log=current.log) == (
+    assert ensure_image(current.engine, current.settings, "redis:7", log=current.log) == (
         current.engine.image_id("redis:7")
     )
 
