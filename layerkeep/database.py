@@ -14,14 +14,13 @@ import docker.errors
 from layerkeep.app_container import mounts_for, run_in_app_image
 from layerkeep.engine import Engine
 from layerkeep.errors import CommandFailed, ConfigError, DockerOperationError
-from layerkeep.services import container_name, redact, secrets
+from layerkeep.services import ServiceWait, container_name, redact, secrets, wait_ready
 from layerkeep.services_config import ServiceSpec
 from layerkeep.settings import Settings
 
 Log = Callable[[str], None]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SQL_FOLDER = "/layerkeep-sql"
-_POLL = 0.25
 
 
 @dataclass(frozen=True)
@@ -63,8 +62,7 @@ def init_database(engine: Engine, settings: Settings, *, log: Log = print) -> Db
     for path in settings.db_init_sql:
         if not path.is_file():
             raise ConfigError(f"SQL file {path} not found", key="LAYERKEEP_DB_INIT_SQL")
-    container = container_name(settings, service.name)
-    _wait_for_postgres(engine, settings, container, service.timeout)
+    container = _wait_for_postgres(engine, settings, service, log)
     # db_name is a checked identifier (above), so it can stand in the SQL text.
     query = f"SELECT 1 FROM pg_database WHERE datname = '{settings.db_name}'"  # noqa: S608
     exists = _psql(engine, settings, container, "postgres", ["-tAc", query]).strip() == "1"
@@ -98,18 +96,21 @@ def init_database(engine: Engine, settings: Settings, *, log: Log = print) -> Db
     )
 
 
-def _wait_for_postgres(engine: Engine, settings: Settings, container: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        code, output = _exec(engine, settings, container, ["pg_isready", "-h", "127.0.0.1"])
-        if code == 0:
-            return
-        if time.monotonic() > deadline:
-            raise DockerOperationError(
-                f"postgres in {container} not ready after {timeout:.0f} s: {output.strip()}",
-                hint="run `inv services.up` first, or raise LAYERKEEP_POSTGRES_TIMEOUT",
-            )
-        time.sleep(_POLL)
+def _wait_for_postgres(engine: Engine, settings: Settings, service: ServiceSpec, log: Log) -> str:
+    """The running postgres container's id, once its ready check passes (services' wait)."""
+    container = container_name(settings, service.name)
+    try:
+        container_id = str(engine.api.inspect_container(container)["Id"])
+    except docker.errors.NotFound:
+        raise DockerOperationError(
+            f"postgres container {container} is not running", hint="run `inv services.up` first"
+        ) from None
+    wait = ServiceWait(
+        engine, service, container_id, started=time.monotonic(),
+        hidden=secrets(settings), log=log,
+    )
+    wait_ready([wait])
+    return container
 
 
 def _psql(
