@@ -5,27 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import docker.errors
 
 from layerkeep.engine import Engine
 from layerkeep.errors import ConfigError
 from layerkeep.services import container_name, job_network, redact, secrets, service_facts
-from layerkeep.settings import Settings, render_template
+from layerkeep.settings import Mount, Settings, render_template
 
 Log = Callable[[str], None]
 REPORTS_MOUNT = "/reports"
-
-
-@dataclass(frozen=True)
-class Mounted:
-    """A host path mounted into the container."""
-
-    source: str
-    target: str
-    read_only: bool = False
 
 
 def app_environment(settings: Settings) -> dict[str, str]:
@@ -40,7 +29,7 @@ def run_in_app_image(
     script: str,
     *,
     purpose: str,
-    mounts: Sequence[Mounted] = (),
+    mounts: Sequence[Mount] = (),
     log: Log = print,
 ) -> int:
     """Run ``script`` with ``sh -c`` in the app image; return its exit code.
@@ -54,7 +43,7 @@ def run_in_app_image(
             f"the app image {image} is not in the engine", hint="run `inv image.build` first"
         )
     for mount in mounts:
-        if not Path(mount.source).exists():
+        if not mount.source.exists():
             raise ConfigError(
                 f"mount source {mount.source} does not exist",
                 key="LAYERKEEP_TEST_MOUNTS",
@@ -68,7 +57,7 @@ def run_in_app_image(
         entrypoint=["sh", "-c"],
         command=[script],
         environment=app_environment(settings),
-        mounts=[(m.source, m.target, m.read_only) for m in mounts],
+        mounts=[(str(m.source), m.target, m.read_only) for m in mounts],
         working_dir=settings.test_workdir or None,
         labels={"io.layerkeep.purpose": purpose},
     )
@@ -101,10 +90,6 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
         yield pending.decode(errors="replace")
 
 
-def mounts_for(settings: Settings, *extra: Mounted) -> list[Mounted]:
+def mounts_for(settings: Settings, *extra: Mount) -> list[Mount]:
     """The configured test mounts plus ``extra``."""
-    configured = [
-        Mounted(str(m.source), m.target, m.read_only) for m in settings.test_mounts
-    ]
-    return [*configured, *extra]
-
+    return [*settings.test_mounts, *extra]

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerkeep.app_container import REPORTS_MOUNT, Mounted, mounts_for, run_in_app_image
+from layerkeep.app_container import REPORTS_MOUNT, mounts_for, run_in_app_image
 from layerkeep.engine import Engine
-from layerkeep.settings import Settings
+from layerkeep.settings import Mount, Settings
 
 Log = Callable[[str], None]
 
@@ -50,7 +50,7 @@ def run_tests(engine: Engine, settings: Settings, *, log: Log = print) -> TestRe
         settings,
         test_script(settings),
         purpose="tests",
-        mounts=mounts_for(settings, Mounted(str(reports.resolve()), REPORTS_MOUNT)),
+        mounts=mounts_for(settings, Mount(reports.resolve(), REPORTS_MOUNT)),
         log=log,
     )
     written = tuple(
