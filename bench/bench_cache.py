@@ -15,11 +15,11 @@ import time
 import uuid
 from pathlib import Path
 
-from layerkeep.build import build_image, choose_builder, images_to_cache
-from layerkeep.cache import load_images, save_images
-from layerkeep.cache_store import CacheDir
-from layerkeep.engine import Engine, connect
-from layerkeep.settings import Settings, load_settings
+from layerkeep.build.image import build_image, choose_builder, images_to_cache
+from layerkeep.cache.layers import load_images, save_images
+from layerkeep.cache.store import CacheDir
+from layerkeep.core.engine import Engine, connect
+from layerkeep.core.settings import Settings, load_settings
 
 DOCKERFILE = """\
 FROM python:3.11-slim AS builder

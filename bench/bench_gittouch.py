@@ -1,4 +1,4 @@
-"""Time layerkeep.gittouch against git-restore-mtime and check it against `git log -1`.
+"""Time layerkeep.git.touch against git-restore-mtime and check it against `git log -1`.
 
     python bench/bench_gittouch.py PATH_TO_CLONE [--oracle | --oracle-sample N]
     python bench/bench_gittouch.py NEW_PATH --generate COMMITS FILES   # a git/git-shaped repo
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from layerkeep.gittouch import last_change_times, touch
+from layerkeep.git.touch import last_change_times, touch
 
 RESTORE_MTIME = ["git", "restore-mtime", "--quiet", "--commit-time"]
 

@@ -6,16 +6,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from layerkeep.build import build_image, choose_builder
-from layerkeep.cache_backend import describe_load, load_cache, save_cache
-from layerkeep.database import init_database
-from layerkeep.engine import Engine
-from layerkeep.errors import CommandFailed, LayerkeepError
-from layerkeep.gittouch import touch
-from layerkeep.release import push_release
-from layerkeep.services import services_down, services_up
-from layerkeep.settings import Settings
-from layerkeep.testrun import run_tests
+from layerkeep.build.image import build_image, choose_builder
+from layerkeep.cache.backend import describe_load, load_cache, save_cache
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import CommandFailed, LayerkeepError
+from layerkeep.core.settings import Settings
+from layerkeep.git.touch import touch
+from layerkeep.release.push import push_release
+from layerkeep.services.containers import services_down, services_up
+from layerkeep.testing.database import init_database
+from layerkeep.testing.testrun import run_tests
 
 Log = Callable[[str], None]
 

@@ -3,8 +3,9 @@
 from invoke.context import Context
 from invoke.tasks import task
 
-from layerkeep.cache_backend import load_cache, save_cache
-from layerkeep.taskkit import engine_for, reported, say, settings
+from layerkeep.cache.backend import load_cache, save_cache
+
+from .taskkit import engine_for, reported, say, settings
 
 _HELP = {
     "cache_dir": "cache folder (default: LAYERKEEP_CACHE_DIR)",

@@ -20,7 +20,8 @@ from layerkeep.pipeline import (
     insert_step,
     run_pipeline,
 )
-from layerkeep.taskkit import engine_for, environ, reported, say, settings
+
+from .taskkit import engine_for, environ, reported, say, settings
 
 _EXTRA_STEPS: list[tuple[str, str, Callable[[Context], object]]] = []
 

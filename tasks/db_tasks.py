@@ -3,8 +3,9 @@
 from invoke.context import Context
 from invoke.tasks import task
 
-from layerkeep.database import init_database
-from layerkeep.taskkit import engine_for, reported, say, settings
+from layerkeep.testing.database import init_database
+
+from .taskkit import engine_for, reported, say, settings
 
 
 @task

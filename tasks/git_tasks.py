@@ -3,8 +3,9 @@
 from invoke.context import Context
 from invoke.tasks import task
 
-from layerkeep.gittouch import touch as touch_files
-from layerkeep.taskkit import reported, say, settings
+from layerkeep.git.touch import touch as touch_files
+
+from .taskkit import reported, say, settings
 
 
 @task(help={"author_time": "use each commit's author time instead of its committer time"})

@@ -3,8 +3,9 @@
 from invoke.context import Context
 from invoke.tasks import task
 
-from layerkeep.build import build_image, choose_builder
-from layerkeep.taskkit import engine_for, environ, reported, say, settings
+from layerkeep.build.image import build_image, choose_builder
+
+from .taskkit import engine_for, environ, reported, say, settings
 
 
 @task(

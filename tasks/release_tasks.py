@@ -3,8 +3,9 @@
 from invoke.context import Context
 from invoke.tasks import task
 
-from layerkeep.release import push_release
-from layerkeep.taskkit import engine_for, reported, say, settings
+from layerkeep.release.push import push_release
+
+from .taskkit import engine_for, reported, say, settings
 
 
 @task(help={"dry_run": "print the tags and the registry, push and tag nothing"})

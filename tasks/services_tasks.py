@@ -3,10 +3,11 @@
 from invoke.context import Context
 from invoke.tasks import task
 
-from layerkeep.errors import ConfigError
-from layerkeep.services import services_down, services_up
-from layerkeep.services import sweep as sweep_leftovers
-from layerkeep.taskkit import engine_for, reported, say, settings
+from layerkeep.core.errors import ConfigError
+from layerkeep.services.containers import services_down, services_up
+from layerkeep.services.containers import sweep as sweep_leftovers
+
+from .taskkit import engine_for, reported, say, settings
 
 
 @task

@@ -3,8 +3,9 @@
 from invoke.context import Context
 from invoke.tasks import task
 
-from layerkeep.standins import STANDINS, ensure_standins
-from layerkeep.taskkit import engine_for, reported, say, settings
+from layerkeep.standins.images import STANDINS, ensure_standins
+
+from .taskkit import engine_for, reported, say, settings
 
 
 @task(

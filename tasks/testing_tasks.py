@@ -3,11 +3,12 @@
 from invoke.context import Context
 from invoke.tasks import task
 
-from layerkeep.database import init_database
-from layerkeep.errors import CommandFailed
-from layerkeep.services import services_down, services_up
-from layerkeep.taskkit import engine_for, reported, say, settings
-from layerkeep.testrun import run_tests
+from layerkeep.core.errors import CommandFailed
+from layerkeep.services.containers import services_down, services_up
+from layerkeep.testing.database import init_database
+from layerkeep.testing.testrun import run_tests
+
+from .taskkit import engine_for, reported, say, settings
 
 
 @task(help={"keep_services": "leave the services running afterwards, for debugging"})

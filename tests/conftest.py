@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 from engine_setup import ensure_engine, sweep
 
-from layerkeep.engine import Engine, connect
-from layerkeep.standins import ensure_standins
+from layerkeep.core.engine import Engine, connect
+from layerkeep.standins.images import ensure_standins
 
 TEST_LABEL = ("io.layerkeep.test", "1")
 TEST_REPOSITORY = "layerkeep-test"

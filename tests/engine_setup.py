@@ -30,8 +30,8 @@ from pathlib import Path
 
 import docker.errors
 
-from layerkeep.engine import Engine, connect, describe_host
-from layerkeep.errors import EngineUnavailable
+from layerkeep.core.engine import Engine, connect, describe_host
+from layerkeep.core.errors import EngineUnavailable
 
 DOCKERD_LOG = Path("/tmp/layerkeep-dockerd.log")
 DEFAULT_HOST = "unix:///var/run/docker.sock"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from layerkeep.build import BuildReport, build_image, choose_builder
-from layerkeep.ci_vars import GitFacts
-from layerkeep.engine import Engine
-from layerkeep.settings import Settings, load_settings
+from layerkeep.build.image import BuildReport, build_image, choose_builder
+from layerkeep.core.ci_vars import GitFacts
+from layerkeep.core.engine import Engine
+from layerkeep.core.settings import Settings, load_settings
 
 DOCKERFILE = """\
 FROM {base} AS deps

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from ruamel.yaml import YAML
 
-from layerkeep.settings import KNOWN
+from layerkeep.core.settings import KNOWN
 
 ROOT = Path(__file__).resolve().parent.parent
 CIRCLE = ROOT / "circle.yml"

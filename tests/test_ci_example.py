@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from layerkeep.engine import BUILD_ID_LABEL, Engine
+from layerkeep.core.engine import BUILD_ID_LABEL, Engine
 
 pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from gitrepos import AUTHOR_LAG, SPECIAL_NAMES, Scripted, git, oracle_times, random_history
 
-from layerkeep.errors import GitError
-from layerkeep.gittouch import last_change_times, touch
+from layerkeep.core.errors import GitError
+from layerkeep.git.touch import last_change_times, touch
 
 T0 = 1_600_000_000
 LINES = "".join(f"line {number}\n" for number in range(20))

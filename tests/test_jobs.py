@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from layerkeep.database import init_database
-from layerkeep.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
-from layerkeep.errors import CommandFailed, ConfigError
-from layerkeep.services import REDACTED, container_name, services_down, services_up
-from layerkeep.settings import Settings, load_settings
-from layerkeep.testrun import run_tests
+from layerkeep.core.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
+from layerkeep.core.errors import CommandFailed, ConfigError
+from layerkeep.core.settings import Settings, load_settings
+from layerkeep.services.containers import REDACTED, container_name, services_down, services_up
+from layerkeep.testing.database import init_database
+from layerkeep.testing.testrun import run_tests
 
 pytestmark = pytest.mark.docker
 PASSWORD = "Sup3r-s3cret-pw"  # noqa: S105 - a throwaway test database password

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from sample_project import build, make_project
 
-from layerkeep.build import images_to_cache
-from layerkeep.cache import load_images, save_images
-from layerkeep.cache_store import CacheDir
-from layerkeep.engine import Engine
-from layerkeep.settings import Settings
+from layerkeep.build.image import images_to_cache
+from layerkeep.cache.layers import load_images, save_images
+from layerkeep.cache.store import CacheDir
+from layerkeep.core.engine import Engine
+from layerkeep.core.settings import Settings
 
 pytestmark = pytest.mark.docker
 

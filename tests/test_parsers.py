@@ -7,9 +7,9 @@ import tarfile
 
 import pytest
 
-from layerkeep.build_output import BuildkitParser, LegacyParser, StepTally
-from layerkeep.dockerfile import instructions, read_stages
-from layerkeep.tarstream import Entry, reader_over, write_tar
+from layerkeep.build.dockerfile import instructions, read_stages
+from layerkeep.build.output import BuildkitParser, LegacyParser, StepTally
+from layerkeep.cache.tarstream import Entry, reader_over, write_tar
 
 MULTI_STAGE = """\
 # syntax=docker/dockerfile:1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from layerkeep.errors import CommandFailed, LayerkeepError
+from layerkeep.core.errors import CommandFailed, LayerkeepError
 from layerkeep.pipeline import Step, format_summary, insert_step, run_pipeline
 
 

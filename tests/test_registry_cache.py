@@ -17,19 +17,19 @@ from docker.errors import ImageNotFound
 from registry_setup import Registry, running_registry
 from sample_project import build, make_project
 
-from layerkeep.build import images_to_cache
-from layerkeep.ci_vars import GitFacts
-from layerkeep.engine import Engine
-from layerkeep.errors import ConfigError
-from layerkeep.imageref import is_valid_tag
-from layerkeep.registry import RegistryAuthError
-from layerkeep.registry_cache import (
+from layerkeep.build.image import images_to_cache
+from layerkeep.cache.registry_backend import (
     cache_location,
     cache_tags,
     load_from_registry,
     save_to_registry,
 )
-from layerkeep.settings import Settings, load_settings
+from layerkeep.core.ci_vars import GitFacts
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import ConfigError
+from layerkeep.core.imageref import is_valid_tag
+from layerkeep.core.registry import RegistryAuthError
+from layerkeep.core.settings import Settings, load_settings
 
 docker = pytest.mark.docker  # the scheme tests need no engine
 PASSWORD = "cache-s3cret"  # noqa: S105 - the test registry's

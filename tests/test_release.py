@@ -22,11 +22,11 @@ import pytest
 from docker.errors import ImageNotFound
 from registry_setup import Registry, running_registry
 
-from layerkeep.ci_vars import GitFacts
-from layerkeep.engine import Engine
-from layerkeep.errors import ConfigError, DockerOperationError
-from layerkeep.imageref import is_valid_tag
-from layerkeep.registry import (
+from layerkeep.core.ci_vars import GitFacts
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import ConfigError, DockerOperationError
+from layerkeep.core.imageref import is_valid_tag
+from layerkeep.core.registry import (
     Credentials,
     RegistryAuthError,
     RegistryUnavailable,
@@ -35,8 +35,8 @@ from layerkeep.registry import (
     safe_tag,
     with_retries,
 )
-from layerkeep.release import branch_tag, plan_release, push_release
-from layerkeep.settings import Settings, load_settings
+from layerkeep.core.settings import Settings, load_settings
+from layerkeep.release.push import branch_tag, plan_release, push_release
 
 docker = pytest.mark.docker  # the fast tests here need no engine
 INV = [sys.executable, "-m", "invoke"]

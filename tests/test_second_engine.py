@@ -16,7 +16,7 @@ import pytest
 from registry_setup import running_registry
 from second_engine import SecondEngineUnavailable, second_engine
 
-from layerkeep.engine import Engine, checked_stream
+from layerkeep.core.engine import Engine, checked_stream
 
 pytestmark = pytest.mark.docker
 

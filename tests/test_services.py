@@ -18,10 +18,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from layerkeep.ci_vars import GitFacts
-from layerkeep.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
-from layerkeep.errors import DockerOperationError
-from layerkeep.services import (
+from layerkeep.core.ci_vars import GitFacts
+from layerkeep.core.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
+from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.settings import Settings, load_settings, render_template
+from layerkeep.services.containers import (
     SERVICE_LABEL,
     ServiceNotReady,
     container_name,
@@ -33,7 +34,6 @@ from layerkeep.services import (
     services_up,
     sweep,
 )
-from layerkeep.settings import Settings, load_settings, render_template
 
 pytestmark = pytest.mark.docker
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from layerkeep.ci_vars import GitFacts, detect, git_facts
-from layerkeep.errors import ConfigError
-from layerkeep.imageref import ImageRef, parse_image_ref
-from layerkeep.services_config import KNOWN_KINDS, SUFFIXES, service_key
-from layerkeep.settings import KEYS, Settings, Source, load_settings, read_env_file
+from layerkeep.core.ci_vars import GitFacts, detect, git_facts
+from layerkeep.core.errors import ConfigError
+from layerkeep.core.imageref import ImageRef, parse_image_ref
+from layerkeep.core.service_specs import KNOWN_KINDS, SUFFIXES, service_key
+from layerkeep.core.settings import KEYS, Settings, Source, load_settings, read_env_file
 
 REPO = Path(__file__).resolve().parent.parent
 NO_GIT = GitFacts(commit="", branch="")

@@ -24,9 +24,9 @@ import pytest
 from docker.models.containers import Container
 from engine_setup import Swept, ensure_engine, sweep
 
-from layerkeep.engine import Engine
-from layerkeep.errors import BuildFailed, ConfigError, DockerOperationError, EngineUnavailable
-from layerkeep.standins import (
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import BuildFailed, ConfigError, DockerOperationError, EngineUnavailable
+from layerkeep.standins.images import (
     BASE,
     IMAGES_DIR,
     STANDIN_IMAGE_LABEL,

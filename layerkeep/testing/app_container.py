@@ -8,10 +8,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import docker.errors
 
-from layerkeep.engine import Engine
-from layerkeep.errors import ConfigError
-from layerkeep.services import container_name, job_network, redact, secrets, service_facts
-from layerkeep.settings import Mount, Settings, render_template
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import ConfigError
+from layerkeep.core.settings import Mount, Settings, render_template
+from layerkeep.services.containers import (
+    container_name,
+    job_network,
+    redact,
+    secrets,
+    service_facts,
+)
 
 Log = Callable[[str], None]
 REPORTS_MOUNT = "/reports"

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from layerkeep.imageref import parse_image_ref
-from layerkeep.values import Invalid, parse_list, parse_number, parse_pairs, parse_port
+from layerkeep.core.imageref import parse_image_ref
+from layerkeep.core.values import Invalid, parse_list, parse_number, parse_pairs, parse_port
 
 PREFIX = "LAYERKEEP_"
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,30}$")

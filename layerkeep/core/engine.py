@@ -12,7 +12,7 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from layerkeep.errors import BuildFailed, DockerOperationError, EngineUnavailable
+from layerkeep.core.errors import BuildFailed, DockerOperationError, EngineUnavailable
 
 LABEL_PREFIX = "io.layerkeep"
 PROJECT_LABEL = f"{LABEL_PREFIX}.project"

@@ -36,10 +36,10 @@ from typing import Any, Literal, TypeVar
 import docker.errors
 import requests.exceptions
 
-from layerkeep.engine import Engine, checked_stream
-from layerkeep.errors import ConfigError, DockerOperationError
-from layerkeep.imageref import ImageRef
-from layerkeep.settings import Settings
+from layerkeep.core.engine import Engine, checked_stream
+from layerkeep.core.errors import ConfigError, DockerOperationError
+from layerkeep.core.imageref import ImageRef
+from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
 Sleep = Callable[[float], None]

@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from layerkeep.build_output import BuildkitParser, LegacyParser, StepTally
-from layerkeep.dockerfile import read_stages
-from layerkeep.engine import Engine
-from layerkeep.errors import BuildFailed, ConfigError
-from layerkeep.imageref import ImageRef, is_valid_tag
-from layerkeep.settings import Settings
+from layerkeep.build.output import BuildkitParser, LegacyParser, StepTally
+from layerkeep.build.dockerfile import read_stages
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import BuildFailed, ConfigError
+from layerkeep.core.imageref import ImageRef, is_valid_tag
+from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
 _TAIL = 20

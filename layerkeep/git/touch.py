@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from layerkeep.errors import GitError
+from layerkeep.core.errors import GitError
 
 _GITLINK = 0o160000
 _CHUNK = 1 << 20

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from layerkeep.build import images_to_cache
-from layerkeep.cache import LoadReport, SaveReport, load_images, save_images
-from layerkeep.cache_store import CacheDir
-from layerkeep.engine import Engine
-from layerkeep.registry_cache import RegistryLoadReport, load_from_registry, save_to_registry
-from layerkeep.settings import Settings
+from layerkeep.build.image import images_to_cache
+from layerkeep.cache.layers import LoadReport, SaveReport, load_images, save_images
+from layerkeep.cache.registry_backend import (
+    RegistryLoadReport,
+    load_from_registry,
+    save_to_registry,
+)
+from layerkeep.cache.store import CacheDir
+from layerkeep.core.engine import Engine
+from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
 

@@ -28,12 +28,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from layerkeep.build import images_to_cache, plan_build
-from layerkeep.cache import LoadReport, SaveReport
-from layerkeep.engine import Engine
-from layerkeep.errors import ConfigError, DockerOperationError
-from layerkeep.imageref import ImageRef, parse_image_ref
-from layerkeep.registry import (
+from layerkeep.build.image import images_to_cache, plan_build
+from layerkeep.cache.layers import LoadReport, SaveReport
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import ConfigError, DockerOperationError
+from layerkeep.core.imageref import ImageRef, parse_image_ref
+from layerkeep.core.registry import (
     TAG_MAX,
     Credentials,
     RegistryAuthError,
@@ -49,7 +49,7 @@ from layerkeep.registry import (
     remote_digest,
     safe_tag,
 )
-from layerkeep.settings import Settings
+from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
 EXTRA_PREFIX = "extra-"

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import docker.errors
 
-from layerkeep.app_container import mounts_for, run_in_app_image
-from layerkeep.engine import Engine
-from layerkeep.errors import CommandFailed, ConfigError, DockerOperationError
-from layerkeep.services import ServiceWait, container_name, redact, secrets, wait_ready
-from layerkeep.services_config import ServiceSpec
-from layerkeep.settings import Settings
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import CommandFailed, ConfigError, DockerOperationError
+from layerkeep.core.service_specs import ServiceSpec
+from layerkeep.core.settings import Settings
+from layerkeep.services.containers import ServiceWait, container_name, redact, secrets, wait_ready
+from layerkeep.testing.app_container import mounts_for, run_in_app_image
 
 Log = Callable[[str], None]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")

@@ -18,10 +18,10 @@ from typing import Any, Literal, cast
 from dotenv.parser import parse_stream
 from dotenv.variables import parse_variables
 
-from layerkeep import ci_vars
-from layerkeep.errors import ConfigError
-from layerkeep.imageref import ImageRef, parse_image_ref
-from layerkeep.services_config import (
+from layerkeep.core import ci_vars
+from layerkeep.core.errors import ConfigError
+from layerkeep.core.imageref import ImageRef, parse_image_ref
+from layerkeep.core.service_specs import (
     KNOWN_KINDS,
     SUFFIXES,
     ServiceSpec,
@@ -29,7 +29,7 @@ from layerkeep.services_config import (
     parse_service,
     service_key,
 )
-from layerkeep.values import Invalid, parse_bool, parse_list, parse_pairs
+from layerkeep.core.values import Invalid, parse_bool, parse_list, parse_pairs
 
 PREFIX = "LAYERKEEP_"
 ENV_FILES = (".env", ".env.local")

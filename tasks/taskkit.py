@@ -14,9 +14,9 @@ import requests.exceptions
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from layerkeep.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine, connect
-from layerkeep.errors import LayerkeepError
-from layerkeep.settings import Settings, load_settings
+from layerkeep.core.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine, connect
+from layerkeep.core.errors import LayerkeepError
+from layerkeep.core.settings import Settings, load_settings
 
 _SETTINGS_KEY = "layerkeep_settings"
 P = ParamSpec("P")

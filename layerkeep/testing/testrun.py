@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerkeep.app_container import REPORTS_MOUNT, mounts_for, run_in_app_image
-from layerkeep.engine import Engine
-from layerkeep.settings import Mount, Settings
+from layerkeep.core.engine import Engine
+from layerkeep.core.settings import Mount, Settings
+from layerkeep.testing.app_container import REPORTS_MOUNT, mounts_for, run_in_app_image
 
 Log = Callable[[str], None]
 

@@ -17,7 +17,7 @@ registry 3) than Debian bookworm ships. ``python:3.11`` is the slim stand-in, wi
 the full image's compilers.
 
 The base is ``mmdebstrap --variant=minbase`` piped into an image import; the others are
-ordinary builds of the Dockerfiles in ``standin_images/<folder>/``. They differ from the
+ordinary builds of the Dockerfiles in ``dockerfiles/<folder>/``. They differ from the
 official images where Debian does: Debian's python 3.11.2 installs into dist-packages,
 postgres uses the C.UTF-8 locale, redis is 7.0. The python stand-in carries the host's CA
 bundle so that ``pip install`` works in ``docker build`` behind a TLS-intercepting proxy.
@@ -43,13 +43,13 @@ from typing import IO, Any
 import docker.errors
 import requests.exceptions
 
-from layerkeep.engine import Engine, checked_stream
-from layerkeep.errors import ConfigError, DockerOperationError
+from layerkeep.core.engine import Engine, checked_stream
+from layerkeep.core.errors import ConfigError, DockerOperationError
 
 STANDIN_LABEL = "io.layerkeep.standin"
 STANDIN_IMAGE_LABEL = "io.layerkeep.standin.image"
 BASE = "debian:bookworm-slim"
-IMAGES_DIR = Path(__file__).parent / "standin_images"
+IMAGES_DIR = Path(__file__).parent / "dockerfiles"
 MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 DEFAULT_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 CA_BUNDLE_NAME = "host-ca-bundle.crt"

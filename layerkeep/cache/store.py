@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import zstandard
 
-from layerkeep.errors import LayerkeepError
+from layerkeep.core.errors import LayerkeepError
 
 FORMAT = "layerkeep-cache/1"
 MANIFEST = "manifest.json"

@@ -26,12 +26,12 @@ from urllib.parse import quote
 
 import docker.errors
 
-from layerkeep.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
-from layerkeep.errors import DockerOperationError, LayerkeepError
-from layerkeep.imageref import parse_image_ref
-from layerkeep.registry import credentials_for, pull_tag, registry_host
-from layerkeep.services_config import ServiceSpec, service_key
-from layerkeep.settings import Settings
+from layerkeep.core.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
+from layerkeep.core.errors import DockerOperationError, LayerkeepError
+from layerkeep.core.imageref import parse_image_ref
+from layerkeep.core.registry import credentials_for, pull_tag, registry_host
+from layerkeep.core.service_specs import ServiceSpec, service_key
+from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
 SERVICE_LABEL = "io.layerkeep.service"

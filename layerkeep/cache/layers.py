@@ -14,16 +14,16 @@ from typing import IO
 import docker.errors
 import requests.exceptions
 
-from layerkeep.cache_store import (
+from layerkeep.cache.store import (
     CachedImage,
     CacheDir,
     CorruptCache,
     Manifest,
     config_layers,
 )
-from layerkeep.engine import Engine, checked_stream
-from layerkeep.errors import DockerOperationError
-from layerkeep.tarstream import Entry, reader_over, resolve_link, write_tar
+from layerkeep.cache.tarstream import Entry, reader_over, resolve_link, write_tar
+from layerkeep.core.engine import Engine, checked_stream
+from layerkeep.core.errors import DockerOperationError
 
 Log = Callable[[str], None]
 _SMALL = 4 << 20  # configs and manifests; layers are larger or named layer.tar/blobs

@@ -26,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from layerkeep.engine import Engine
-from layerkeep.errors import ConfigError, DockerOperationError
-from layerkeep.imageref import ImageRef, is_valid_tag
-from layerkeep.registry import (
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import ConfigError, DockerOperationError
+from layerkeep.core.imageref import ImageRef, is_valid_tag
+from layerkeep.core.registry import (
     Credentials,
     Pushed,
     Sleep,
@@ -39,7 +39,7 @@ from layerkeep.registry import (
     remote_digest,
     safe_tag,
 )
-from layerkeep.settings import Settings
+from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
 GitTag = Callable[[Path], str]
