@@ -13,19 +13,24 @@ from layerkeep.core.engine import Engine, connect
 from layerkeep.standins.images import ensure_standins
 
 TEST_LABEL = ("io.layerkeep.test", "1")
-TEST_REPOSITORY = "layerkeep-test"
+# Each test session marks what it creates with its own id, and removes only that: two
+# suites may share one engine (and a user's own runs are never touched).
+SESSION = uuid.uuid4().hex[:8]
+SESSION_LABEL = ("io.layerkeep.test-session", SESSION)
+TEST_REPOSITORY = f"layerkeep-test/{SESSION}"
+# Leftovers of a killed session are swept once they are this old (seconds).
+STALE_AFTER = 6 * 3600
 
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
     """The real engine (started when missing), with every stand-in image present."""
     ensure_engine(os.environ)
-    connected = connect(os.environ, labels=dict([TEST_LABEL]))
+    connected = connect(os.environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
     ensure_standins(connected)
-    sweep(connected, *TEST_LABEL)
-    remove_test_images(connected)
+    sweep(connected, *TEST_LABEL, older_than=STALE_AFTER)
     yield connected
-    sweep(connected, *TEST_LABEL)
+    sweep(connected, *SESSION_LABEL)
     remove_test_images(connected)
 
 

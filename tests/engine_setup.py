@@ -114,17 +114,28 @@ class Swept:
     images: int
 
 
-def sweep(engine: Engine, label_key: str, label_value: str) -> Swept:
-    """Remove every container (with its anonymous volumes), network and image so labelled."""
+def sweep(
+    engine: Engine, label_key: str, label_value: str, *, older_than: float = 0.0
+) -> Swept:
+    """Remove every container (with its anonymous volumes), network and image so labelled.
+
+    With ``older_than`` (seconds), only containers created that long ago or earlier: what
+    a killed test session left, never what a running one is using.
+    """
     selector = {"label": f"{label_key}={label_value}"}
     api = engine.api
     containers = 0
+    cutoff = time.time() - older_than
     for container in api.containers(all=True, filters=selector):
+        if older_than and float(container["Created"]) > cutoff:
+            continue
         try:
             api.remove_container(container["Id"], force=True, v=True)
         except docker.errors.NotFound:
             continue  # gone already: auto-removed, or another sweep got there first
         containers += 1
+    if older_than:
+        return Swept(containers=containers, networks=0, images=0)
     networks = 0
     for network in api.networks(filters=selector):
         try:
