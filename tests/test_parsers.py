@@ -1,4 +1,4 @@
-"""Dockerfile stages, builder output and tar streams: the pure parsing pieces."""
+"""Dockerfile stages, builder output, tar streams, numbers and references: pure parsers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 from layerkeep.build.dockerfile import instructions, read_stages
 from layerkeep.build.output import BuildkitParser, LegacyParser, StepTally
 from layerkeep.cache.tarstream import Entry, reader_over, write_tar
+from layerkeep.core.imageref import is_valid_tag, parse_image_ref
+from layerkeep.core.values import Invalid, parse_number, parse_port, parse_whole_number
 
 MULTI_STAGE = """\
 # syntax=docker/dockerfile:1
@@ -131,3 +133,38 @@ def test_reader_reads_across_chunks() -> None:
     assert reader.read(4) == b"abcd"
     assert reader.read(-1) == b"ef"
     assert reader.read(3) == b""
+
+
+# Escapes: superscript two, Arabic-Indic digits one and two, fullwidth "dev".
+@pytest.mark.parametrize(
+    "text", ["\u00b2", "\u0661\u0662", "12\n3", "1e3", "0x10", "1_000", "9" * 5000, " ", "-1"]
+)
+def test_whole_numbers_are_ascii_digits_only(text: str) -> None:
+    with pytest.raises(Invalid, match="use a whole number from 1 to 10"):
+        parse_whole_number(text, 1, 10)
+    with pytest.raises(Invalid, match="port number"):
+        parse_port(text if text.strip() else "x")
+
+
+def test_whole_numbers_and_ports_in_range() -> None:
+    assert parse_whole_number(" 7 ", 1, 10) == 7
+    assert parse_port("5432") == 5432
+    assert parse_port("  ") is None
+    assert parse_number("2.5", 1, 3) == 2.5
+    for text in ("\u0661", "nan", "inf", "1e1", "\u00b2"):
+        with pytest.raises(Invalid, match="use a number from 1 to 3"):
+            parse_number(text, 1, 3)
+
+
+@pytest.mark.parametrize(
+    "text", ["app:café", "café/app", "app:\uff44\uff45\uff56", "app\n", "app:dev\n", "app:\u0661"]
+)
+def test_references_are_ascii_and_whole(text: str) -> None:
+    assert parse_image_ref(text) is None
+
+
+def test_tags_are_ascii_and_whole() -> None:
+    assert is_valid_tag("v1.2_rc-3")
+    assert not is_valid_tag("café")
+    assert not is_valid_tag("dev\n")
+    assert not is_valid_tag(".hidden")

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
 _DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
-_TAG = r"[\w][\w.-]{0,127}"
+# ASCII classes only: Python's \w also matches "é", which Docker rejects.
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _REFERENCE = re.compile(
-    rf"^(?P<repo>(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*)(?::(?P<tag>{_TAG}))?"
-    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+    rf"(?P<repo>(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*)(?::(?P<tag>{_TAG}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
 )
-_VALID_TAG = re.compile(rf"^{_TAG}$")
+_VALID_TAG = re.compile(_TAG)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ImageRef:
 
 def parse_image_ref(text: str) -> ImageRef | None:
     """Parse ``[registry/]path[:tag]``; None when it is not a valid reference."""
-    match = _REFERENCE.match(text)
+    match = _REFERENCE.fullmatch(text)
     if match is None or len(match["repo"]) > 255 or match["digest"]:
         return None
     return ImageRef(match["repo"], match["tag"] or "latest")
@@ -41,4 +42,4 @@ def parse_image_ref(text: str) -> ImageRef | None:
 
 def is_valid_tag(tag: str) -> bool:
     """Whether ``tag`` is a tag Docker accepts."""
-    return bool(_VALID_TAG.match(tag))
+    return bool(_VALID_TAG.fullmatch(tag))

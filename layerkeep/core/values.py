@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 
 _PAIR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+# ASCII only: str.isdigit() accepts superscripts and other scripts' digits, which int()
+# then rejects or misreads.
+_WHOLE = re.compile(r"[0-9]{1,18}")
+_DECIMAL = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,18})?")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -34,12 +38,20 @@ def parse_pairs(value: str) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs)
 
 
+def parse_whole_number(value: str, low: int, high: int) -> int:
+    """A whole number within [low, high], written in ASCII digits."""
+    text = value.strip()
+    if not _WHOLE.fullmatch(text) or not low <= int(text) <= high:
+        raise Invalid(f"use a whole number from {low} to {high}")
+    return int(text)
+
+
 def parse_port(value: str) -> int | None:
     """A TCP port, or None when empty."""
     text = value.strip()
     if not text:
         return None
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    if not _WHOLE.fullmatch(text) or not 1 <= int(text) <= 65535:
         raise Invalid("use a port number from 1 to 65535")
     return int(text)
 
@@ -55,11 +67,9 @@ def parse_bool(value: str) -> bool:
 
 
 def parse_number(value: str, low: float, high: float) -> float:
-    """A number within [low, high]."""
-    try:
-        number = float(value.strip())
-    except ValueError:
-        number = low - 1
+    """A number within [low, high], written in ASCII digits with an optional fraction."""
+    text = value.strip()
+    number = float(text) if _DECIMAL.fullmatch(text) else low - 1
     if not low <= number <= high:
         raise Invalid(f"use a number from {low:g} to {high:g}")
     return number
