@@ -1,22 +1,48 @@
-"""The one wrapper around docker-py: connection, labels, and in-band stream errors."""
+"""The one wrapper around docker-py, and the only module that imports it.
+
+It connects (and closes), stamps the job's labels on every container and network it
+creates, turns docker-py and requests errors into ours in one function (:func:`translate`),
+raises the errors engines report inside 200 streams (:func:`checked_stream`), and runs
+commands in containers one way (:meth:`Engine.start_exec`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import docker
 import docker.errors
 import requests.exceptions
 
-from layerkeep.core.errors import BuildFailed, DockerOperationError, EngineUnavailable
+from layerkeep.core.errors import (
+    BuildFailed,
+    DockerOperationError,
+    EngineUnavailable,
+    LayerkeepError,
+    ResourceConflict,
+    ResourceNotFound,
+)
+from layerkeep.core.job import BUILD_ID_LABEL as BUILD_ID_LABEL  # noqa: PLC0414 - re-exported
+from layerkeep.core.job import PROJECT_LABEL as PROJECT_LABEL  # noqa: PLC0414 - re-exported
+from layerkeep.core.job import Job
 
-LABEL_PREFIX = "io.layerkeep"
-PROJECT_LABEL = f"{LABEL_PREFIX}.project"
-BUILD_ID_LABEL = f"{LABEL_PREFIX}.build-id"
+# What docker-py raises (requests' errors escape it for lost connections and timeouts):
+# the task layer's last resort catches these and passes them to translate().
+ENGINE_ERRORS: tuple[type[Exception], ...] = (
+    docker.errors.DockerException,
+    requests.exceptions.RequestException,
+)
 DEFAULT_TIMEOUT = 120
 # A build's longest silence (apt unpacking postgresql, pip compiling) is well under this.
 BUILD_TIMEOUT = 900
@@ -24,29 +50,103 @@ _LAST_LINES = 20
 
 
 @dataclass(frozen=True)
+class ExecResult:
+    """How a command run in a container ended: its exit code and output (both streams)."""
+
+    exit_code: int
+    output: str
+
+
+class RunningExec:
+    """A command started in a container; :meth:`result` waits for it, or only a while.
+
+    It runs on a daemon thread, so a command that hangs never holds its caller past the
+    wait it chose, nor the process at exit.
+    """
+
+    def __init__(self, api: docker.APIClient, exec_id: str, action: str) -> None:
+        self.exec_id = exec_id
+        self._future: Future[ExecResult] = Future()
+        self._api = api
+        self._action = action
+        threading.Thread(target=self._run, name=f"exec-{exec_id[:12]}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            raw = self._api.exec_start(self.exec_id)
+            code = self._api.exec_inspect(self.exec_id).get("ExitCode")
+            output = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            self._future.set_result(ExecResult(1 if code is None else int(code), output))
+        except ENGINE_ERRORS as error:
+            self._future.set_exception(translate(error, action=self._action))
+        except Exception as error:
+            # Anything else (a client closed meanwhile) is the caller's to see, as it is.
+            self._future.set_exception(error)
+
+    def result(self, timeout: float | None = None) -> ExecResult | None:
+        """The result once the command ended; None if it still runs after ``timeout`` s."""
+        try:
+            return self._future.result(timeout)
+        except FutureTimeout:
+            return None
+
+
+@dataclass(frozen=True)
 class Engine:
-    """A connected Docker engine and the labels that mark what we create on it."""
+    """A connected Docker engine, the job it works for, and the labels it stamps.
+
+    ``labels`` always include the job's (an engine without a job, for stand-ins and
+    tests, stamps only the labels it was given). Close it, or use it as a context manager.
+    """
 
     client: docker.DockerClient
     where: str
     labels: Mapping[str, str]
+    job: Job | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.job is not None:
+            object.__setattr__(self, "labels", {**self.labels, **self.job.labels})
 
     @property
     def api(self) -> docker.APIClient:
-        """The low-level client, one method per engine endpoint."""
+        """The low-level client, for tests only: layerkeep's modules call the methods below."""
         return self.client.api
+
+    def for_job(self, job: Job) -> Engine:
+        """This connection working for ``job``: its labels on top of ours."""
+        return dataclasses.replace(self, job=job)
+
+    def require_job(self) -> Job:
+        """The job this engine works for."""
+        if self.job is None:
+            raise LayerkeepError(
+                f"the engine at {self.where} was connected without a job",
+                hint="connect(environ, job=Job.from_settings(settings))",
+            )
+        return self.job
+
+    def close(self) -> None:
+        """Release the client's connections."""
+        self.client.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- images --------------------------------------------------------------------------
 
     def image_id(self, reference: str) -> str | None:
         """The id of a local image, or None when the engine lacks it."""
-        try:
-            return str(self.api.inspect_image(reference)["Id"])
-        except docker.errors.ImageNotFound:
-            return None
-        except docker.errors.APIError as error:
-            # An invalid reference is answered with 400, not 404.
-            if error.status_code == 400:
-                return None
-            raise
+        attrs = self.image_attrs(reference)
+        return None if attrs is None else str(attrs["Id"])
 
     def build(
         self,
@@ -105,15 +205,160 @@ class Engine:
             )
         return found
 
+    def image_attrs(self, reference: str) -> dict[str, Any] | None:
+        """The engine's inspect record of a local image, or None."""
+        try:
+            return dict(self.api.inspect_image(reference))
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.APIError as error:
+            # An invalid reference is answered with 400, not 404.
+            if error.status_code == 400:
+                return None
+            raise translate(error, action=f"inspect image {reference}", image=reference) from None
+        except requests.exceptions.RequestException as error:
+            raise translate(error, action=f"inspect image {reference}", image=reference) from None
+
+    def tag_image(self, image: str, reference: str) -> None:
+        """Give ``image`` (a name or id) the name ``reference`` (``repository:tag``)."""
+        repository, _, tag = reference.rpartition(":")
+        if "/" in tag or not repository:
+            repository, tag = reference, "latest"
+        with _translated(f"tag {image} as {reference}", resource=image, image=reference):
+            self.api.tag(image, repository, tag)
+
+    def remove_image(self, image: str, *, prune: bool = True, force: bool = False) -> bool:
+        """Remove a name (or the image by id); False when it was already gone.
+
+        ``prune`` also removes untagged parents; an image still in use raises
+        ResourceConflict.
+        """
+        try:
+            with _translated(f"remove image {image}", resource=image, image=image):
+                self.api.remove_image(image, force=force, noprune=not prune)
+        except ResourceNotFound:
+            return False
+        return True
+
+    def import_image(
+        self, chunks: Iterable[bytes], *, reference: str, changes: Sequence[str]
+    ) -> str:
+        """Import a root filesystem tar stream as an untagged image; return its id."""
+        with _translated(f"import of {reference}", image=reference):
+            answer = self.api.import_image(src=chunks, changes=list(changes), stream_src=True)
+        records = [json.loads(line) for line in str(answer).splitlines() if line.strip()]
+        image_id = ""
+        for record in checked_stream(records, action="import", image=reference):
+            status = str(record.get("status", ""))
+            if status.startswith("sha256:"):
+                image_id = status
+        if not image_id:
+            raise DockerOperationError(
+                f"import of {reference} answered no image id", image=reference
+            )
+        return image_id
+
+    def push(
+        self, reference: str, *, auth: Mapping[str, str] | None = None
+    ) -> Iterator[Mapping[str, Any]]:
+        """Push ``repository:tag``: its decoded progress records, in-band errors raised."""
+        repository, _, tag = reference.rpartition(":")
+        return self._stream(
+            lambda: self.api.push(
+                repository, tag=tag, auth_config=_auth(auth), stream=True, decode=True
+            ),
+            action="push",
+            image=reference,
+        )
+
+    def pull(
+        self, reference: str, *, auth: Mapping[str, str] | None = None
+    ) -> Iterator[Mapping[str, Any]]:
+        """Pull ``repository:tag``: its decoded progress records, in-band errors raised."""
+        repository, _, tag = reference.rpartition(":")
+        return self._stream(
+            lambda: self.api.pull(
+                repository, tag=tag, auth_config=_auth(auth), stream=True, decode=True
+            ),
+            action="pull",
+            image=reference,
+        )
+
+    def registry_digest(self, reference: str, *, auth: Mapping[str, str] | None = None) -> str:
+        """The manifest digest the registry holds for ``reference`` (asked via the engine)."""
+        with _translated(f"look up {reference}", resource=reference, image=reference):
+            found = self.api.inspect_distribution(reference, auth_config=_auth(auth))
+        return str(found["Descriptor"]["digest"])
+
+    def server_version(self) -> dict[str, Any]:
+        """The engine's version record (Version, ApiVersion, Os, ...)."""
+        with _translated("ask the engine its version"):
+            return dict(self.api.version())
+
+    def _stream(
+        self,
+        open_stream: Callable[[], Iterable[Mapping[str, Any]]],
+        *,
+        action: str,
+        image: str,
+    ) -> Iterator[Mapping[str, Any]]:
+        # Errors can come when the call is made or while the stream is read.
+        with _translated(f"{action} {image}", resource=image, image=image):
+            yield from checked_stream(open_stream(), action=action, image=image)
+
+    # --- networks ------------------------------------------------------------------------
+
     def ensure_network(self, name: str, *, labels: Mapping[str, str] | None = None) -> str:
         """The id of a user-defined bridge network ``name``, created (labelled) if missing."""
-        for network in self.api.networks(names=[name]):
-            if network["Name"] == name:
-                return str(network["Id"])
-        created = self.api.create_network(
-            name, driver="bridge", labels={**self.labels, **(labels or {})}, check_duplicate=True
-        )
+        found = self.find_network(name)
+        if found is not None:
+            return str(found["Id"])
+        try:
+            with _translated(f"create network {name}", resource=name):
+                created = self.api.create_network(
+                    name, driver="bridge", labels={**self.labels, **(labels or {})},
+                    check_duplicate=True,
+                )
+        except ResourceConflict:
+            # Created by someone else since we looked.
+            found = self.find_network(name)
+            if found is None:
+                raise
+            return str(found["Id"])
         return str(created["Id"])
+
+    def find_network(self, name: str) -> dict[str, Any] | None:
+        """The network named exactly ``name`` (the engine's filter also matches parts)."""
+        with _translated(f"list networks named {name}", resource=name):
+            networks = self.api.networks(names=[name])
+        return next((dict(n) for n in networks if n["Name"] == name), None)
+
+    def inspect_network(self, network: str) -> dict[str, Any] | None:
+        """A network's inspect record, or None when it does not exist."""
+        try:
+            with _translated(f"inspect network {network}", resource=network):
+                return dict(self.api.inspect_network(network))
+        except ResourceNotFound:
+            return None
+
+    def list_networks(self, labels: Sequence[str]) -> list[dict[str, Any]]:
+        """Networks carrying every label in ``labels`` (``key`` or ``key=value``)."""
+        with _translated("list networks"):
+            return [dict(n) for n in self.api.networks(filters={"label": list(labels)})]
+
+    def remove_network(self, network: str) -> bool:
+        """Remove a network; False when it was already gone."""
+        try:
+            with _translated(
+                f"remove network {network}", resource=network,
+                hint=f"disconnect what still uses it (docker network inspect {network})",
+            ):
+                self.api.remove_network(network)
+        except ResourceNotFound:
+            return False
+        return True
+
+    # --- containers ----------------------------------------------------------------------
 
     def create_container(
         self,
@@ -135,35 +380,118 @@ class Engine:
         ``mounts`` are (host path, container path, read only); ``ports`` map a container
         port to a host port published on 127.0.0.1 only.
         """
-        host_config = self.api.create_host_config(
-            binds={source: {"bind": target, "mode": "ro" if ro else "rw"}
-                   for source, target, ro in mounts},
-            port_bindings={port: ("127.0.0.1", host) for port, host in (ports or {}).items()},
-            network_mode=network,
+        hint = (
+            "another run with the same project and build id holds the name: wait for it, "
+            "or set LAYERKEEP_BUILD_ID"
         )
-        networking = self.api.create_networking_config(
-            {network: self.api.create_endpoint_config(aliases=list(aliases))}
-        )
-        created = self.api.create_container(
-            image,
-            name=name,
-            command=command,
-            environment=dict(environment or {}),
-            labels={**self.labels, **(labels or {})},
-            host_config=host_config,
-            networking_config=networking,
-            ports=list((ports or {}).keys()),
-            working_dir=working_dir,
-            entrypoint=entrypoint,
-        )
+        with _translated(f"create container {name}", resource=name, image=image, hint=hint):
+            host_config = self.api.create_host_config(
+                binds={source: {"bind": target, "mode": "ro" if ro else "rw"}
+                       for source, target, ro in mounts},
+                port_bindings={port: ("127.0.0.1", host) for port, host in (ports or {}).items()},
+                network_mode=network,
+            )
+            networking = self.api.create_networking_config(
+                {network: self.api.create_endpoint_config(aliases=list(aliases))}
+            )
+            created = self.api.create_container(
+                image,
+                name=name,
+                command=command,
+                environment=dict(environment or {}),
+                labels={**self.labels, **(labels or {})},
+                host_config=host_config,
+                networking_config=networking,
+                ports=list((ports or {}).keys()),
+                working_dir=working_dir,
+                entrypoint=entrypoint,
+            )
         return str(created["Id"])
 
-    def image_attrs(self, reference: str) -> dict[str, Any] | None:
-        """The engine's inspect record of a local image, or None."""
+    def start_container(self, container: str) -> None:
+        """Start a created container."""
+        with _translated(f"start container {container}", resource=container):
+            self.api.start(container)
+
+    def wait_container(self, container: str, *, timeout: float | None = None) -> int:
+        """Wait until the container exits (at most ``timeout`` s); its exit code."""
+        with _translated(f"wait for container {container}", resource=container):
+            status = self.api.wait(container, timeout=timeout)
+        return int(status.get("StatusCode", 1))
+
+    def inspect_container(self, container: str) -> dict[str, Any] | None:
+        """A container's inspect record (``State``, ``Config``, ...), or None when gone."""
         try:
-            return dict(self.api.inspect_image(reference))
-        except docker.errors.ImageNotFound:
+            with _translated(f"inspect container {container}", resource=container):
+                return dict(self.api.inspect_container(container))
+        except ResourceNotFound:
             return None
+
+    def list_containers(self, labels: Sequence[str]) -> list[dict[str, Any]]:
+        """Containers, running or not, carrying every label (``key`` or ``key=value``)."""
+        with _translated("list containers"):
+            found = self.api.containers(all=True, filters={"label": list(labels)})
+        return [dict(c) for c in found]
+
+    def container_output(self, container: str, *, tail: int | None = None) -> str:
+        """What the container printed so far (both streams), the last ``tail`` lines."""
+        with _translated(f"read the logs of {container}", resource=container):
+            raw = self.api.logs(container, stdout=True, stderr=True, tail=tail or "all")
+        return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+
+    def follow_output(self, container: str) -> Iterator[str]:
+        """The container's output lines as they come, until it exits."""
+        with _translated(f"read the logs of {container}", resource=container):
+            yield from _lines(self.api.logs(container, stream=True, follow=True))
+
+    def put_archive(self, container: str, path: str, data: bytes) -> None:
+        """Unpack the tar archive ``data`` into the container at ``path``."""
+        with _translated(f"copy files into {container}", resource=container):
+            self.api.put_archive(container, path, data)
+
+    def remove_container(self, container: str) -> bool:
+        """Force-remove a container and its anonymous volumes; False when already gone.
+
+        Someone else removing it at the same moment (409) counts as gone.
+        """
+        try:
+            with _translated(f"remove container {container}", resource=container):
+                self.api.remove_container(container, force=True, v=True)
+        except (ResourceNotFound, ResourceConflict):
+            return False
+        return True
+
+    def start_exec(
+        self,
+        container: str,
+        command: Sequence[str],
+        *,
+        environment: Mapping[str, str] | None = None,
+    ) -> RunningExec:
+        """Start ``command`` in a running container; the one way we run commands in one.
+
+        Values in ``environment`` stay off command lines (a password for psql). A
+        container that is not running raises ResourceConflict; a missing one,
+        ResourceNotFound.
+        """
+        action = f"run {command[0]} in {container}"
+        with _translated(action, resource=container):
+            created = self.api.exec_create(
+                container, list(command), environment=dict(environment or {})
+            )
+        return RunningExec(self.api, str(created["Id"]), action)
+
+    def exec(
+        self,
+        container: str,
+        command: Sequence[str],
+        *,
+        environment: Mapping[str, str] | None = None,
+    ) -> ExecResult:
+        """Run ``command`` in a running container to its end (bounded by the client timeout)."""
+        result = self.start_exec(container, command, environment=environment).result()
+        assert result is not None  # no timeout: it waited for the end
+        return result
 
 
 def describe_host(environ: Mapping[str, str]) -> str:
@@ -175,10 +503,15 @@ def describe_host(environ: Mapping[str, str]) -> str:
 def connect(
     environ: Mapping[str, str],
     *,
-    labels: Mapping[str, str],
+    job: Job | None = None,
+    labels: Mapping[str, str] | None = None,
     timeout: int = DEFAULT_TIMEOUT,
 ) -> Engine:
-    """Connect to the engine named by ``environ`` (DOCKER_HOST & co.) and check it answers."""
+    """Connect to the engine named by ``environ`` (DOCKER_HOST & co.) and check it answers.
+
+    What it creates carries the job's labels; ``labels`` are for callers without a job
+    (stand-ins, tests) or extra ones.
+    """
     where = describe_host(environ)
     hint = "start it (`sudo systemctl start docker`, or `dockerd &` as root) or set DOCKER_HOST"
     client: docker.DockerClient | None = None
@@ -193,7 +526,70 @@ def connect(
         raise EngineUnavailable(
             f"cannot reach the Docker engine at {where}: {_first_line(error)}", hint=hint
         ) from error
-    return Engine(client=client, where=where, labels=dict(labels))
+    return Engine(client=client, where=where, labels=dict(labels or {}), job=job)
+
+
+def translate(
+    error: BaseException,
+    *,
+    action: str = "",
+    resource: str = "",
+    image: str = "",
+    hint: str = "",
+) -> DockerOperationError:
+    """The one place a docker-py or requests error becomes ours, as one line.
+
+    404 becomes ResourceNotFound and 409 ResourceConflict, both naming ``resource``; the
+    engine's own explanation is kept (its status too), so a 409 on a name clash says which
+    container holds the name.
+    """
+    status: int | None = None
+    if isinstance(error, docker.errors.APIError):
+        status = error.status_code
+        explanation = error.explanation
+        if isinstance(explanation, bytes):
+            explanation = explanation.decode(errors="replace")
+        detail = str(explanation) if explanation else str(error)
+    elif isinstance(error, requests.exceptions.RequestException):
+        detail = f"{type(error).__name__}: {error}"
+    else:
+        detail = str(error) or type(error).__name__
+    # One line: engines explain across lines, and requests nests reasons.
+    detail = " ".join(detail.split())
+    message = f"{action} failed: {detail}" if action else f"the Docker engine failed: {detail}"
+    if status == 404:
+        return ResourceNotFound(message, resource=resource, image=image, hint=hint)
+    if status == 409:
+        return ResourceConflict(message, resource=resource, image=image, hint=hint)
+    return DockerOperationError(message, image=image, hint=hint, status=status)
+
+
+@contextmanager
+def _translated(
+    action: str, *, resource: str = "", image: str = "", hint: str = ""
+) -> Iterator[None]:
+    try:
+        yield
+    except ENGINE_ERRORS as error:
+        raise translate(
+            error, action=action, resource=resource, image=image, hint=hint
+        ) from error
+
+
+def _auth(auth: Mapping[str, str] | None) -> dict[str, str] | None:
+    # None lets docker-py send what ~/.docker/config.json holds (docker login).
+    return dict(auth) if auth else None
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
+    pending = b""
+    for chunk in chunks:
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.decode(errors="replace")
+    if pending:
+        yield pending.decode(errors="replace")
 
 
 def checked_stream(

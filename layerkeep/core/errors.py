@@ -37,11 +37,34 @@ class EngineUnavailable(LayerkeepError):
 
 
 class DockerOperationError(LayerkeepError):
-    """The engine refused or failed an operation (build, push, pull, load, run)."""
+    """The engine refused or failed an operation (build, push, pull, load, run).
 
-    def __init__(self, message: str, *, image: str = "", hint: str = "") -> None:
+    ``status`` is the engine's HTTP status when it answered one (None for in-band stream
+    errors and lost connections).
+    """
+
+    def __init__(
+        self, message: str, *, image: str = "", hint: str = "", status: int | None = None
+    ) -> None:
         super().__init__(message, hint=hint)
         self.image = image
+        self.status = status
+
+
+class ResourceNotFound(DockerOperationError):
+    """The engine has no such container, network, image or exec (404)."""
+
+    def __init__(self, message: str, *, resource: str, image: str = "", hint: str = "") -> None:
+        super().__init__(message, image=image, hint=hint, status=404)
+        self.resource = resource
+
+
+class ResourceConflict(DockerOperationError):
+    """The engine refused because of a resource's state (409): name in use, not running."""
+
+    def __init__(self, message: str, *, resource: str, image: str = "", hint: str = "") -> None:
+        super().__init__(message, image=image, hint=hint, status=409)
+        self.resource = resource
 
 
 class BuildFailed(DockerOperationError):
