@@ -7,13 +7,11 @@ the registry and rebuilds, with the classic builder and with BuildKit.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import threading
 from pathlib import Path
 
 import pytest
-from docker.errors import ImageNotFound
 from registry_setup import Registry, running_registry
 from sample_project import build, make_project
 
@@ -66,8 +64,8 @@ def wipe(engine: Engine, settings: Settings, cache_repository: str) -> None:
 
 def remove(engine: Engine, names: list[str]) -> None:
     for name in names:
-        with contextlib.suppress(ImageNotFound):  # gone with a name removed before it
-            engine.api.remove_image(name, force=True)
+        # False when gone already, with a name removed before it.
+        engine.remove_image(name, force=True)
 
 
 def quiet(_: str) -> None:
@@ -168,7 +166,7 @@ def test_cache_pulled_from_the_registry_reuses_every_step(
 
             # Without the registry, a fresh machine builds cold: nothing local is left over.
             wipe(engine, settings, repository)
-            engine.api.tag("debian:bookworm-slim", f"{unique_repository}-base", "1")
+            engine.tag_image("debian:bookworm-slim", f"{unique_repository}-base:1")
             assert build(engine, settings, kind).tally.reused == 0
             wipe(engine, settings, repository)
 

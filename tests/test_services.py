@@ -14,26 +14,25 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from layerkeep.core.ci_vars import GitFacts
-from layerkeep.core.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
+from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.job import BUILD_ID_LABEL, Job
 from layerkeep.core.settings import Settings, load_settings, render_template
 from layerkeep.services.containers import (
     SERVICE_LABEL,
-    ServiceNotReady,
-    container_name,
     ensure_image,
-    job_filters,
-    job_network,
     service_facts,
     services_down,
     services_up,
     sweep,
 )
+from layerkeep.services.readiness import ServiceNotReady
 
 pytestmark = pytest.mark.docker
 
@@ -45,12 +44,16 @@ CLIENT_TIMEOUT = 60
 
 
 @dataclass
-class Job:
-    """One CI job's settings, its labelling engine, and what it printed."""
+class CiJob:
+    """One CI job's settings, its engine working for that job, and what it printed."""
 
     settings: Settings
     engine: Engine
     lines: list[str] = field(default_factory=list)
+
+    @property
+    def job(self) -> Job:
+        return self.engine.job_for(self.settings)
 
     def log(self, line: str) -> None:
         self.lines.append(line)
@@ -70,11 +73,11 @@ def project() -> str:
 
 
 @pytest.fixture
-def job(engine: Engine, tmp_path: Path, project: str) -> Iterator[Callable[..., Job]]:
+def job(engine: Engine, tmp_path: Path, project: str) -> Iterator[Callable[..., CiJob]]:
     """Make jobs of one project; every one is taken down afterwards, even on failure."""
-    made: list[Job] = []
+    made: list[CiJob] = []
 
-    def make(**environ: str) -> Job:
+    def make(**environ: str) -> CiJob:
         settings = load(
             tmp_path,
             {
@@ -84,10 +87,7 @@ def job(engine: Engine, tmp_path: Path, project: str) -> Iterator[Callable[..., 
                 **environ,
             },
         )
-        labels = {**engine.labels, PROJECT_LABEL: settings.project,
-                  BUILD_ID_LABEL: settings.build_id}
-        made.append(Job(settings, Engine(client=engine.client, where=engine.where,
-                                         labels=labels)))
+        made.append(CiJob(settings, engine.for_job(Job.from_settings(settings))))
         return made[-1]
 
     try:
@@ -98,31 +98,39 @@ def job(engine: Engine, tmp_path: Path, project: str) -> Iterator[Callable[..., 
             assert PASSWORD not in done.output
 
 
-def run_client(job: Job, image: str, script: str, environment: dict[str, str]) -> tuple[int, str]:
+def run_client(job: CiJob, image: str, script: str, environment: dict[str, str]) -> tuple[int, str]:
     """Run ``sh -c script`` to its end in a labelled container on the job's network."""
     engine = job.engine
     container = engine.create_container(
         image,
-        name=f"{container_name(job.settings, 'client')}-{uuid.uuid4().hex[:6]}",
-        network=job_network(job.settings),
+        name=f"{job.job.container_name('client')}-{uuid.uuid4().hex[:6]}",
+        network=job.job.network,
         command=["sh", "-c", script],
         environment=environment,
     )
     try:
-        engine.api.start(container)
-        status = engine.api.wait(container, timeout=CLIENT_TIMEOUT)
-        output = engine.api.logs(container, stdout=True, stderr=True).decode(errors="replace")
-        return int(status["StatusCode"]), output
+        engine.start_container(container)
+        code = engine.wait_container(container, timeout=CLIENT_TIMEOUT)
+        return code, engine.container_output(container)
     finally:
-        engine.api.remove_container(container, force=True, v=True)
+        engine.remove_container(container)
 
 
-def left_over(job: Job) -> tuple[list[str], list[str]]:
+def left_over(job: CiJob) -> tuple[list[str], list[str]]:
     """Names of this job's containers and networks still in the engine."""
-    filters = job_filters(job.settings)
-    containers = job.engine.api.containers(all=True, filters=filters)
-    networks = job.engine.api.networks(filters=filters)
+    containers = job.engine.list_containers(job.job.label_filter)
+    networks = job.engine.list_networks(job.job.label_filter)
     return [c["Names"][0] for c in containers], [n["Name"] for n in networks]
+
+
+def job_of(settings: Settings) -> Job:
+    return Job.from_settings(settings)
+
+
+def inspect(job: CiJob, container: str) -> dict[str, Any]:
+    attrs = job.engine.inspect_container(container)
+    assert attrs is not None, container
+    return attrs
 
 
 def free_port() -> int:
@@ -136,17 +144,17 @@ def free_port() -> int:
 
 def test_names_follow_docker_rules_and_differ_per_job(tmp_path: Path) -> None:
     odd = load(tmp_path, {"LAYERKEEP_PROJECT": "My App/β", "LAYERKEEP_BUILD_ID": "12#3 x"})
-    assert DOCKER_NAME.match(job_network(odd))
-    assert DOCKER_NAME.match(container_name(odd, "postgres"))
-    assert container_name(odd, "postgres").startswith(job_network(odd) + "-")
-    names = {
-        job_network(load(tmp_path, {"LAYERKEEP_PROJECT": project, "LAYERKEEP_BUILD_ID": build}))
+    assert DOCKER_NAME.match(job_of(odd).network)
+    assert DOCKER_NAME.match(job_of(odd).container_name("postgres"))
+    assert job_of(odd).container_name("postgres").startswith(job_of(odd).network + "-")
+    networks = {
+        job_of(load(tmp_path, {"LAYERKEEP_PROJECT": project, "LAYERKEEP_BUILD_ID": build})).network
         for project, build in [("app", "7"), ("app", "8"), ("app", "a/b"), ("app", "a-b")]
     }
-    assert len(names) == 4
+    assert len(networks) == 4
     plain = load(tmp_path, {"LAYERKEEP_PROJECT": "shop", "LAYERKEEP_BUILD_ID": "41-2"})
-    assert job_network(plain) == "layerkeep-shop-41-2"
-    assert container_name(plain, "redis") == "layerkeep-shop-41-2-redis"
+    assert job_of(plain).network == "layerkeep-shop-41-2"
+    assert job_of(plain).container_name("redis") == "layerkeep-shop-41-2-redis"
 
 
 def test_facts_per_kind(tmp_path: Path) -> None:
@@ -186,7 +194,7 @@ def test_facts_per_kind(tmp_path: Path) -> None:
 
 
 def test_up_makes_postgres_and_redis_ready_and_a_second_up_reuses_them(
-    job: Callable[..., Job],
+    job: Callable[..., CiJob],
 ) -> None:
     current = job(LAYERKEEP_SERVICES="postgres,redis")
     started = time.monotonic()
@@ -195,14 +203,14 @@ def test_up_makes_postgres_and_redis_ready_and_a_second_up_reuses_them(
     assert [r.name for r in running] == ["postgres", "redis"]
     assert not any(r.reused for r in running)
     for service in running:
-        attrs = current.engine.api.inspect_container(service.container_id)
+        attrs = inspect(current, service.container_id)
         assert attrs["State"]["Running"]
         labels = attrs["Config"]["Labels"]
         assert labels[SERVICE_LABEL] == service.name
         assert labels["io.layerkeep.test"] == "1"
         assert labels[BUILD_ID_LABEL] == current.settings.build_id
         networks = attrs["NetworkSettings"]["Networks"]
-        assert service.name in networks[job_network(current.settings)]["Aliases"]
+        assert service.name in networks[current.job.network]["Aliases"]
         # No LAYERKEEP_<NAME>_PORT: nothing is published on the host.
         assert not attrs["HostConfig"]["PortBindings"]
         assert not any(attrs["NetworkSettings"]["Ports"].values())
@@ -229,7 +237,7 @@ def test_up_makes_postgres_and_redis_ready_and_a_second_up_reuses_them(
           f"second up {second_took:.2f} s")
 
 
-def test_an_exited_leftover_is_replaced(job: Callable[..., Job]) -> None:
+def test_an_exited_leftover_is_replaced(job: Callable[..., CiJob]) -> None:
     current = job(LAYERKEEP_SERVICES="redis")
     (first,) = services_up(current.engine, current.settings, log=current.log)
     current.engine.api.kill(first.container_id)
@@ -239,11 +247,11 @@ def test_an_exited_leftover_is_replaced(job: Callable[..., Job]) -> None:
     assert "replacing" in current.output
 
 
-def test_a_host_port_is_published_on_localhost_only_when_set(job: Callable[..., Job]) -> None:
+def test_a_host_port_is_published_on_localhost_only_when_set(job: Callable[..., CiJob]) -> None:
     port = free_port()
     current = job(LAYERKEEP_SERVICES="redis", LAYERKEEP_REDIS_PORT=str(port))
     (redis,) = services_up(current.engine, current.settings, log=current.log)
-    attrs = current.engine.api.inspect_container(redis.container_id)
+    attrs = inspect(current, redis.container_id)
     assert attrs["HostConfig"]["PortBindings"] == {
         "6379/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(port)}]
     }
@@ -252,25 +260,25 @@ def test_a_host_port_is_published_on_localhost_only_when_set(job: Callable[..., 
         assert connection.recv(64) == b"+PONG\r\n"
 
 
-def test_two_jobs_at_once_do_not_collide(job: Callable[..., Job]) -> None:
+def test_two_jobs_at_once_do_not_collide(job: Callable[..., CiJob]) -> None:
     first = job(LAYERKEEP_SERVICES="redis")
     second = job(LAYERKEEP_SERVICES="redis")
     (one,) = services_up(first.engine, first.settings, log=first.log)
     (two,) = services_up(second.engine, second.settings, log=second.log)
     assert one.container != two.container
-    assert job_network(first.settings) != job_network(second.settings)
+    assert first.job.network != second.job.network
     assert not two.reused
 
     assert services_down(first.engine, first.settings, log=first.log) == 2
     assert left_over(first) == ([], [])
-    assert second.engine.api.inspect_container(two.container_id)["State"]["Running"]
+    assert inspect(second, two.container_id)["State"]["Running"]
     url = service_facts(second.settings)["redis"]["url"]
     code, output = run_client(second, "redis:7", 'redis-cli -u "$U" ping', {"U": url})
     assert (code, output.strip()) == (0, "PONG"), output
 
 
 def test_without_a_ready_command_or_health_check_running_is_ready(
-    job: Callable[..., Job],
+    job: Callable[..., CiJob],
 ) -> None:
     current = job(
         LAYERKEEP_SERVICES="sleeper",
@@ -283,7 +291,7 @@ def test_without_a_ready_command_or_health_check_running_is_ready(
 
 
 def test_the_image_health_check_is_awaited_and_unhealthy_fails_at_once(
-    engine: Engine, job: Callable[..., Job], unique_repository: str, tmp_path: Path
+    engine: Engine, job: Callable[..., CiJob], unique_repository: str, tmp_path: Path
 ) -> None:
     images = {}
     for name, check in (("healthy", "true"), ("sick", "false")):
@@ -301,7 +309,7 @@ def test_the_image_health_check_is_awaited_and_unhealthy_fails_at_once(
                   LAYERKEEP_WEB_TIMEOUT="20")
     (web,) = services_up(healthy.engine, healthy.settings, log=healthy.log)
     assert web.awaited == "the image's health check to report healthy"
-    state = healthy.engine.api.inspect_container(web.container_id)["State"]
+    state = inspect(healthy, web.container_id)["State"]
     assert state["Health"]["Status"] == "healthy"
 
     sick = job(LAYERKEEP_SERVICES="web", LAYERKEEP_WEB_IMAGE=images["sick"],
@@ -315,7 +323,7 @@ def test_the_image_health_check_is_awaited_and_unhealthy_fails_at_once(
 
 
 def test_a_ready_command_that_never_succeeds_times_out_with_state_and_logs(
-    job: Callable[..., Job],
+    job: Callable[..., CiJob],
 ) -> None:
     current = job(
         LAYERKEEP_SERVICES="stuck",
@@ -343,7 +351,7 @@ def test_a_ready_command_that_never_succeeds_times_out_with_state_and_logs(
 
 
 def test_a_container_that_exits_fails_at_once_with_its_code_and_logs(
-    job: Callable[..., Job],
+    job: Callable[..., CiJob],
 ) -> None:
     current = job(
         LAYERKEEP_SERVICES="boom",
@@ -363,7 +371,7 @@ def test_a_container_that_exits_fails_at_once_with_its_code_and_logs(
 
 
 def test_a_missing_image_that_cannot_be_pulled_is_one_line_naming_it(
-    job: Callable[..., Job],
+    job: Callable[..., CiJob],
 ) -> None:
     image = "layerkeep-test/no-such-image:1"
     current = job(LAYERKEEP_SERVICES="redis,ghost", LAYERKEEP_GHOST_IMAGE=image)
@@ -383,35 +391,35 @@ def test_a_missing_image_that_cannot_be_pulled_is_one_line_naming_it(
 
 
 def test_down_removes_containers_and_network_and_can_run_twice(
-    job: Callable[..., Job],
+    job: Callable[..., CiJob],
 ) -> None:
     current = job(LAYERKEEP_SERVICES="redis")
     services_up(current.engine, current.settings, log=current.log)
     containers, networks = left_over(current)
     assert len(containers) == 1
-    assert networks == [job_network(current.settings)]
+    assert networks == [current.job.network]
     assert services_down(current.engine, current.settings, log=current.log) == 2
     assert left_over(current) == ([], [])
-    assert current.engine.api.networks(names=[job_network(current.settings)]) == []
+    assert current.engine.find_network(current.job.network) is None
     assert services_down(current.engine, current.settings, log=current.log) == 0
 
 
 def test_sweep_removes_only_old_leftovers_of_the_project(
-    job: Callable[..., Job], project: str
+    job: Callable[..., CiJob], project: str
 ) -> None:
     # A killed job's leftovers: a network and a created (never started) container.
     killed = job()
-    network = job_network(killed.settings)
+    network = killed.job.network
     killed.engine.ensure_network(network)
     killed.engine.create_container(
         "debian:bookworm-slim",
-        name=container_name(killed.settings, "leftover"),
+        name=killed.job.container_name("leftover"),
         network=network,
         command=["true"],
     )
     # Another project's fresh job must survive any sweep of this one.
     other = job(LAYERKEEP_PROJECT=f"{project}-other")
-    other.engine.ensure_network(job_network(other.settings))
+    other.engine.ensure_network(other.job.network)
     lines: list[str] = []
 
     assert sweep(killed.engine, older_than=3600, log=lines.append, project=project) == 0
@@ -422,11 +430,11 @@ def test_sweep_removes_only_old_leftovers_of_the_project(
     time.sleep(1.1)
     assert sweep(killed.engine, older_than=0, log=lines.append, project=project) == 2
     assert left_over(killed) == ([], [])
-    assert left_over(other) == ([], [job_network(other.settings)])
+    assert left_over(other) == ([], [other.job.network])
     assert any(line.startswith("swept container") for line in lines)
 
 
-def test_the_db_password_is_never_printed(job: Callable[..., Job]) -> None:
+def test_the_db_password_is_never_printed(job: Callable[..., CiJob]) -> None:
     # The service echoes the password it was given, then dies: its logs get printed.
     current = job(
         LAYERKEEP_SERVICES="leaky",

@@ -128,7 +128,7 @@ def save_to_registry(
             engine, target, location.credentials,
             attempts=settings.push_retries, log=log, sleep=sleep,
         )
-        engine.api.tag(image, target.repository, target.tag)
+        engine.tag_image(image, str(target))
         if current is not None and f"{target.repository}@{current}" in local_digests(engine, image):
             report.unchanged.append(image)
             continue
@@ -185,7 +185,7 @@ def load_from_registry(
         local = parse_image_ref(image)
         assert local is not None  # every image here passed parse_image_ref in settings/plan
         already = engine.image_id(image) == engine.image_id(str(source))
-        engine.api.tag(str(source), local.repository, local.tag)
+        engine.tag_image(str(source), str(local))
         if pulled.downloaded or not already:
             report.restored.append(image)
         else:

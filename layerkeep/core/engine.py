@@ -36,6 +36,7 @@ from layerkeep.core.errors import (
 from layerkeep.core.job import BUILD_ID_LABEL as BUILD_ID_LABEL  # noqa: PLC0414 - re-exported
 from layerkeep.core.job import PROJECT_LABEL as PROJECT_LABEL  # noqa: PLC0414 - re-exported
 from layerkeep.core.job import Job
+from layerkeep.core.settings import Settings
 
 # What docker-py raises (requests' errors escape it for lost connections and timeouts):
 # the task layer's last resort catches these and passes them to translate().
@@ -117,11 +118,14 @@ class Engine:
         """This connection working for ``job``: its labels on top of ours."""
         return dataclasses.replace(self, job=job)
 
-    def require_job(self) -> Job:
-        """The job this engine works for."""
-        if self.job is None:
+    def job_for(self, settings: Settings) -> Job:
+        """The job this engine works for, which must be the one ``settings`` describe."""
+        if self.job is None or (self.job.project, self.job.build_id) != (
+            settings.project, settings.build_id,
+        ):
             raise LayerkeepError(
-                f"the engine at {self.where} was connected without a job",
+                f"the engine at {self.where} works for {self.job or 'no job'}, not for "
+                f"project {settings.project} build {settings.build_id}",
                 hint="connect(environ, job=Job.from_settings(settings))",
             )
         return self.job
@@ -221,9 +225,7 @@ class Engine:
 
     def tag_image(self, image: str, reference: str) -> None:
         """Give ``image`` (a name or id) the name ``reference`` (``repository:tag``)."""
-        repository, _, tag = reference.rpartition(":")
-        if "/" in tag or not repository:
-            repository, tag = reference, "latest"
+        repository, tag = _split(reference)
         with _translated(f"tag {image} as {reference}", resource=image, image=reference):
             self.api.tag(image, repository, tag)
 
@@ -262,7 +264,7 @@ class Engine:
         self, reference: str, *, auth: Mapping[str, str] | None = None
     ) -> Iterator[Mapping[str, Any]]:
         """Push ``repository:tag``: its decoded progress records, in-band errors raised."""
-        repository, _, tag = reference.rpartition(":")
+        repository, tag = _split(reference)
         return self._stream(
             lambda: self.api.push(
                 repository, tag=tag, auth_config=_auth(auth), stream=True, decode=True
@@ -275,7 +277,7 @@ class Engine:
         self, reference: str, *, auth: Mapping[str, str] | None = None
     ) -> Iterator[Mapping[str, Any]]:
         """Pull ``repository:tag``: its decoded progress records, in-band errors raised."""
-        repository, _, tag = reference.rpartition(":")
+        repository, tag = _split(reference)
         return self._stream(
             lambda: self.api.pull(
                 repository, tag=tag, auth_config=_auth(auth), stream=True, decode=True
@@ -574,6 +576,14 @@ def _translated(
         raise translate(
             error, action=action, resource=resource, image=image, hint=hint
         ) from error
+
+
+def _split(reference: str) -> tuple[str, str]:
+    """``repository:tag`` as its two parts; no tag (a registry port is not one) is latest."""
+    repository, _, tag = reference.rpartition(":")
+    if "/" in tag or not repository:
+        return reference, "latest"
+    return repository, tag
 
 
 def _auth(auth: Mapping[str, str] | None) -> dict[str, str] | None:

@@ -23,22 +23,18 @@ The password never leaves this module in clear: every text we log or raise goes 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 import time
 import unicodedata
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-import docker.errors
-import requests.exceptions
-
-from layerkeep.core.engine import Engine, checked_stream
+from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef
+from layerkeep.core.job import Masker
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
@@ -98,14 +94,7 @@ class Credentials:
 
     def redact(self, text: str) -> str:
         """``text`` with the password (plain, URL-quoted, in a Basic header) masked."""
-        if not self.password:
-            return text
-        basic = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
-        forms = {self.password, urllib.parse.quote(self.password, safe=""),
-                 urllib.parse.quote(self.password), basic}
-        for secret in sorted(forms, key=len, reverse=True):
-            text = text.replace(secret, "***")
-        return text
+        return Masker.of([self.password], logins=[(self.user, self.password)]).mask(text)
 
 
 def registry_host(repository: str) -> str:
@@ -189,18 +178,11 @@ def push_tag(
     started = time.monotonic()
 
     def once() -> tuple[str, int, int]:
-        chunks = engine.api.push(
-            reference.repository,
-            tag=reference.tag,
-            auth_config=credentials.auth_config(),
-            stream=True,
-            decode=True,
-        )
         digest = ""
         totals: dict[str, int] = {}
         pushed: set[str] = set()
         waits: dict[str, int] = {}
-        for chunk in checked_stream(chunks, action="push", image=str(reference)):
+        for chunk in engine.push(str(reference), auth=credentials.auth_config()):
             aux = chunk.get("aux")
             if isinstance(aux, dict) and aux.get("Digest"):
                 digest = str(aux["Digest"])
@@ -245,16 +227,9 @@ def pull_tag(
     started = time.monotonic()
 
     def once() -> tuple[str, bool, int]:
-        chunks = engine.api.pull(
-            reference.repository,
-            tag=reference.tag,
-            auth_config=credentials.auth_config(),
-            stream=True,
-            decode=True,
-        )
         digest, downloaded = "", False
         totals: dict[str, int] = {}
-        for chunk in checked_stream(chunks, action="pull", image=str(reference)):
+        for chunk in engine.pull(str(reference), auth=credentials.auth_config()):
             status = str(chunk.get("status", ""))
             if status.startswith("Digest: "):
                 digest = status.removeprefix("Digest: ").strip()
@@ -285,10 +260,7 @@ def remote_digest(
     """The manifest digest ``reference`` resolves to in its registry; None when absent."""
 
     def once() -> str:
-        found = engine.api.inspect_distribution(
-            str(reference), auth_config=credentials.auth_config()
-        )
-        return str(found["Descriptor"]["digest"])
+        return engine.registry_digest(str(reference), auth=credentials.auth_config())
 
     try:
         digest, _ = with_retries(
@@ -319,12 +291,9 @@ def with_retries(
         try:
             return call(), attempt
         except DockerOperationError as error:
-            # checked_stream's own "push REF failed: " prefix; ours goes back on below.
-            text, status = error.message.removeprefix(f"{action} {reference} failed: "), None
-        except docker.errors.APIError as error:
-            text, status = _api_text(error), error.status_code
-        except requests.exceptions.RequestException as error:
-            text, status = f"{type(error).__name__}: {error}", None
+            # The engine's own "push REF failed: " prefix; ours goes back on below.
+            text = error.message.removeprefix(f"{action} {reference} failed: ")
+            status = error.status
         text = credentials.redact(_short(text))
         kind = classify(text, status)
         if kind == "auth":
@@ -380,13 +349,6 @@ def local_digests(engine: Engine, reference: str) -> Iterable[str]:
     """The ``repository@digest`` names the engine records for a local image."""
     attrs: Mapping[str, Any] | None = engine.image_attrs(reference)
     return tuple(str(name) for name in (attrs or {}).get("RepoDigests") or ())
-
-
-def _api_text(error: docker.errors.APIError) -> str:
-    explanation = error.explanation
-    if isinstance(explanation, bytes):
-        explanation = explanation.decode(errors="replace")
-    return str(explanation or error)
 
 
 def _short(text: str) -> str:

@@ -207,7 +207,7 @@ def push_release(
         for reference in plan.references:
             if engine.image_id(str(reference)) is None:
                 created.append(str(reference))
-            engine.api.tag(plan.source, reference.repository, reference.tag)
+            engine.tag_image(plan.source, str(reference))
         for reference in plan.references:
             pushed = push_tag(
                 engine, reference, credentials,
@@ -221,7 +221,7 @@ def push_release(
     finally:
         for name in created:
             # Only the names we made: a laptop does not collect one tag per commit.
-            engine.api.remove_image(name, noprune=True)
+            engine.remove_image(name, prune=False)
     report.verify_seconds = _verify(
         engine, report, credentials, attempts=settings.push_retries, log=log, sleep=sleep
     )

@@ -1,72 +1,39 @@
 """Service containers of one CI job: start them on the job's network, wait, remove, sweep.
 
-Every container and the network carry the project and build-id labels (from the engine)
-and containers also ``io.layerkeep.service=<name>``, so ``services_down`` and ``sweep``
-find them by label even after a killed run. Names derive from project and build id, so
-two jobs on one engine never share a container or a network.
-
-Readiness is a strategy per service (:class:`ExecCheck`, :class:`HealthCheck`,
-:class:`RunningCheck`), polled with an explicit timeout; a container that exits or turns
-unhealthy fails at once. The database password (and every other password fact) is
-redacted from whatever is printed or raised.
+Every container and the network carry the job's labels (the engine stamps them) and
+containers also ``io.layerkeep.service=<name>``, so ``services_down`` and ``sweep`` find
+them by label even after a killed run. Names come from the job (project and build id),
+so two jobs on one engine never share a container or a network. Readiness is awaited
+with :mod:`layerkeep.services.readiness`; the job's secrets are masked in whatever is
+printed or raised.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shlex
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn, Protocol
+from typing import Any
 from urllib.parse import quote
 
-import docker.errors
-
-from layerkeep.core.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
-from layerkeep.core.errors import DockerOperationError, LayerkeepError
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import parse_image_ref
+from layerkeep.core.job import BUILD_ID_LABEL, PROJECT_LABEL, Job
 from layerkeep.core.registry import credentials_for, pull_tag, registry_host
 from layerkeep.core.service_specs import ServiceSpec, service_key
 from layerkeep.core.settings import Settings
+from layerkeep.services.readiness import ServiceWait, wait_ready
 
 Log = Callable[[str], None]
 SERVICE_LABEL = "io.layerkeep.service"
 # A digest of what the container was created from: a changed image, env, command or
 # port makes a second `up` replace the container instead of reusing a stale one.
 CONFIG_LABEL = "io.layerkeep.service.config"
-POLL_INTERVAL = 0.25
-LOG_LINES = 15
-_EXEC_SETTLE = 0.2
-RUNNING_SETTLE = 0.5
-_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
-_MAX_PART = 60
-_SECRET_ENV = re.compile(r"PASSWORD|SECRET|TOKEN", re.IGNORECASE)
-REDACTED = "******"
-
-
-class ServiceNotReady(LayerkeepError):
-    """A service container exited, turned unhealthy or did not get ready in time."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        service: str,
-        state: str,
-        last_lines: list[str],
-        exit_code: int | None = None,
-        hint: str = "",
-    ) -> None:
-        super().__init__(message, hint=hint)
-        self.service = service
-        self.state = state
-        self.container_exit_code = exit_code  # when it stopped; None otherwise
-        # Already redacted; printed by services_up, never part of one_line().
-        self.last_lines = last_lines
 
 
 @dataclass(frozen=True)
@@ -87,32 +54,6 @@ class RunningService:
 
 
 # --- names and facts -------------------------------------------------------------------
-
-
-def _slug(text: str) -> str:
-    """``text`` within Docker's name alphabet; altered text gets a hash so slugs stay apart."""
-    slug = _UNSAFE.sub("-", text)[:_MAX_PART]
-    if slug == text:
-        return slug
-    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    return f"{slug}-{digest}" if slug else digest
-
-
-def job_network(settings: Settings) -> str:
-    """The job's network: ``layerkeep-<project>-<build id>``, sanitised for Docker."""
-    return f"layerkeep-{_slug(settings.project)}-{_slug(settings.build_id)}"
-
-
-def container_name(settings: Settings, service: str) -> str:
-    """The container named ``service`` (a service's name) in this job: ``<network>-<service>``."""
-    return f"{job_network(settings)}-{_slug(service)}"
-
-
-def job_filters(settings: Settings) -> dict[str, list[str]]:
-    """The engine filter selecting everything this job created."""
-    return {
-        "label": [f"{PROJECT_LABEL}={settings.project}", f"{BUILD_ID_LABEL}={settings.build_id}"]
-    }
 
 
 def _postgres_credentials(settings: Settings, spec: ServiceSpec) -> tuple[str, str]:
@@ -162,24 +103,6 @@ def container_env(settings: Settings, spec: ServiceSpec) -> dict[str, str]:
     return env
 
 
-def secrets(settings: Settings) -> tuple[str, ...]:
-    """Values never to print: the DB password, password facts, secret-looking env values."""
-    found = {settings.db_password}
-    found.update(facts["password"] for facts in service_facts(settings).values())
-    for spec in settings.services:
-        found.update(value for key, value in spec.env.items() if _SECRET_ENV.search(key))
-    quoted = {quote(value, safe="") for value in found}
-    # Longest first, so a secret containing another is hidden whole.
-    return tuple(sorted((found | quoted) - {""}, key=len, reverse=True))
-
-
-def redact(text: str, hidden: Iterable[str]) -> str:
-    """``text`` with every value in ``hidden`` replaced."""
-    for value in hidden:
-        text = text.replace(value, REDACTED)
-    return text
-
-
 # --- images ------------------------------------------------------------------------------
 
 
@@ -213,268 +136,6 @@ def ensure_image(engine: Engine, settings: Settings, image: str, *, log: Log) ->
     )
 
 
-# --- readiness -----------------------------------------------------------------------------
-
-
-class Readiness(Protocol):
-    """One way of telling that a running service is ready."""
-
-    def describe(self) -> str:
-        """What is awaited, for messages."""
-        ...
-
-    def check(self, engine: Engine, container_id: str, state: Mapping[str, Any]) -> bool:
-        """Whether the container is ready now; ``state`` is its fresh State record."""
-        ...
-
-
-class ExecCheck:
-    """Ready when ``sh -c <command>`` exits 0 inside the container.
-
-    The command runs detached and is polled, so one that hangs cannot hold the wait
-    past the service's timeout.
-    """
-
-    def __init__(self, command: str) -> None:
-        self.command = command
-        self.last_exit: int | None = None
-        self._exec_id: str | None = None
-
-    def describe(self) -> str:
-        return f"`{self.command}` to exit 0"
-
-    def check(self, engine: Engine, container_id: str, state: Mapping[str, Any]) -> bool:
-        if self._exec_id is None:
-            created = engine.api.exec_create(container_id, ["sh", "-c", self.command])
-            self._exec_id = str(created["Id"])
-            engine.api.exec_start(self._exec_id, detach=True)
-        # Most checks finish in milliseconds: look again briefly before a full round.
-        settle = time.monotonic() + _EXEC_SETTLE
-        info = engine.api.exec_inspect(self._exec_id)
-        while info.get("Running") and time.monotonic() < settle:
-            time.sleep(_EXEC_SETTLE / 10)
-            info = engine.api.exec_inspect(self._exec_id)
-        if info.get("Running"):
-            return False
-        self._exec_id = None
-        self.last_exit = info.get("ExitCode")
-        return self.last_exit == 0
-
-    def progress(self) -> str:
-        """How the last finished check went."""
-        if self.last_exit is not None:
-            return f"it last exited {self.last_exit}"
-        return "it had not finished yet" if self._exec_id is not None else ""
-
-
-class HealthCheck:
-    """Ready when the image's HEALTHCHECK reports healthy."""
-
-    def describe(self) -> str:
-        return "the image's health check to report healthy"
-
-    def check(self, engine: Engine, container_id: str, state: Mapping[str, Any]) -> bool:
-        return bool(state.get("Health", {}).get("Status") == "healthy")
-
-
-class RunningCheck:
-    """Ready once running for ``settle`` seconds: for images with no other way to tell.
-
-    Without the settle time a command that fails at once could be seen running and
-    called ready a moment before it exits.
-    """
-
-    def __init__(self, settle: float = RUNNING_SETTLE) -> None:
-        self.settle = settle
-        self._first_seen: float | None = None
-
-    def describe(self) -> str:
-        return f"the container to keep running for {self.settle:g} s"
-
-    def check(self, engine: Engine, container_id: str, state: Mapping[str, Any]) -> bool:
-        if not state.get("Running"):
-            self._first_seen = None
-            return False
-        if self._first_seen is None:
-            self._first_seen = time.monotonic()
-        return time.monotonic() - self._first_seen >= self.settle
-
-
-def readiness_for(spec: ServiceSpec, state: Mapping[str, Any]) -> Readiness:
-    """The spec's ready command, else the image's health check, else just running."""
-    if spec.ready:
-        return ExecCheck(spec.ready)
-    if state.get("Health"):
-        return HealthCheck()
-    return RunningCheck()
-
-
-def _describe_state(state: Mapping[str, Any]) -> str:
-    status = str(state.get("Status", "unknown"))
-    if status in ("exited", "dead"):
-        status += f" (exit code {state.get('ExitCode')})"
-        if state.get("OOMKilled"):
-            status += ", killed: out of memory"
-    health = state.get("Health")
-    if health:
-        status += f", {health.get('Status')}"
-    return status
-
-
-def last_log_lines(engine: Engine, container_id: str, hidden: Iterable[str]) -> list[str]:
-    """The container's last LOG_LINES lines of output, redacted."""
-    try:
-        raw = engine.api.logs(container_id, stdout=True, stderr=True, tail=LOG_LINES)
-    except docker.errors.NotFound:
-        return []
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-    lines = list(hidden)
-    return [redact(line.rstrip(), lines) for line in text.splitlines() if line.strip()]
-
-
-class ServiceWait:
-    """One service's wait, polled a round at a time so services are awaited side by side.
-
-    Its timeout counts from ``started`` (when its container was started).
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        spec: ServiceSpec,
-        container_id: str,
-        *,
-        started: float,
-        hidden: tuple[str, ...],
-        log: Log,
-    ) -> None:
-        self.engine = engine
-        self.spec = spec
-        self.container_id = container_id
-        self.deadline = started + spec.timeout
-        self.started = started
-        self.hidden = hidden
-        self.log = log
-        self.strategy: Readiness | None = None
-        self.ready_after: float | None = None
-
-    def poll(self) -> bool:
-        """One round: True once ready; ServiceNotReady when stopped, unhealthy or late."""
-        spec = self.spec
-        try:
-            state = self.engine.api.inspect_container(self.container_id)["State"]
-        except docker.errors.NotFound:
-            raise ServiceNotReady(
-                f"service {spec.name}: its container was removed while waiting",
-                service=spec.name,
-                state="removed",
-                last_lines=[],
-                hint="something else removed it (a sweep, or services.down)",
-            ) from None
-        if self.strategy is None:
-            self.strategy = readiness_for(spec, state)
-        if not state.get("Running"):
-            self._fail(state, why="stopped")
-        if state.get("Health", {}).get("Status") == "unhealthy":
-            self._fail(state, why="unhealthy")
-        try:
-            if self.strategy.check(self.engine, self.container_id, state):
-                self.ready_after = time.monotonic() - self.started
-                self.log(f"{spec.name}: ready after {self.ready_after:.1f} s "
-                         f"({self.strategy.describe()})")
-                return True
-        except docker.errors.APIError as error:
-            # 409: the container stopped between inspect and exec; the next round says so.
-            if error.status_code != 409:
-                raise DockerOperationError(
-                    redact(f"service {spec.name}: cannot run its ready check: "
-                           f"{error.explanation or error}", self.hidden),
-                    image=spec.image,
-                    hint="the ready command runs with sh -c inside the container; "
-                    f"set {service_key(spec.name, 'READY')}",
-                ) from None
-        if time.monotonic() >= self.deadline:
-            self._fail(state, why="timeout")
-        return False
-
-    def _fail(self, state: Mapping[str, Any], *, why: str) -> NoReturn:
-        assert self.strategy is not None
-        _fail(self.engine, self.spec, self.container_id, state=state, strategy=self.strategy,
-              hidden=self.hidden, log=self.log, why=why)
-
-
-def wait_ready(waits: Iterable[ServiceWait], *, interval: float = POLL_INTERVAL) -> None:
-    """Poll every wait each round until all are ready; the first failure is raised."""
-    pending = list(waits)
-    while pending:
-        pending = [wait for wait in pending if not wait.poll()]
-        if pending:
-            time.sleep(interval)
-
-
-def _fail(
-    engine: Engine,
-    spec: ServiceSpec,
-    container_id: str,
-    *,
-    state: Mapping[str, Any],
-    strategy: Readiness,
-    hidden: tuple[str, ...],
-    log: Log,
-    why: str,
-) -> NoReturn:
-    lines = last_log_lines(engine, container_id, hidden)
-    awaited = strategy.describe()
-    described = _describe_state(state)
-    exit_code: int | None = None
-    if why == "timeout":
-        progress = strategy.progress() if isinstance(strategy, ExecCheck) else ""
-        message = (
-            f"service {spec.name} not ready after {spec.timeout:g} s: awaited {awaited}"
-            f"{f' ({progress})' if progress else ''}; container is {described}"
-        )
-        hint = (
-            f"raise {service_key(spec.name, 'TIMEOUT')}, or check the image and "
-            f"{service_key(spec.name, 'READY')}"
-        )
-    elif why == "unhealthy":
-        message = f"service {spec.name} turned unhealthy while awaiting {awaited}"
-        health_log = state.get("Health", {}).get("Log") or [{}]
-        output = str(health_log[-1].get("Output", "")).strip()
-        lines += [f"health check: {line}" for line in redact(output, hidden).splitlines()]
-        hint = "check the image's HEALTHCHECK and the log lines above"
-    else:
-        exit_code = int(state.get("ExitCode") or 0)
-        message = (
-            f"service {spec.name} stopped before it was ready: container is {described}"
-            f"{', ' + str(state['Error']) if state.get('Error') else ''}"
-        )
-        hint = (
-            f"see its log lines above; check {service_key(spec.name, 'COMMAND')}, "
-            f"{service_key(spec.name, 'ENV')} and the image"
-        )
-    name = _name_of(engine, container_id)
-    log(f"{spec.name}: last {len(lines)} log lines of {name}:" if lines
-        else f"{spec.name}: {name} printed nothing")
-    for line in lines:
-        log(f"  | {line}")
-    raise ServiceNotReady(
-        redact(message, hidden),
-        service=spec.name,
-        state=described,
-        last_lines=lines,
-        exit_code=exit_code,
-        hint=hint,
-    )
-
-
-def _name_of(engine: Engine, container_id: str) -> str:
-    try:
-        return str(engine.api.inspect_container(container_id)["Name"]).lstrip("/")
-    except docker.errors.NotFound:
-        return container_id[:12]
-
-
 # --- up and down -----------------------------------------------------------------------
 
 
@@ -498,19 +159,9 @@ def _config_digest(spec: ServiceSpec, image_id: str, env: Mapping[str, str], net
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _inspect(engine: Engine, name: str) -> dict[str, Any] | None:
-    try:
-        return dict(engine.api.inspect_container(name))
-    except docker.errors.NotFound:
-        return None
-
-
-def _check_owner(labels: Mapping[str, str] | None, settings: Settings, what: str) -> None:
+def _check_owner(labels: Mapping[str, str] | None, job: Job, what: str) -> None:
     labels = labels or {}
-    if (labels.get(PROJECT_LABEL), labels.get(BUILD_ID_LABEL)) != (
-        settings.project,
-        settings.build_id,
-    ):
+    if not job.owns(labels):
         raise DockerOperationError(
             f"{what} belongs to another job (project {labels.get(PROJECT_LABEL)!r}, "
             f"build {labels.get(BUILD_ID_LABEL)!r})",
@@ -519,28 +170,28 @@ def _check_owner(labels: Mapping[str, str] | None, settings: Settings, what: str
 
 
 def _start(
-    engine: Engine, settings: Settings, spec: ServiceSpec, *, image_id: str, network: str,
+    engine: Engine, job: Job, settings: Settings, spec: ServiceSpec, *, image_id: str,
     log: Log,
 ) -> _Started:
-    name = container_name(settings, spec.name)
+    name = job.container_name(spec.name)
     env = container_env(settings, spec)
-    digest = _config_digest(spec, image_id, env, network)
-    existing = _inspect(engine, name)
+    digest = _config_digest(spec, image_id, env, job.network)
+    existing = engine.inspect_container(name)
     if existing is not None:
         labels = existing["Config"].get("Labels") or {}
-        _check_owner(labels, settings, f"container {name}")
+        _check_owner(labels, job, f"container {name}")
         status = existing["State"].get("Status")
         if existing["State"].get("Running") and labels.get(CONFIG_LABEL) == digest:
             log(f"{spec.name}: reusing running {name}")
             return _Started(spec, name, str(existing["Id"]), True, time.monotonic())
         why = "its settings changed" if existing["State"].get("Running") else f"it is {status}"
         log(f"{spec.name}: replacing {name} ({why})")
-        _remove_container(engine, str(existing["Id"]))
+        engine.remove_container(str(existing["Id"]))
     ports = {spec.container_port: spec.host_port} if spec.host_port and spec.container_port else {}
     container_id = engine.create_container(
         spec.image,
         name=name,
-        network=network,
+        network=job.network,
         aliases=[spec.name],
         command=shlex.split(spec.command) if spec.command else None,
         environment=env,
@@ -550,11 +201,10 @@ def _start(
     published = f", on 127.0.0.1:{spec.host_port}" if ports else ""
     log(f"{spec.name}: starting {name} from {spec.image}{published}")
     try:
-        engine.api.start(container_id)
-    except docker.errors.APIError as error:
+        engine.start_container(name)
+    except DockerOperationError as error:
         raise DockerOperationError(
-            redact(f"service {spec.name}: cannot start {name}: {error.explanation or error}",
-                   secrets(settings)),
+            job.mask(f"service {spec.name}: {error.message}"),
             image=spec.image,
             hint=f"check {service_key(spec.name, 'COMMAND')}, "
             f"{service_key(spec.name, 'PORT')} and the image",
@@ -570,19 +220,17 @@ def services_up(engine: Engine, settings: Settings, *, log: Log) -> list[Running
     boot side by side; each one's timeout counts from its own start.
     """
     # Every image first: a missing one fails before anything is created.
+    job = engine.job_for(settings)
     images = [ensure_image(engine, settings, spec.image, log=log) for spec in settings.services]
-    network = job_network(settings)
-    network_id = engine.ensure_network(network)
-    _check_owner(engine.api.inspect_network(network_id).get("Labels"), settings,
-                 f"network {network}")
-    hidden = secrets(settings)
+    network_id = engine.ensure_network(job.network)
+    network = engine.inspect_network(network_id) or {}
+    _check_owner(network.get("Labels"), job, f"network {job.network}")
     started = [
-        _start(engine, settings, spec, image_id=image_id, network=network, log=log)
+        _start(engine, job, settings, spec, image_id=image_id, log=log)
         for spec, image_id in zip(settings.services, images, strict=True)
     ]
     waits = [
-        ServiceWait(engine, item.spec, item.container_id, started=item.started, hidden=hidden,
-                    log=log)
+        ServiceWait(engine, job, item.spec, item.container_id, started=item.started, log=log)
         for item in started
     ]
     wait_ready(waits)
@@ -603,47 +251,21 @@ def services_up(engine: Engine, settings: Settings, *, log: Log) -> list[Running
     return running
 
 
-def _remove_container(engine: Engine, container_id: str) -> bool:
-    try:
-        engine.api.remove_container(container_id, force=True, v=True)
-    except docker.errors.NotFound:
-        return False  # gone already: another down or sweep got there first
-    except docker.errors.APIError as error:
-        # 409 "removal already in progress": someone else is removing it.
-        if error.status_code != 409:
-            raise
-        return False
-    return True
-
-
-def _remove_network(engine: Engine, network_id: str, name: str) -> bool:
-    try:
-        engine.api.remove_network(network_id)
-    except docker.errors.NotFound:
-        return False
-    except docker.errors.APIError as error:
-        raise DockerOperationError(
-            f"cannot remove network {name}: {error.explanation or error}",
-            hint=f"disconnect what still uses it (docker network inspect {name})",
-        ) from None
-    return True
-
-
 def services_down(engine: Engine, settings: Settings, *, log: Log) -> int:
     """Remove this job's containers (with anonymous volumes) and network; how many went."""
-    filters = job_filters(settings)
+    job = engine.job_for(settings)
     removed = 0
-    for container in engine.api.containers(all=True, filters=filters):
+    for container in engine.list_containers(job.label_filter):
         name = str(container["Names"][0]).lstrip("/") if container.get("Names") else ""
-        if _remove_container(engine, str(container["Id"])):
+        if engine.remove_container(str(container["Id"])):
             log(f"removed container {name or container['Id'][:12]}")
             removed += 1
-    for network in engine.api.networks(filters=filters):
-        if _remove_network(engine, str(network["Id"]), str(network["Name"])):
+    for network in engine.list_networks(job.label_filter):
+        if engine.remove_network(str(network["Name"])):
             log(f"removed network {network['Name']}")
             removed += 1
     if not removed:
-        log(f"nothing to remove for {job_network(settings)}")
+        log(f"nothing to remove for {job.network}")
     return removed
 
 
@@ -667,22 +289,21 @@ def sweep(
     """
     current = time.time() if now is None else now
     label = PROJECT_LABEL if project is None else f"{PROJECT_LABEL}={project}"
-    filters = {"label": [label]}
     removed = 0
-    for container in engine.api.containers(all=True, filters=filters):
+    for container in engine.list_containers([label]):
         age = current - float(container["Created"])
         if age <= older_than:
             continue
         name = str(container["Names"][0]).lstrip("/") if container.get("Names") else ""
-        if _remove_container(engine, str(container["Id"])):
+        if engine.remove_container(str(container["Id"])):
             log(f"swept container {name or container['Id'][:12]} ({age:.0f} s old)")
             removed += 1
-    for network in engine.api.networks(filters=filters):
+    for network in engine.list_networks([label]):
         age = current - _network_created(network)
         if age <= older_than:
             continue
         try:
-            gone = _remove_network(engine, str(network["Id"]), str(network["Name"]))
+            gone = engine.remove_network(str(network["Name"]))
         except DockerOperationError as error:
             # A younger container of another job may still use it: leave it for later.
             log(f"warning: kept network {network['Name']}: {error.message}")

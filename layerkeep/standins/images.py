@@ -29,7 +29,7 @@ a present image without it, such as a real pulled one, is never replaced.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import shlex
 import shutil
 import subprocess
@@ -40,11 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import docker.errors
-import requests.exceptions
-
-from layerkeep.core.engine import Engine, checked_stream
-from layerkeep.core.errors import ConfigError, DockerOperationError
+from layerkeep.core.engine import Engine
+from layerkeep.core.errors import ConfigError, DockerOperationError, ResourceConflict
 
 STANDIN_LABEL = "io.layerkeep.standin"
 STANDIN_IMAGE_LABEL = "io.layerkeep.standin.image"
@@ -217,13 +214,8 @@ def build_base(
         image_id: str | None = None
         try:
             try:
-                answer = engine.api.import_image(
-                    src=_chunks(process.stdout), changes=changes, stream_src=True
-                )
-                image_id = _imported_id(answer, reference)
-            except (docker.errors.APIError, requests.exceptions.RequestException) as error:
-                import_error = DockerOperationError(
-                    f"import of {reference} failed: {_first_line(error)}", image=reference
+                image_id = engine.import_image(
+                    _chunks(process.stdout), reference=reference, changes=changes
                 )
             except DockerOperationError as error:
                 import_error = error
@@ -249,8 +241,7 @@ def build_base(
     if import_error is not None:
         raise import_error
     assert image_id is not None
-    repository, tag = _split(reference)
-    engine.api.tag(image_id, repository, tag, force=True)
+    engine.tag_image(image_id, reference)
     return image_id
 
 
@@ -295,30 +286,19 @@ def _tag_aliases(engine: Engine, standin: Standin, image_id: str, *, replace: bo
         attrs = engine.image_attrs(alias)
         if attrs is not None and (not replace or not _is_ours(attrs, standin)):
             continue
-        repository, tag = _split(alias)
-        engine.api.tag(image_id, repository, tag, force=True)
+        engine.tag_image(image_id, alias)
 
 
 def _remove_if_unused(engine: Engine, image_id: str) -> None:
-    try:
-        engine.api.remove_image(image_id, noprune=False)
-    except docker.errors.NotFound:
-        pass
-    except docker.errors.APIError as error:
-        # 409: still tagged, used by a container, or the parent of other images; an old
-        # base under service images built from it is expected and must stay.
-        if error.status_code != 409:
-            raise
+    # A conflict: still tagged, used by a container, or the parent of other images; an
+    # old base under service images built from it is expected and must stay.
+    with contextlib.suppress(ResourceConflict):
+        engine.remove_image(image_id)
 
 
 def _size_mb(engine: Engine, image_id: str) -> int:
     attrs = engine.image_attrs(image_id) or {}
     return round(int(attrs.get("Size", 0)) / 1_000_000)
-
-
-def _split(reference: str) -> tuple[str, str]:
-    repository, _, tag = reference.rpartition(":")
-    return repository, tag
 
 
 def _mmdebstrap_path() -> Path:
@@ -348,19 +328,6 @@ def _chunks(pipe: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def _imported_id(answer: str, reference: str) -> str:
-    """The image id from the import's answer, a stream of JSON records."""
-    records = [json.loads(line) for line in answer.splitlines() if line.strip()]
-    image_id = ""
-    for record in checked_stream(records, action="import", image=reference):
-        status = str(record.get("status", ""))
-        if status.startswith("sha256:"):
-            image_id = status
-    if not image_id:
-        raise DockerOperationError(f"import of {reference} answered no image id", image=reference)
-    return image_id
-
-
 def _mmdebstrap_reason(stderr: IO[bytes]) -> tuple[str, bool]:
     """The line of mmdebstrap's output that says why it failed, and whether it is the network."""
     stderr.seek(0)
@@ -373,8 +340,3 @@ def _mmdebstrap_reason(stderr: IO[bytes]) -> tuple[str, bool]:
     if errors:
         return errors[0].removeprefix("E: "), False
     return next((line for line in reversed(lines) if line), "no output"), False
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

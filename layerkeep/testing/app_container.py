@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-
-import docker.errors
+from collections.abc import Callable, Sequence
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Mount, Settings, render_template
-from layerkeep.services.containers import (
-    container_name,
-    job_network,
-    redact,
-    secrets,
-    service_facts,
-)
+from layerkeep.services.containers import service_facts
 
 Log = Callable[[str], None]
 REPORTS_MOUNT = "/reports"
@@ -43,6 +34,7 @@ def run_in_app_image(
     The container joins the job's network, gets the test environment, and is removed
     afterwards whatever happens. Secrets are masked in the streamed output.
     """
+    job = engine.job_for(settings)
     image = str(settings.require_image())
     if engine.image_id(image) is None:
         raise ConfigError(
@@ -55,11 +47,13 @@ def run_in_app_image(
                 key="LAYERKEEP_TEST_MOUNTS",
                 hint="paths are relative to the project folder",
             )
-    name = f"{container_name(settings, purpose)}-{os.urandom(3).hex()}"
+    name = f"{job.container_name(purpose)}-{os.urandom(3).hex()}"
+    # The job's network when its services run, else Docker's default bridge.
+    network = job.network if engine.find_network(job.network) else "bridge"
     container = engine.create_container(
         image,
         name=name,
-        network=_network(engine, settings),
+        network=network,
         entrypoint=["sh", "-c"],
         command=[script],
         environment=app_environment(settings),
@@ -67,33 +61,13 @@ def run_in_app_image(
         working_dir=settings.test_workdir or None,
         labels={"io.layerkeep.purpose": purpose},
     )
-    hidden = secrets(settings)
     try:
-        engine.api.start(container)
-        for line in _lines(engine.api.logs(container, stream=True, follow=True)):
-            log(redact(line, hidden))
-        status = engine.api.wait(container)
-        return int(status.get("StatusCode", 1))
+        engine.start_container(container)
+        for line in engine.follow_output(container):
+            log(job.mask(line))
+        return engine.wait_container(container)
     finally:
-        with contextlib.suppress(docker.errors.NotFound):
-            engine.api.remove_container(container, force=True, v=True)
-
-
-def _network(engine: Engine, settings: Settings) -> str:
-    """The job's network when its services run, else Docker's default bridge."""
-    name = job_network(settings)
-    return name if engine.api.networks(names=[name]) else "bridge"
-
-
-def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
-    pending = b""
-    for chunk in chunks:
-        pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for line in complete:
-            yield line.decode(errors="replace")
-    if pending:
-        yield pending.decode(errors="replace")
+        engine.remove_container(container)
 
 
 def mounts_for(settings: Settings, *extra: Mount) -> list[Mount]:

@@ -9,13 +9,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import docker.errors
-
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import CommandFailed, ConfigError, DockerOperationError
 from layerkeep.core.service_specs import ServiceSpec
 from layerkeep.core.settings import Settings
-from layerkeep.services.containers import ServiceWait, container_name, redact, secrets, wait_ready
+from layerkeep.services.readiness import ServiceWait, wait_ready
 from layerkeep.testing.app_container import mounts_for, run_in_app_image
 
 Log = Callable[[str], None]
@@ -98,17 +96,14 @@ def init_database(engine: Engine, settings: Settings, *, log: Log = print) -> Db
 
 def _wait_for_postgres(engine: Engine, settings: Settings, service: ServiceSpec, log: Log) -> str:
     """The running postgres container's id, once its ready check passes (services' wait)."""
-    container = container_name(settings, service.name)
-    try:
-        container_id = str(engine.api.inspect_container(container)["Id"])
-    except docker.errors.NotFound:
+    job = engine.job_for(settings)
+    container = job.container_name(service.name)
+    attrs = engine.inspect_container(container)
+    if attrs is None:
         raise DockerOperationError(
             f"postgres container {container} is not running", hint="run `inv services.up` first"
-        ) from None
-    wait = ServiceWait(
-        engine, service, container_id, started=time.monotonic(),
-        hidden=secrets(settings), log=log,
-    )
+        )
+    wait = ServiceWait(engine, job, service, str(attrs["Id"]), started=time.monotonic(), log=log)
     wait_ready([wait])
     return container
 
@@ -127,18 +122,14 @@ def _exec(
     engine: Engine, settings: Settings, container: str, command: list[str]
 ) -> tuple[int, str]:
     # The password travels in the exec's environment, never on a command line.
+    mask = engine.job_for(settings).mask
     try:
-        exec_id = engine.api.exec_create(
-            container, command, environment={"PGPASSWORD": settings.db_password}
-        )
-    except docker.errors.APIError as error:
+        result = engine.exec(container, command, environment={"PGPASSWORD": settings.db_password})
+    except DockerOperationError as error:
         raise DockerOperationError(
-            f"cannot run {command[0]} in {container}: {error}",
-            hint="run `inv services.up` first",
+            mask(error.message), hint="run `inv services.up` first"
         ) from None
-    output = engine.api.exec_start(exec_id).decode(errors="replace")
-    code = engine.api.exec_inspect(exec_id).get("ExitCode")
-    return (1 if code is None else int(code)), redact(output, secrets(settings))
+    return result.exit_code, mask(result.output)
 
 
 def _copy_sql(engine: Engine, container: str, settings: Settings) -> None:
@@ -146,4 +137,4 @@ def _copy_sql(engine: Engine, container: str, settings: Settings) -> None:
     with tarfile.open(fileobj=buffer, mode="w") as archive:
         for path in settings.db_init_sql:
             archive.add(str(path), arcname=f"layerkeep-sql/{path.name}")
-    engine.api.put_archive(container, "/", buffer.getvalue())
+    engine.put_archive(container, "/", buffer.getvalue())
