@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,12 +29,16 @@ class GitFacts:
 
 
 def detect(environ: Mapping[str, str]) -> CiFacts:
-    """Read CircleCI, GitHub Actions and GitLab CI variables, in that order."""
+    """Read CircleCI, GitHub Actions and GitLab CI variables, in that order.
+
+    The build id is unique per concurrently running job, so that jobs sharing an engine
+    get their own containers and networks.
+    """
     if environ.get("CIRCLE_SHA1") or environ.get("CIRCLECI"):
         return CiFacts(
             commit=environ.get("CIRCLE_SHA1", ""),
             branch=environ.get("CIRCLE_BRANCH", ""),
-            build_id=environ.get("CIRCLE_BUILD_NUM", ""),
+            build_id=_circle_build_id(environ),
             reports_dir=environ.get("CIRCLE_TEST_REPORTS", ""),
         )
     if environ.get("GITHUB_ACTIONS") or environ.get("GITHUB_SHA"):
@@ -40,15 +46,58 @@ def detect(environ: Mapping[str, str]) -> CiFacts:
         return CiFacts(
             commit=environ.get("GITHUB_SHA", ""),
             branch=environ.get("GITHUB_HEAD_REF") or environ.get("GITHUB_REF_NAME", ""),
-            build_id=environ.get("GITHUB_RUN_ID", ""),
+            build_id=_github_build_id(environ),
         )
     if environ.get("GITLAB_CI") or environ.get("CI_COMMIT_SHA"):
+        # CI_JOB_ID differs for every job, parallel:matrix leg and retry.
         return CiFacts(
             commit=environ.get("CI_COMMIT_SHA", ""),
             branch=environ.get("CI_COMMIT_REF_NAME", ""),
-            build_id=environ.get("CI_JOB_ID", ""),
+            build_id=safe_build_id(environ.get("CI_JOB_ID", "")),
         )
     return CiFacts()
+
+
+def _circle_build_id(environ: Mapping[str, str]) -> str:
+    # Parallel nodes of one job share its ids; only the node index tells them apart.
+    job = environ.get("CIRCLE_WORKFLOW_JOB_ID") or environ.get("CIRCLE_BUILD_NUM", "")
+    nodes = environ.get("CIRCLE_NODE_TOTAL", "1")
+    if job and nodes.isascii() and nodes.isdigit() and int(nodes) > 1:
+        job = f"{job}-{environ.get('CIRCLE_NODE_INDEX', '0')}"
+    return safe_build_id(job)
+
+
+def _github_build_id(environ: Mapping[str, str]) -> str:
+    # Every leg of a matrix and every re-run shares GITHUB_RUN_ID, and the legs share
+    # GITHUB_JOB; no variable names the leg. A runner runs one job at a time, so two
+    # legs running at once on one engine run on two runners: RUNNER_NAME parts them.
+    run = environ.get("GITHUB_RUN_ID", "")
+    if not run:
+        return ""
+    parts = [run, environ.get("GITHUB_RUN_ATTEMPT", ""), environ.get("GITHUB_JOB", "")]
+    runner = environ.get("RUNNER_NAME", "")
+    if runner:
+        parts.append(_short_hash(runner))
+    return safe_build_id("-".join(part for part in parts if part))
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_MAX_BUILD_ID = 64
+
+
+def safe_build_id(text: str) -> str:
+    """``text`` within Docker's name alphabet; altered text gets a short hash of the original.
+
+    The hash keeps two ids apart that differ only in characters that were replaced.
+    """
+    safe = _UNSAFE.sub("-", text).strip("-._")[:_MAX_BUILD_ID]
+    if safe == text:
+        return safe
+    return f"{safe[: _MAX_BUILD_ID - 9]}-{_short_hash(text)}" if safe else _short_hash(text)
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 def git_facts(folder: Path) -> GitFacts:
