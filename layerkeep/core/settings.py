@@ -1,19 +1,27 @@
 """One settings object, loaded once, from defaults, env files, the environment and flags.
 
-Precedence, lowest first (the order of :class:`Source`): built-in defaults < ``.env`` <
-``.env.local`` < the process environment < task flags. Env files are read without
-touching ``os.environ``; every loader takes the environment mapping as a parameter.
+Each setting is declared once, as a field of :class:`Settings` made with :func:`setting`
+(its default text, meaning and parser); the key list, the loader, the ``.env.example``
+check and :func:`describe_settings` derive from those declarations.
+
+Precedence, lowest first (the order of :class:`Source`): built-in defaults < env files
+(``layerkeep.env`` < ``.env`` < ``.env.local``, or the list in ``LAYERKEEP_ENV_FILES``)
+< the process environment < task flags. ``${NAME}`` inside an env file follows the same
+order: the process environment first, then the files' own earlier values. Env files are
+read without touching ``os.environ``; every loader takes the environment as a parameter.
 """
 
 from __future__ import annotations
 
 import difflib
+import io
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections import ChainMap
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Annotated, Any, Literal, NamedTuple, cast, get_type_hints
 
 from dotenv.parser import parse_stream
 from dotenv.variables import parse_variables
@@ -23,16 +31,29 @@ from layerkeep.core.errors import ConfigError
 from layerkeep.core.imageref import ImageRef, parse_image_ref
 from layerkeep.core.service_specs import (
     KNOWN_KINDS,
+    SERVICE_KEYS,
     SUFFIXES,
     ServiceSpec,
     parse_names,
     parse_service,
     service_key,
 )
-from layerkeep.core.values import Invalid, parse_bool, parse_list, parse_pairs
+from layerkeep.core.values import (
+    Invalid,
+    parse_bool,
+    parse_list,
+    parse_pairs,
+    parse_whole_number,
+)
 
 PREFIX = "LAYERKEEP_"
-ENV_FILES = (".env", ".env.local")
+# Read in this order, later files winning; layerkeep.env holds a project's committed
+# settings when its .env is the application's own (private, git-ignored).
+ENV_FILES = ("layerkeep.env", ".env", ".env.local")
+ENV_FILES_KEY = "LAYERKEEP_ENV_FILES"
+# A variable whose name contains one of these is a secret, without being listed.
+SECRET_MARKERS = ("PASSWORD", "SECRET", "TOKEN", "KEY")
+MASK = "****"
 Builder = Literal["auto", "legacy", "buildkit"]
 BUILDERS: tuple[Builder, ...] = ("auto", "legacy", "buildkit")
 CacheBackend = Literal["dir", "registry"]
@@ -44,9 +65,19 @@ class Source(IntEnum):
 
     DEFAULT = 0
     ENV_FILE = 1
-    ENV_LOCAL_FILE = 2
-    ENVIRONMENT = 3
-    FLAG = 4
+    ENVIRONMENT = 2
+    FLAG = 3
+
+
+class Raw(NamedTuple):
+    """A setting's text as written, where it was written, and that place's precedence."""
+
+    text: str
+    where: str
+    source: Source
+
+
+# --- parsers: text (and the project folder) -> typed value, or Invalid ---------------
 
 
 def _text(value: str, _: Path) -> str:
@@ -63,6 +94,7 @@ def _image(value: str, _: Path) -> ImageRef | None:
 
 
 def _folder(value: str, project_dir: Path) -> Path:
+    # An absolute value replaces project_dir: that is how "/ci/cache" works.
     return project_dir / (value.strip() or ".")
 
 
@@ -78,7 +110,7 @@ def _flag(value: str, _: Path) -> bool:
     return parse_bool(value)
 
 
-def _services(value: str, _: Path) -> tuple[str, ...]:
+def _service_names(value: str, _: Path) -> tuple[str, ...]:
     return parse_names(value)
 
 
@@ -90,12 +122,23 @@ def _list(value: str, _: Path) -> tuple[str, ...]:
     return parse_list(value)
 
 
-_REGISTRY = re.compile(r"^[a-zA-Z0-9.-]+(?::[0-9]+)?$|^\[[0-9a-fA-F:]+\](?::[0-9]+)?$")
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _variable_names(value: str, _: Path) -> tuple[str, ...]:
+    names = parse_list(value)
+    for name in names:
+        if not _VARIABLE.fullmatch(name):
+            raise Invalid(f"{name!r}: write variable names (letters, digits, _), comma-separated")
+    return names
+
+
+_REGISTRY = re.compile(r"[a-zA-Z0-9.-]+(?::[0-9]+)?|\[[0-9a-fA-F:]+\](?::[0-9]+)?")
 
 
 def _registry(value: str, _: Path) -> str:
     text = value.strip().removeprefix("https://").removeprefix("http://").rstrip("/")
-    if text and not _REGISTRY.match(text):
+    if text and not _REGISTRY.fullmatch(text):
         raise Invalid("write a registry host with an optional port, e.g. ghcr.io or 127.0.0.1:5000")
     return text
 
@@ -116,7 +159,7 @@ def _mounts(value: str, project_dir: Path) -> tuple[Mount, ...]:
         parts = item.split(":")
         mode = parts.pop() if len(parts) == 3 else "rw"
         if len(parts) != 2 or not parts[1].startswith("/") or mode not in ("ro", "rw"):
-            raise Invalid(f"{item!r}: write host-folder:/container/path[:ro], comma-separated")
+            raise Invalid(f"{item!r}: write host-path:/container/path[:ro], comma-separated")
         mounts.append(Mount(project_dir / parts[0], parts[1], read_only=mode == "ro"))
     return tuple(mounts)
 
@@ -128,25 +171,30 @@ def _builder(value: str, _: Path) -> Builder:
 
 
 def _images(value: str, _: Path) -> tuple[str, ...]:
-    images = tuple(part.strip() for part in value.split(",") if part.strip())
+    images = parse_list(value)
     for image in images:
         if parse_image_ref(image) is None:
             raise Invalid(f"{image!r} is not an image reference; separate images with commas")
     return images
 
 
+def _build_id(value: str, _: Path) -> str:
+    return ci_vars.safe_build_id(value.strip())
+
+
 def _whole_number(low: int, high: int) -> Callable[[str, Path], int]:
     def parse(value: str, _: Path) -> int:
-        if not value.strip().isdigit() or not low <= int(value) <= high:
-            raise Invalid(f"use a whole number from {low} to {high}")
-        return int(value)
+        return parse_whole_number(value, low, high)
 
     return parse
 
 
+# --- declarations ---------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Mount:
-    """A host folder mounted into the test container."""
+    """A host file or folder mounted into the test container."""
 
     source: Path
     target: str
@@ -154,113 +202,176 @@ class Mount:
 
 
 @dataclass(frozen=True)
-class Key:
-    """A documented setting: its name, default, meaning, and how its text is read."""
+class Declaration:
+    """A setting as declared on its Settings field (see :func:`setting`)."""
 
-    name: str
     default: str
     doc: str
-    parse: Callable[[str, Path], object] = _text
-
-    @property
-    def field(self) -> str:
-        """The Settings attribute this key fills."""
-        return self.name.removeprefix(PREFIX).lower()
+    parse: Callable[[str, Path], object]
+    secret: bool
 
 
-KEYS: tuple[Key, ...] = (
-    Key("LAYERKEEP_PROJECT", "", "Project name used in labels; default: the folder's name."),
-    Key("LAYERKEEP_IMAGE", "", "Repository (and optional tag) of the app image.", _image),
-    Key("LAYERKEEP_CONTEXT", ".", "Build context folder, relative to the project.", _folder),
-    Key("LAYERKEEP_DOCKERFILE", "Dockerfile", "Dockerfile, relative to the context.", _path),
-    Key("LAYERKEEP_BUILD_ARGS", "", "Build arguments: comma-separated NAME=value.", _pairs),
-    Key("LAYERKEEP_BUILDER", "auto", "auto (BuildKit if it works), legacy or buildkit.", _builder),
-    Key("LAYERKEEP_DOCKER_CLI", "", "docker CLI for BuildKit builds; default: one that works."),
-    Key("LAYERKEEP_DOCKER_TIMEOUT", "120", "Seconds per Docker API call.", _whole_number(1, 3600)),
-    Key("LAYERKEEP_CACHE_DIR", ".layerkeep-cache", "Folder holding the layer cache.", _folder),
-    Key("LAYERKEEP_CACHE_IMAGES", "", "More images to cache, comma-separated.", _images),
-    Key("LAYERKEEP_CACHE_LEVEL", "3", "zstd level of cached layers.", _whole_number(1, 19)),
-    Key("LAYERKEEP_BUILD_ID", "", "Id of this CI job; default: the CI's own, else 'local'."),
-    Key("LAYERKEEP_COMMIT", "", "Commit SHA; default: the CI's own variable, else git."),
-    Key("LAYERKEEP_BRANCH", "", "Branch name; default: the CI's own variable, else git."),
-    Key("LAYERKEEP_SERVICES", "", "Service containers, e.g. postgres,redis.", _services),
-    Key("LAYERKEEP_SWEEP_AFTER", "3600", "services.sweep removes leftovers older than this (s).",
-        _whole_number(0, 10**7)),
-    Key("LAYERKEEP_DB_SERVICE", "postgres", "The postgres service db.init prepares."),
-    Key("LAYERKEEP_DB_NAME", "app_test", "Database db.init creates if missing."),
-    Key("LAYERKEEP_DB_USER", "postgres", "Database user (the postgres service's superuser)."),
-    Key("LAYERKEEP_DB_PASSWORD", "layerkeep", "Its password; never printed."),
-    Key("LAYERKEEP_DB_INIT_SQL", "", "SQL files db.init runs, comma-separated.", _files),
-    Key("LAYERKEEP_DB_INIT_COMMAND", "", "Command db.init runs in the app image."),
-    Key("LAYERKEEP_TEST_COMMAND", "python -m pytest --junitxml=/reports/junit.xml",
-        "Test command run in the app image."),
-    Key("LAYERKEEP_TEST_ENV", "", "Test environment: NAME={service.fact} templates.", _pairs),
-    Key("LAYERKEEP_TEST_MOUNTS", "", "host-folder:/container/path[:ro], comma-separated.",
-        _mounts),
-    Key("LAYERKEEP_TEST_SETUP", "", "Shell commands run before the tests, same container."),
-    Key("LAYERKEEP_TEST_WORKDIR", "", "Working directory for the tests; default: the image's."),
-    Key("LAYERKEEP_REPORTS_DIR", "", "JUnit XML folder; default: the CI's, or reports.",
-        _optional_folder),
-    Key("LAYERKEEP_KEEP_SERVICES", "no", "Keep services after test.run, for debugging.", _flag),
-    Key("LAYERKEEP_REGISTRY", "", "Registry to release to (host[:port]); empty: no release.",
-        _registry),
-    Key("LAYERKEEP_REGISTRY_USER", "", "Registry user; empty: an existing docker login."),
-    Key("LAYERKEEP_REGISTRY_PASSWORD", "", "Registry password or token; never printed."),
-    Key("LAYERKEEP_RELEASE_BRANCHES", "*", "Branches release.push pushes (globs).", _list),
-    Key("LAYERKEEP_RELEASE_LATEST_BRANCH", "", "Branch whose pushes also get :latest."),
-    Key("LAYERKEEP_RELEASE_TAGS", "", "More tags; {git_tag} is the tag at HEAD, if any.", _list),
-    Key("LAYERKEEP_PUSH_RETRIES", "3", "Attempts per registry call on transient failures.",
-        _whole_number(1, 10)),
-    Key("LAYERKEEP_CACHE_BACKEND", "dir", "dir (LAYERKEEP_CACHE_DIR) or registry.", _backend),
-    Key("LAYERKEEP_CACHE_REPOSITORY", "", "Registry repository for cache tags (registry backend)."),
-)
-KNOWN = {key.name: key for key in KEYS}
+def setting(
+    default: str,
+    doc: str,
+    parse: Callable[[str, Path], object] = _text,
+    *,
+    secret: bool = False,
+) -> Declaration:
+    """Declare a Settings field, ``x: Annotated[T, setting(...)]``, as ``LAYERKEEP_<X>``.
+
+    ``default`` is the text used when nothing sets it, ``doc`` one line for listings,
+    ``parse`` turns text into the field's value; a secret's value is never shown.
+    """
+    return Declaration(default, doc, parse, secret)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    raw: Mapping[str, Raw]
+    environ: Mapping[str, str]
+    # Values that stand in for empty settings (from the CI, git, the folder's name),
+    # found once at load time, with where they came from.
+    fallbacks: Mapping[str, tuple[object, str]]
+    env_files: tuple[Path, ...]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything the tasks need, resolved and validated."""
+    """Everything the tasks need, resolved and validated.
+
+    Build it with :func:`load_settings`; flags go on top with :meth:`with_flags`.
+    """
 
     project_dir: Path
-    project: str
-    image: ImageRef | None
-    context: Path
-    dockerfile: Path
-    build_args: Mapping[str, str]
-    builder: Builder
-    docker_cli: str
-    docker_timeout: int
-    cache_dir: Path
-    cache_images: tuple[str, ...]
-    cache_level: int
-    build_id: str
-    commit: str
-    branch: str
-    services: tuple[ServiceSpec, ...]
-    sweep_after: int
-    db_service: str
-    db_name: str
-    db_user: str
-    db_password: str = field(repr=False)
-    db_init_sql: tuple[Path, ...]
-    db_init_command: str
-    test_command: str
-    test_env: Mapping[str, str]
-    test_mounts: tuple[Mount, ...]
-    test_setup: str
-    test_workdir: str
-    reports_dir: Path
-    keep_services: bool
-    registry: str
-    registry_user: str
-    registry_password: str = field(repr=False)
-    release_branches: tuple[str, ...]
-    release_latest_branch: str
-    release_tags: tuple[str, ...]
-    push_retries: int
-    cache_backend: CacheBackend
-    cache_repository: str
-    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # Values never to print, longest first (see _secret_values).
+    secret_values: tuple[str, ...] = field(repr=False)
+    # The env files that existed and were read, lowest precedence first.
+    env_files: tuple[Path, ...]
+    # Where each LAYERKEEP_* value came from: default, file:line, environment, flag --x.
+    origins: Mapping[str, str] = field(compare=False, repr=False)
+    # What this was resolved from, so that flags resolve everything again on top.
+    _inputs: _Inputs = field(compare=False, repr=False)
+    project: Annotated[str, setting("", "Project name used in labels; default: the folder's name.")]
+    image: Annotated[
+        ImageRef | None, setting("", "Repository (and optional tag) of the app image.", _image)
+    ]
+    context: Annotated[
+        Path, setting(".", "Build context folder, relative to the project.", _folder)
+    ]
+    dockerfile: Annotated[
+        Path, setting("Dockerfile", "Dockerfile, relative to the context.", _path)
+    ]
+    build_args: Annotated[
+        Mapping[str, str], setting("", "Build arguments: comma-separated NAME=value.", _pairs)
+    ]
+    builder: Annotated[
+        Builder, setting("auto", "auto (BuildKit if it works), legacy or buildkit.", _builder)
+    ]
+    docker_cli: Annotated[
+        str, setting("", "docker CLI for BuildKit builds; default: one that works.")
+    ]
+    docker_timeout: Annotated[
+        int, setting("120", "Seconds per Docker API call.", _whole_number(1, 3600))
+    ]
+    cache_dir: Annotated[
+        Path,
+        setting(
+            ".layerkeep-cache", "Folder holding the layer cache (relative or absolute).", _folder
+        ),
+    ]
+    cache_images: Annotated[
+        tuple[str, ...], setting("", "More images to cache, comma-separated.", _images)
+    ]
+    cache_level: Annotated[int, setting("3", "zstd level of cached layers.", _whole_number(1, 19))]
+    build_id: Annotated[
+        str,
+        setting(
+            "", "Id of this CI job; default: from the CI's variables, else 'local'.", _build_id
+        ),
+    ]
+    commit: Annotated[str, setting("", "Commit SHA; default: the CI's own variable, else git.")]
+    branch: Annotated[str, setting("", "Branch name; default: the CI's own variable, else git.")]
+    # Parsed to names here; the loader then builds each service from its own keys.
+    services: Annotated[
+        tuple[ServiceSpec, ...],
+        setting("", "Service containers, e.g. postgres,redis.", _service_names),
+    ]
+    sweep_after: Annotated[
+        int,
+        setting(
+            "3600", "services.sweep removes leftovers older than this (s).", _whole_number(0, 10**7)
+        ),
+    ]
+    db_service: Annotated[str, setting("postgres", "The postgres service db.init prepares.")]
+    db_name: Annotated[str, setting("app_test", "Database db.init creates if missing.")]
+    db_user: Annotated[
+        str, setting("postgres", "Database user (the postgres service's superuser).")
+    ]
+    db_password: Annotated[
+        str, setting("layerkeep", "Its password; never printed.", secret=True)
+    ] = field(repr=False)
+    db_init_sql: Annotated[
+        tuple[Path, ...], setting("", "SQL files db.init runs, comma-separated.", _files)
+    ]
+    db_init_command: Annotated[str, setting("", "Command db.init runs in the app image.")]
+    test_command: Annotated[
+        str,
+        setting(
+            "python -m pytest --junitxml=/reports/junit.xml", "Test command run in the app image."
+        ),
+    ]
+    test_env: Annotated[
+        Mapping[str, str], setting("", "Test environment: NAME={service.fact} templates.", _pairs)
+    ]
+    test_mounts: Annotated[
+        tuple[Mount, ...],
+        setting("", "host-file-or-folder:/container/path[:ro], comma-separated.", _mounts),
+    ]
+    test_setup: Annotated[str, setting("", "Shell commands run before the tests, same container.")]
+    test_workdir: Annotated[
+        str, setting("", "Working directory for the tests; default: the image's.")
+    ]
+    reports_dir: Annotated[
+        Path, setting("", "JUnit XML folder; default: the CI's, or reports.", _optional_folder)
+    ]
+    keep_services: Annotated[
+        bool, setting("no", "Keep services after test.run, for debugging.", _flag)
+    ]
+    secrets: Annotated[
+        tuple[str, ...],
+        setting(
+            "", "Variables whose values are never printed, comma-separated names.", _variable_names
+        ),
+    ]
+    registry: Annotated[
+        str, setting("", "Registry to release to (host[:port]); empty: no release.", _registry)
+    ]
+    registry_user: Annotated[str, setting("", "Registry user; empty: an existing docker login.")]
+    registry_password: Annotated[
+        str, setting("", "Registry password or token; never printed.", secret=True)
+    ] = field(repr=False)
+    release_branches: Annotated[
+        tuple[str, ...], setting("*", "Branches release.push pushes (globs).", _list)
+    ]
+    release_latest_branch: Annotated[str, setting("", "Branch whose pushes also get :latest.")]
+    release_tags: Annotated[
+        tuple[str, ...], setting("", "More tags; {git_tag} is the tag at HEAD, if any.", _list)
+    ]
+    push_retries: Annotated[
+        int, setting("3", "Attempts per registry call on transient failures.", _whole_number(1, 10))
+    ]
+    cache_backend: Annotated[
+        CacheBackend, setting("dir", "dir (LAYERKEEP_CACHE_DIR) or registry.", _backend)
+    ]
+    cache_repository: Annotated[
+        str, setting("", "Registry repository for cache tags (registry backend).")
+    ]
+
+    def __repr__(self) -> str:
+        # Pairs such as test_env may hold secrets: mask them here too.
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return mask(f"Settings({shown})", self.secret_values)
 
     def require_image(self) -> ImageRef:
         """The app image, or a one-line error saying how to set it."""
@@ -268,19 +379,65 @@ class Settings:
             raise ConfigError(
                 "LAYERKEEP_IMAGE is not set",
                 key="LAYERKEEP_IMAGE",
-                hint="set it in .env, e.g. LAYERKEEP_IMAGE=myorg/app, or pass --image",
+                hint="set it in layerkeep.env or .env, e.g. LAYERKEEP_IMAGE=myorg/app, "
+                "or pass --image",
             )
         return self.image
 
     def with_flags(self, **flags: str | None) -> Settings:
-        """A copy with task flags applied (None means "not given"); keys are lowercase names."""
-        raw = {f"{PREFIX}{name.upper()}": value for name, value in flags.items() if value}
-        if not raw:
+        """A copy with task flags on top (None or "" means "not given"); names are lowercase.
+
+        Everything derived is resolved again, and ``origins`` names the flag.
+        """
+        given = {f"{PREFIX}{name.upper()}": value for name, value in flags.items() if value}
+        if not given:
             return self
-        values = {name: (value, f"flag --{name[len(PREFIX):].lower().replace('_', '-')}")
-                  for name, value in raw.items()}
-        parsed = _parse_fields(values, self.project_dir)
-        return replace(self, **parsed)
+        raw = dict(self._inputs.raw)
+        for key, value in given.items():
+            flag = f"flag --{key.removeprefix(PREFIX).lower().replace('_', '-')}"
+            _set(raw, key, Raw(value, flag, Source.FLAG))
+        return _resolve(self.project_dir, replace(self._inputs, raw=raw))
+
+
+@dataclass(frozen=True)
+class Key:
+    """One declared setting, as listings and the loader see it."""
+
+    name: str
+    field: str
+    default: str
+    doc: str
+    parse: Callable[[str, Path], object]
+    secret: bool
+
+
+def _declared() -> tuple[Key, ...]:
+    hints = get_type_hints(Settings, include_extras=True)
+    keys: list[Key] = []
+    for each in fields(Settings):
+        for d in getattr(hints[each.name], "__metadata__", ()):
+            if isinstance(d, Declaration):
+                name = f"{PREFIX}{each.name.upper()}"
+                keys.append(Key(name, each.name, d.default, d.doc, d.parse, d.secret))
+    return tuple(keys)
+
+
+KEYS = _declared()
+KNOWN = {key.name: key for key in KEYS}
+
+
+# --- loading ------------------------------------------------------------------------
+
+
+def env_file_paths(project_dir: Path, environ: Mapping[str, str]) -> tuple[Path, ...]:
+    """The env files to read, lowest precedence first: ``LAYERKEEP_ENV_FILES`` or the default.
+
+    ``LAYERKEEP_ENV_FILES`` is read from the process environment only (an env file cannot
+    name the env files); its comma-separated paths are relative to the project.
+    """
+    listed = environ.get(ENV_FILES_KEY)
+    names = ENV_FILES if listed is None else parse_list(listed)
+    return tuple(project_dir / name for name in names)
 
 
 def load_settings(
@@ -289,91 +446,157 @@ def load_settings(
     *,
     git_facts: Callable[[Path], ci_vars.GitFacts] = ci_vars.git_facts,
 ) -> Settings:
-    """Read defaults, env files and ``environ`` (in that order) into validated settings."""
-    values: dict[str, tuple[str, str]] = {k.name: (k.default, "default") for k in KEYS}
-    file_values: dict[str, str] = {}
-    for file_name in ENV_FILES:
-        path = project_dir / file_name
-        if path.is_file():
-            for key, (value, where) in read_env_file(path, {**environ, **file_values}).items():
-                file_values[key] = value
-                if key.startswith(PREFIX):
-                    values[key] = (value, where)
+    """Read defaults, env files, ``environ`` (in that order) into validated settings."""
+    raw: dict[str, Raw] = {key.name: Raw(key.default, "default", Source.DEFAULT) for key in KEYS}
+    defined: dict[str, str] = {}
+    read: list[Path] = []
+    for path in env_file_paths(project_dir, environ):
+        if not path.exists():
+            continue
+        for key, (value, where) in read_env_file(path, environ, defined).items():
+            defined[key] = value
+            if key == ENV_FILES_KEY:
+                raise ConfigError(
+                    f"{key} is read from the process environment only (found at {where})",
+                    key=key,
+                    hint="set it in the environment, e.g. in your CI's configuration",
+                )
+            if key.startswith(PREFIX):
+                _set(raw, key, Raw(value, where, Source.ENV_FILE))
+        read.append(path)
     for key, value in environ.items():
-        if key.startswith(PREFIX):
-            values[key] = (value, "environment")
-    services = _service_names(values)
-    _reject_unknown(values, services)
-    parsed = _parse_fields({k: v for k, v in values.items() if k in KNOWN}, project_dir)
-    parsed["services"] = _parse_services(values, services, parsed)
+        if key.startswith(PREFIX) and key != ENV_FILES_KEY:
+            _set(raw, key, Raw(value, "environment", Source.ENVIRONMENT))
+    fallbacks = _fallbacks(project_dir, raw, environ, git_facts)
+    return _resolve(project_dir, _Inputs(raw, dict(environ), fallbacks, tuple(read)))
+
+
+def _set(raw: dict[str, Raw], key: str, value: Raw) -> None:
+    """Record ``value`` unless a higher source already set the key: precedence in one place."""
+    current = raw.get(key)
+    if current is None or value.source >= current.source:
+        raw[key] = value
+
+
+def _fallbacks(
+    project_dir: Path,
+    raw: Mapping[str, Raw],
+    environ: Mapping[str, str],
+    git_facts: Callable[[Path], ci_vars.GitFacts],
+) -> dict[str, tuple[object, str]]:
+    ci = ci_vars.detect(environ)
+    found: dict[str, tuple[object, str]] = {
+        "project": (project_dir.resolve().name, "default (the folder's name)"),
+        "build_id": (ci.build_id, "default (CI variables)")
+        if ci.build_id
+        else ("local", "default (no CI found)"),
+        "reports_dir": (Path(ci.reports_dir), "default (CI variables)")
+        if ci.reports_dir
+        else (project_dir / "reports", "default"),
+        "commit": (ci.commit, "default (CI variables)"),
+        "branch": (ci.branch, "default (CI variables)"),
+    }
+    missing = [
+        name
+        for name in ("commit", "branch")
+        if not found[name][0] and not raw[f"{PREFIX}{name.upper()}"].text.strip()
+    ]
+    if missing:
+        facts = git_facts(project_dir)
+        for name in missing:
+            found[name] = (getattr(facts, name), "default (git)")
+    return found
+
+
+def _resolve(project_dir: Path, inputs: _Inputs) -> Settings:
+    """Validate the raw values and derive the rest; every error names the key and its source."""
+    raw = inputs.raw
+    names = cast(tuple[str, ...], _parse(KNOWN[f"{PREFIX}SERVICES"], raw, project_dir))
+    _reject_unknown(raw, names)
+    parsed: dict[str, Any] = {key.field: _parse(key, raw, project_dir) for key in KEYS}
+    origins = {key: value.where for key, value in raw.items()}
+    for name, (value, where) in inputs.fallbacks.items():
+        if not parsed[name]:
+            parsed[name] = value
+            origins[f"{PREFIX}{name.upper()}"] = where
+    parsed["services"] = _parse_services(raw, names, parsed)
     if not parsed["test_env"]:
         parsed["test_env"] = default_test_env(parsed["services"], parsed["db_service"])
-    check_templates(parsed["test_env"], parsed["services"], values["LAYERKEEP_TEST_ENV"][1])
-    project = parsed.pop("project") or project_dir.resolve().name
-    ci = ci_vars.detect(environ)
-    parsed["reports_dir"] = parsed["reports_dir"] or (
-        Path(ci.reports_dir) if ci.reports_dir else project_dir / "reports"
-    )
-    commit = parsed.pop("commit") or ci.commit
-    branch = parsed.pop("branch") or ci.branch
-    if not (commit and branch):
-        facts = git_facts(project_dir)
-        commit, branch = commit or facts.commit, branch or facts.branch
+        origins[f"{PREFIX}TEST_ENV"] = "default (from the services)"
+    check_templates(parsed["test_env"], parsed["services"], raw[f"{PREFIX}TEST_ENV"].where)
     return Settings(
         project_dir=project_dir,
-        project=project,
-        build_id=parsed.pop("build_id") or ci.build_id or "local",
-        commit=commit,
-        branch=branch,
-        origins={key: where for key, (_, where) in values.items()},
+        secret_values=_secret_values(parsed, raw, inputs.environ),
+        env_files=inputs.env_files,
+        origins=origins,
+        _inputs=inputs,
         **parsed,
     )
 
 
-def read_env_file(path: Path, environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+def read_env_file(
+    path: Path, environ: Mapping[str, str], defined: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, str]]:
     """Parse one env file into key -> (value, "file:line"); a malformed line is an error.
 
-    ``${NAME}`` and ``${NAME:-default}`` expand from earlier lines and ``environ``,
-    except inside single quotes, as python-dotenv does.
+    ``${NAME}`` and ``${NAME:-default}`` expand, except inside single quotes, from
+    ``environ`` first, then from earlier lines and ``defined`` (earlier files' values):
+    the process environment outranks env files here as everywhere.
     """
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(
+            f"cannot read it: {error.strerror or error}",
+            source=str(path),
+            hint="make it a readable file, or remove it",
+        ) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError(
+            f"line {line} is not UTF-8 text (byte {data[error.start]:#04x})",
+            source=f"{path}:{line}",
+            hint="save the file as UTF-8",
+        ) from None
     result: dict[str, tuple[str, str]] = {}
-    known: dict[str, str] = dict(environ)
-    with path.open(encoding="utf-8") as stream:
-        for binding in parse_stream(stream):
-            line = binding.original.line
-            if binding.error:
-                text = binding.original.string.strip()
-                raise ConfigError(
-                    f"line {line} is not KEY=VALUE: {text[:60]!r}",
-                    source=str(path),
-                    hint="write KEY=value, quote values with spaces, start comments with #",
-                )
-            if binding.key is None:
-                continue
-            value = binding.value or ""
-            if not binding.original.string.split("=", 1)[-1].lstrip().startswith("'"):
-                value = "".join(atom.resolve(known) or "" for atom in parse_variables(value))
-            known[binding.key] = value
-            result[binding.key] = (value, f"{path}:{line}")
+    earlier: dict[str, str] = {}
+    known = ChainMap(dict(environ), earlier, dict(defined or {}))
+    for binding in parse_stream(io.StringIO(text)):
+        line = binding.original.line
+        if binding.error:
+            shown = binding.original.string.strip()
+            raise ConfigError(
+                f"line {line} is not KEY=VALUE: {shown[:60]!r}",
+                source=str(path),
+                hint="write KEY=value, quote values with spaces, start comments with #",
+            )
+        if binding.key is None:
+            continue
+        value = binding.value or ""
+        if not binding.original.string.split("=", 1)[-1].lstrip().startswith("'"):
+            value = "".join(atom.resolve(known) for atom in parse_variables(value))
+        earlier[binding.key] = value
+        result[binding.key] = (value, f"{path}:{line}")
     return result
 
 
-def _service_names(values: Mapping[str, tuple[str, str]]) -> tuple[str, ...]:
-    value, where = values["LAYERKEEP_SERVICES"]
+def _parse(key: Key, raw: Mapping[str, Raw], project_dir: Path) -> object:
+    value = raw[key.name]
     try:
-        return parse_names(value)
+        return key.parse(value.text, project_dir)
     except Invalid as error:
+        shown = MASK if key.secret else repr(value.text)
         raise ConfigError(
-            f"LAYERKEEP_SERVICES={value!r} (from {where}) is not valid",
-            key="LAYERKEEP_SERVICES",
-            hint=str(error),
+            f"{key.name}={shown} (from {value.where}) is not valid", key=key.name, hint=str(error)
         ) from None
 
 
-def _reject_unknown(values: Mapping[str, tuple[str, str]], services: tuple[str, ...]) -> None:
+def _reject_unknown(raw: Mapping[str, Raw], services: tuple[str, ...]) -> None:
     described = set(services) | set(KNOWN_KINDS)
     allowed = set(KNOWN) | {service_key(name, suffix) for name in described for suffix in SUFFIXES}
-    for key, (_, where) in values.items():
+    for key, value in raw.items():
         if key in allowed:
             continue
         near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.9)
@@ -388,29 +611,135 @@ def _reject_unknown(values: Mapping[str, tuple[str, str]], services: tuple[str, 
             hint = f"did you mean {close[0]}?"
         else:
             hint = "see .env.example for every key"
-        raise ConfigError(f"unknown setting {key} (from {where})", key=key, hint=hint)
+        raise ConfigError(f"unknown setting {key} (from {value.where})", key=key, hint=hint)
 
 
 def _parse_services(
-    values: Mapping[str, tuple[str, str]], names: tuple[str, ...], parsed: Mapping[str, Any]
+    raw: Mapping[str, Raw], names: tuple[str, ...], parsed: Mapping[str, Any]
 ) -> tuple[ServiceSpec, ...]:
     postgres_env = {"POSTGRES_USER": parsed["db_user"], "POSTGRES_PASSWORD": parsed["db_password"]}
     services: list[ServiceSpec] = []
     for name in names:
 
         def get(suffix: str, name: str = name) -> str:
-            return values.get(service_key(name, suffix), ("", ""))[0]
+            value = raw.get(service_key(name, suffix))
+            return value.text if value else ""
 
         try:
             services.append(parse_service(name, get, postgres_env=postgres_env))
         except Invalid as error:
             key = service_key(name, error.suffix)
-            value, where = values.get(key, ("", "default"))
+            value = raw.get(key, Raw("", "default", Source.DEFAULT))
             raise ConfigError(
-                f"{key}={value!r} (from {where}) is not valid", key=key, hint=str(error)
+                f"{key}={value.text!r} (from {value.where}) is not valid", key=key, hint=str(error)
             ) from None
     return tuple(services)
 
+
+# --- secrets --------------------------------------------------------------------------
+
+
+def is_secret_name(name: str, listed: Collection[str]) -> bool:
+    """Whether the variable ``name`` holds a secret: listed in LAYERKEEP_SECRETS, or named so."""
+    return name in listed or any(marker in name.upper() for marker in SECRET_MARKERS)
+
+
+def _secret_values(
+    parsed: Mapping[str, Any], raw: Mapping[str, Raw], environ: Mapping[str, str]
+) -> tuple[str, ...]:
+    listed: tuple[str, ...] = parsed["secrets"]
+    values = {parsed["registry_password"], parsed["db_password"]}
+    values.update(environ[name] for name in listed if name in environ)
+    specs: tuple[ServiceSpec, ...] = parsed["services"]
+    for env in (parsed["test_env"], parsed["build_args"], *(spec.env for spec in specs)):
+        values.update(value for name, value in env.items() if is_secret_name(name, listed))
+    values.discard("")
+    # The built-in password is public (.env.example shows it), and masking it would
+    # also mask "layerkeep" in every container name.
+    if raw[f"{PREFIX}DB_PASSWORD"].source == Source.DEFAULT:
+        values.discard(parsed["db_password"])
+    return tuple(sorted(values, key=lambda value: (-len(value), value)))
+
+
+def mask(text: str, secret_values: Collection[str]) -> str:
+    """``text`` with every secret value replaced by ****; pass longest values first."""
+    for value in secret_values:
+        text = text.replace(value, MASK)
+    return text
+
+
+# --- the settings view ----------------------------------------------------------------
+
+
+class SettingRow(NamedTuple):
+    """One line of the settings view."""
+
+    name: str
+    value: str
+    origin: str
+    doc: str
+
+
+def describe_settings(settings: Settings) -> list[SettingRow]:
+    """Every resolved setting, with secrets masked, where it came from, and what it means.
+
+    The declared settings come first, in declaration order, then the keys of each
+    configured service.
+    """
+    rows: list[SettingRow] = []
+    for key in KEYS:
+        value = getattr(settings, key.field)
+        if key.secret:
+            text = MASK if value else ""
+        elif isinstance(value, Mapping):
+            text = _show_pairs(value, settings)
+        else:
+            text = mask(_show(value), settings.secret_values)
+        rows.append(SettingRow(key.name, text, settings.origins.get(key.name, "default"), key.doc))
+    for spec in settings.services:
+        shown = {
+            "IMAGE": spec.image,
+            "KIND": spec.kind,
+            "ENV": _show_pairs(spec.env, settings),
+            "COMMAND": mask(spec.command, settings.secret_values),
+            "READY": mask(spec.ready, settings.secret_values),
+            "CONTAINER_PORT": _show(spec.container_port),
+            "PORT": _show(spec.host_port),
+            "TIMEOUT": f"{spec.timeout:g}",
+        }
+        for service_setting in SERVICE_KEYS:
+            name = service_key(spec.name, service_setting.suffix)
+            origin = settings.origins.get(name, "default")
+            rows.append(
+                SettingRow(name, shown[service_setting.suffix], origin, service_setting.doc)
+            )
+    return rows
+
+
+def _show_pairs(pairs: Mapping[str, str], settings: Settings) -> str:
+    def shown(name: str, value: str) -> str:
+        if is_secret_name(name, settings.secrets):
+            return MASK
+        return mask(value, settings.secret_values)
+
+    return ",".join(f"{name}={shown(name, value)}" for name, value in pairs.items())
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return ",".join(_show(item) for item in value)
+    if isinstance(value, Mount):
+        return f"{value.source}:{value.target}{':ro' if value.read_only else ''}"
+    if isinstance(value, ServiceSpec):
+        return value.name
+    return str(value)
+
+
+# --- the test environment's templates -------------------------------------------------
 
 _TEMPLATE = re.compile(r"\{([a-z][a-z0-9-]*)\.([a-z_]+)\}")
 FACTS = ("host", "port", "user", "password", "database", "url")
@@ -445,17 +774,3 @@ def check_templates(env: Mapping[str, str], services: tuple[ServiceSpec, ...], w
 def render_template(template: str, facts: Mapping[str, Mapping[str, str]]) -> str:
     """Fill ``{service.fact}`` placeholders from ``facts[service][fact]``."""
     return _TEMPLATE.sub(lambda match: facts[match[1]][match[2]], template)
-
-
-def _parse_fields(values: Mapping[str, tuple[str, str]], project_dir: Path) -> dict[str, Any]:
-    """Turn raw strings into typed fields; each error names the key and where it came from."""
-    parsed: dict[str, Any] = {}
-    for name, (value, where) in values.items():
-        key = KNOWN[name]
-        try:
-            parsed[key.field] = key.parse(value, project_dir)
-        except Invalid as error:
-            raise ConfigError(
-                f"{name}={value!r} (from {where}) is not valid", key=name, hint=str(error)
-            ) from None
-    return parsed
