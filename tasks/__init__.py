@@ -1,15 +1,19 @@
 """layerkeep's Invoke collection: `inv --list` shows it; other projects import it.
 
-In another project's tasks.py::
+In another project's tasks.py, the one line::
 
-    from invoke import Collection
-    from layerkeep.tasks import ns as layerkeep_ns
-    ns = Collection.from_module(my_tasks)  # your own tasks
-    for name, collection in layerkeep_ns.collections.items():
-        ns.add_collection(collection, name)
+    from layerkeep.tasks import ns
+
+or, with the project's own steps inside `inv ci` (after test.run unless named)::
+
+    from layerkeep.tasks import collection
+    import project_tasks
+    ns = collection(steps=[project_tasks.lint, (project_tasks.smoke, "image.build")])
+    ns.add_collection(Collection.from_module(project_tasks), "project")
 """
 
-from typing import Any, cast
+from collections.abc import Iterable
+from typing import Any
 
 from invoke.collection import Collection
 from invoke.tasks import Task
@@ -21,18 +25,38 @@ from . import (
     git_tasks,
     image_tasks,
     release_tasks,
+    restore_tasks,
     services_tasks,
     standin_tasks,
     testing_tasks,
 )
+from .graph import step, with_steps
 
-ns = Collection()
-ns.add_collection(Collection.from_module(git_tasks), "git")
-ns.add_collection(Collection.from_module(cache_tasks), "cache")
-ns.add_collection(Collection.from_module(image_tasks), "image")
-ns.add_collection(Collection.from_module(services_tasks), "services")
-ns.add_collection(Collection.from_module(db_tasks), "db")
-ns.add_collection(Collection.from_module(testing_tasks), "test")
-ns.add_collection(Collection.from_module(release_tasks), "release")
-ns.add_collection(Collection.from_module(standin_tasks), "standins")
-ns.add_task(cast(Task[Any], ci_tasks.ci))  # invoke types @task's result loosely
+__all__ = ["collection", "ns", "step"]
+
+StepSpec = Task[Any] | tuple[Task[Any], str]
+
+
+def collection(steps: Iterable[StepSpec] = ()) -> Collection:
+    """layerkeep's tasks, with ``steps`` (a project's tasks) put into `inv ci`.
+
+    Each step is a task (run after test.run, before release.push) or a pair
+    ``(task, "image.build")`` naming the task it follows.
+    """
+    placed = [(item, "test.run") if isinstance(item, Task) else item for item in steps]
+    made = Collection()
+    made.add_collection(Collection("git", git_tasks.touch))
+    made.add_collection(Collection("cache", restore_tasks.load, cache_tasks.save))
+    made.add_collection(Collection("image", image_tasks.build))
+    made.add_collection(
+        Collection("services", services_tasks.up, services_tasks.down, services_tasks.sweep)
+    )
+    made.add_collection(Collection("db", db_tasks.init))
+    made.add_collection(Collection("test", testing_tasks.run))
+    made.add_collection(Collection("release", release_tasks.push))
+    made.add_collection(Collection("standins", standin_tasks.build))
+    made.add_task(with_steps(ci_tasks.ci, placed) if placed else ci_tasks.ci)
+    return made
+
+
+ns = collection()

@@ -1,29 +1,29 @@
-"""cache.*: keep images across fresh CI machines (a folder, or a registry)."""
+"""cache.save: keep what the next build needs (a folder, or a registry).
+
+In `inv ci` a failure is a warning and the job goes on: the cache is an optimisation.
+Run alone, a failure exits non-zero with one line.
+"""
 
 from invoke.context import Context
-from invoke.tasks import task
 
-from layerkeep.cache.backend import load_cache, save_cache
+from layerkeep.cache.backend import save_cache
+from layerkeep.dryrun import save_plan
 
-from .taskkit import engine_for, reported, say, settings
-
-_HELP = {
-    "cache_dir": "cache folder (default: LAYERKEEP_CACHE_DIR)",
-    "backend": "dir or registry (default: LAYERKEEP_CACHE_BACKEND)",
-}
+from .graph import Note, is_dry, settings, step
+from .image_tasks import build
+from .restore_tasks import CACHE_HELP
+from .taskkit import engine_for, say
 
 
-@task(help=_HELP)
-@reported
-def load(c: Context, cache_dir: str | None = None, backend: str | None = None) -> None:
-    """Restore cached images the engine lacks (damaged entries are skipped)."""
+@step("cache.save", pre=[build], help=CACHE_HELP, role="cache")
+def save(c: Context, cache_dir: str | None = None, backend: str | None = None) -> Note:
+    """Build, then save the app image, its stages and LAYERKEEP_CACHE_IMAGES."""
     current = settings(c, cache_dir=cache_dir, cache_backend=backend)
-    load_cache(engine_for(current), current, log=say)
-
-
-@task(help=_HELP)
-@reported
-def save(c: Context, cache_dir: str | None = None, backend: str | None = None) -> None:
-    """Save the app image, its stages and LAYERKEEP_CACHE_IMAGES into the cache."""
-    current = settings(c, cache_dir=cache_dir, cache_backend=backend)
-    save_cache(engine_for(current), current, log=say)
+    if is_dry(c):
+        for line in save_plan(current):
+            say(line)
+        return "dry run"
+    report = save_cache(engine_for(current), current, log=say)
+    if report.skipped:
+        return "up to date"
+    return f"{report.layers_written} layers, {report.bytes_written / 1e6:.1f} MB written"

@@ -1,59 +1,38 @@
-"""ci: the whole job, in order, with cleanup that always runs and a summary at the end.
+"""ci: the whole job, declared as pre tasks; services.down always runs; a summary ends it.
 
-A project adds its own step from its tasks.py, without editing ours::
-
-    from layerkeep.tasks import ci_tasks
-    ci_tasks.add_step(project_tasks.lint, after="image.build")
+The order comes from the graph: git.touch, cache.load, image.build, cache.save,
+services.up, db.init, test.run, services.down (test.run's post), release.push.
 """
 
-import functools
-from collections.abc import Callable
+from typing import NoReturn
 
 from invoke.context import Context
-from invoke.tasks import task
 
-from layerkeep.pipeline import (
-    Step,
-    ci_steps,
-    cleanup_steps,
-    format_summary,
-    insert_step,
-    run_pipeline,
-)
-
-from .taskkit import engine_for, environ, reported, say, settings
-
-_EXTRA_STEPS: list[tuple[str, str, Callable[[Context], object]]] = []
+from .cache_tasks import save
+from .db_tasks import init
+from .git_tasks import touch
+from .graph import Note, step
+from .image_tasks import build
+from .release_tasks import push
+from .restore_tasks import load
+from .services_tasks import up
+from .testing_tasks import run
 
 
-def add_step(step: Callable[[Context], object], *, after: str = "", name: str = "") -> None:
-    """Run ``step`` (an Invoke task or a function taking the context) within `inv ci`.
+@step("ci", pre=[touch, load, build, save, up, init, run, push], role="group")
+def ci(c: Context) -> Note:
+    """The whole CI job, in order; cleanup always runs; a summary at the end.
 
-    ``after`` names the step it follows (e.g. "image.build"); default: after test.run.
+    `inv --dry ci` prints the plan and what each task would do, and changes nothing.
     """
-    _EXTRA_STEPS.append((name or getattr(step, "name", None) or step.__name__, after, step))
+    return None
 
 
-@task
-@reported
-def ci(c: Context) -> None:
-    """The whole CI job in order; services.down always runs; a summary at the end.
-
-    git.touch, cache.load, image.build, cache.save, services.up, db.init, test.run, and
-    release.push when a registry is configured.
-    """
-    current = settings(c)
-    engine = engine_for(current)
-    steps = ci_steps(engine, current, environ(), say)
-    for name, after, body in _EXTRA_STEPS:
-        insert_step(steps, Step(name, functools.partial(_run_extra, body, c)), after=after)
-    report = run_pipeline(steps, cleanup=cleanup_steps(engine, current, say), log=say)
-    say("")
-    say(format_summary(report))
-    if report.error is not None:
-        raise report.error
-
-
-def _run_extra(body: Callable[[Context], object], c: Context) -> str:
-    result = body(c)
-    return result if isinstance(result, str) else ""
+def add_step(*_: object, **__: object) -> NoReturn:
+    """Gone: steps are added with ``layerkeep.tasks.collection(steps=...)``."""
+    raise SystemExit(
+        "layerkeep: ci_tasks.add_step() was replaced: in tasks.py write "
+        "`ns = collection(steps=[lint])` (after test.run) or "
+        '`collection(steps=[(lint, "image.build")])`, with '
+        "`from layerkeep.tasks import collection`"
+    )

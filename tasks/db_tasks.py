@@ -1,17 +1,26 @@
 """db.*: prepare the test database."""
 
 from invoke.context import Context
-from invoke.tasks import task
 
+from layerkeep.dryrun import db_plan
 from layerkeep.testing.database import init_database
 
-from .taskkit import engine_for, reported, say, settings
+from .graph import Note, Skipped, is_dry, settings, step
+from .image_tasks import build
+from .services_tasks import up
+from .taskkit import engine_for, say
 
 
-@task
-@reported
-def init(c: Context) -> None:
+@step("db.init", pre=[build, up])
+def init(c: Context) -> Note:
     """Create LAYERKEEP_DB_NAME if missing, then run LAYERKEEP_DB_INIT_SQL / _COMMAND."""
     current = settings(c)
+    if not any(service.name == current.db_service for service in current.services):
+        return Skipped(f"no database service ({current.db_service}) in LAYERKEEP_SERVICES")
+    if is_dry(c):
+        for line in db_plan(current):
+            say(line)
+        return "dry run"
     report = init_database(engine_for(current), current, log=say)
     say(f"db.init done in {report.seconds:.1f} s")
+    return f"created {current.db_name}" if report.created else f"{current.db_name} exists"

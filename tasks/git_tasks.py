@@ -1,19 +1,23 @@
 """git.*: make the build context stable across checkouts."""
 
 from invoke.context import Context
-from invoke.tasks import task
 
+from layerkeep.dryrun import touch_plan
 from layerkeep.git.touch import touch as touch_files
 
-from .taskkit import reported, say, settings
+from .graph import Note, is_dry, settings, step
+from .taskkit import say
 
 
-@task(help={"author_time": "use each commit's author time instead of its committer time"})
-@reported
-def touch(c: Context, author_time: bool = False) -> None:
+@step("git.touch", help={"author_time": "use each commit's author time, not its committer time"})
+def touch(c: Context, author_time: bool = False) -> Note:
     """Set every tracked file's mtime to its last commit's time."""
-    folder = settings(c).project_dir
-    report = touch_files(folder, author_time=author_time)
+    current = settings(c)
+    if is_dry(c):
+        for line in touch_plan(current):
+            say(line)
+        return "dry run"
+    report = touch_files(current.project_dir, author_time=author_time)
     for path in report.skipped_dirty:
         say(f"left alone (modified): {path}")
     if report.shallow:
@@ -25,3 +29,6 @@ def touch(c: Context, author_time: bool = False) -> None:
         f"touched {report.touched} files from {report.commits_read} commits "
         f"in {report.seconds:.2f} s"
     )
+    dirty = f", {len(report.skipped_dirty)} modified left alone" if report.skipped_dirty else ""
+    shallow = " (shallow clone)" if report.shallow else ""
+    return f"{report.touched} files{dirty}{shallow}"

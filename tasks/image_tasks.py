@@ -1,23 +1,32 @@
 """image.*: build the app image with every cached image as --cache-from."""
 
 from invoke.context import Context
-from invoke.tasks import task
 
 from layerkeep.build.image import build_image, choose_builder
+from layerkeep.dryrun import build_plan
 
-from .taskkit import engine_for, environ, reported, say, settings
+from .git_tasks import touch
+from .graph import Note, is_dry, settings, step
+from .restore_tasks import load
+from .taskkit import engine_for, environ, say
 
 
-@task(
+@step(
+    "image.build",
+    pre=[touch, load],
     help={
         "builder": "auto, legacy or buildkit (default: LAYERKEEP_BUILDER)",
         "image": "app image to build (default: LAYERKEEP_IMAGE)",
-    }
+    },
 )
-@reported
-def build(c: Context, builder: str | None = None, image: str | None = None) -> None:
+def build(c: Context, builder: str | None = None, image: str | None = None) -> Note:
     """Build the app image and its named stages, reusing cached layers."""
     current = settings(c, builder=builder, image=image)
+    if is_dry(c):
+        for line in build_plan(current):
+            say(line)
+        return "dry run"
     engine = engine_for(current)
     chosen = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=engine)
-    build_image(engine, current, chosen, environ(), log=say)
+    report = build_image(engine, current, chosen, environ(), log=say)
+    return f"{report.tally.reused}/{report.tally.total} steps reused ({chosen.kind})"

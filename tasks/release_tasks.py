@@ -1,16 +1,32 @@
-"""release.*: push the built app image to LAYERKEEP_REGISTRY under its release tags."""
+"""release.*: push the tested app image to LAYERKEEP_REGISTRY under its release tags."""
 
 from invoke.context import Context
-from invoke.tasks import task
 
+from layerkeep.dryrun import release_plan
 from layerkeep.release.push import push_release
 
-from .taskkit import engine_for, reported, say, settings
+from .graph import Note, Skipped, is_dry, settings, step
+from .taskkit import engine_for, say
+from .testing_tasks import run as run_tests
 
 
-@task(help={"dry_run": "print the tags and the registry, push and tag nothing"})
-@reported
-def push(c: Context, dry_run: bool = False) -> None:
-    """Tag the app image (commit, branch, latest, release tags), push and verify each."""
+@step(
+    "release.push",
+    pre=[run_tests],
+    help={"dry_run": "print the tags and the registry, push and tag nothing (like inv --dry)"},
+)
+def push(c: Context, dry_run: bool = False) -> Note:
+    """After the tests pass: tag the app image (commit, branch, latest), push, verify."""
     current = settings(c)
-    push_release(engine_for(current), current, dry_run=dry_run, log=say)
+    if not current.registry:
+        return Skipped("no LAYERKEEP_REGISTRY")
+    if is_dry(c):
+        for line in release_plan(current):
+            say(line)
+        return "dry run"
+    report = push_release(engine_for(current), current, dry_run=dry_run, log=say)
+    if not report.plan.pushes:
+        return Skipped(report.plan.reason)
+    if dry_run:
+        return "dry run"
+    return f"{len(report.pushed)} tags at {report.digest[:19]}"

@@ -1,53 +1,73 @@
 """services.*: the job's service containers (postgres, redis, ...) on its own network."""
 
 from invoke.context import Context
-from invoke.tasks import task
 
 from layerkeep.core.errors import ConfigError
+from layerkeep.dryrun import down_plan, services_plan
 from layerkeep.services.containers import services_down, services_up
 from layerkeep.services.containers import sweep as sweep_leftovers
 
-from .taskkit import engine_for, reported, say, settings
+from .graph import Note, Run, Skipped, is_dry, settings, step
+from .restore_tasks import load
+from .taskkit import engine_for, say
 
 
-@task
-@reported
-def up(c: Context) -> None:
-    """Start LAYERKEEP_SERVICES on the job's network and wait until each is ready."""
-    current = settings(c)
-    services_up(engine_for(current), current, log=say)
-
-
-@task
-@reported
-def down(c: Context) -> None:
+@step("services.down", role="cleanup")
+def down(c: Context) -> Note:
     """Remove this job's service containers (with their volumes) and its network."""
     current = settings(c)
-    services_down(engine_for(current), current, log=say)
+    if is_dry(c):
+        for line in down_plan(current):
+            say(line)
+        return "dry run"
+    if current.keep_services:
+        say("services kept (LAYERKEEP_KEEP_SERVICES or --keep-services)")
+        return Skipped("kept on purpose")
+    return f"{services_down(engine_for(current), current, log=say)} removed"
 
 
-@task(
+@step("services.up", pre=[load])
+def up(c: Context) -> Note:
+    """Start LAYERKEEP_SERVICES on the job's network and wait until each is ready."""
+    current = settings(c)
+    if is_dry(c):
+        for line in services_plan(current):
+            say(line)
+        return "dry run"
+    if not current.services:
+        return Skipped("no services configured")
+    # Whatever happens next in this run, what starts here is removed if the run fails.
+    Run.of(c).register_cleanup(down)
+    running = services_up(engine_for(current), current, log=say)
+    return ", ".join(service.spec.name for service in running) + " ready"
+
+
+@step(
+    "services.sweep",
     help={
         "older_than": "seconds; remove leftovers created earlier than this "
         "(default: LAYERKEEP_SWEEP_AFTER)",
         "all_projects": "sweep every layerkeep project's leftovers, not only this one's",
-    }
+    },
 )
-@reported
-def sweep(c: Context, older_than: str | None = None, all_projects: bool = False) -> None:
+def sweep(c: Context, older_than: str | None = None, all_projects: bool = False) -> Note:
     """Remove containers and networks that killed jobs left behind."""
     current = settings(c)
     seconds = current.sweep_after
     if older_than is not None:
-        if not older_than.strip().isdigit():
+        if not (older_than.strip().isascii() and older_than.strip().isdigit()):
             raise ConfigError(
                 f"--older-than={older_than!r} is not valid",
                 hint="use a whole number of seconds, e.g. 3600",
             )
         seconds = int(older_than)
-    sweep_leftovers(
+    if is_dry(c):
+        say(f"would remove layerkeep containers and networks older than {seconds} s")
+        return "dry run"
+    removed = sweep_leftovers(
         engine_for(current),
         older_than=seconds,
         log=say,
         project=None if all_projects else current.project,
     )
+    return f"{removed} removed"

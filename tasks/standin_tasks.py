@@ -1,22 +1,26 @@
 """standins.*: make official-image stand-ins on machines that cannot pull."""
 
 from invoke.context import Context
-from invoke.tasks import task
 
 from layerkeep.standins.images import STANDINS, ensure_standins
 
-from .taskkit import engine_for, reported, say, settings
+from .graph import Note, is_dry, settings, step
+from .taskkit import engine_for, say
 
 
-@task(
+@step(
+    "standins.build",
     help={
         "only": "comma-separated stand-ins to make (default: all of " + ", ".join(STANDINS) + ")",
         "force": "rebuild even when the image is already present",
-    }
+    },
 )
-@reported
-def build(c: Context, only: str = "", force: bool = False) -> None:
+def build(c: Context, only: str = "", force: bool = False) -> Note:
     """Build debian, python, postgres, redis and registry images from Debian packages."""
     names = [name.strip() for name in only.split(",") if name.strip()] or None
+    if is_dry(c):
+        say(f"would build the stand-ins {', '.join(names or STANDINS)} when absent")
+        return "dry run"
     built = ensure_standins(engine_for(settings(c)), names=names, force=force, log=say)
     say(f"{len(built)} stand-in image(s) built")
+    return f"{len(built)} built"

@@ -1,34 +1,39 @@
-"""test.*: run the project's tests inside the app image."""
+"""test.*: run the project's tests inside the app image, against the job's services."""
 
 from invoke.context import Context
-from invoke.tasks import task
 
 from layerkeep.core.errors import CommandFailed
-from layerkeep.services.containers import services_down, services_up
-from layerkeep.testing.database import init_database
+from layerkeep.dryrun import tests_plan
 from layerkeep.testing.testrun import run_tests
 
-from .taskkit import engine_for, reported, say, settings
+from .db_tasks import init
+from .graph import Note, Run, is_dry, settings, step
+from .image_tasks import build
+from .services_tasks import down, up
+from .taskkit import engine_for, say
 
 
-@task(help={"keep_services": "leave the services running afterwards, for debugging"})
-@reported
-def run(c: Context, keep_services: bool = False) -> None:
-    """Start services, init the DB, run the tests in the app image, remove the services.
+@step(
+    "test.run",
+    pre=[build, up, init],
+    post=[down],
+    help={"keep_services": "leave the services running afterwards, for debugging"},
+)
+def run(c: Context, keep_services: bool = False) -> Note:
+    """Build, start services, init the DB, run the tests in the app image, stop services.
 
-    The services are removed even when a step fails (Invoke skips `post` tasks on
-    failure, so this is a try/finally), unless kept.
+    Its prerequisites come from the graph (image.build, services.up, db.init) and
+    services.down runs after it, also when the tests fail or the run is interrupted.
     """
-    current = settings(c, keep_services="yes" if keep_services else None)
-    engine = engine_for(current)
-    try:
-        if current.services:
-            services_up(engine, current, log=say)
-            if any(s.name == current.db_service for s in current.services):
-                init_database(engine, current, log=say)
-        result = run_tests(engine, current, log=say)
-    finally:
-        if current.services and not current.keep_services:
-            services_down(engine, current, log=say)
+    if keep_services:
+        # services.down, which runs after this task, must see the flag too.
+        Run.of(c).keep_flags(c, keep_services="yes")
+    current = settings(c)
+    if is_dry(c):
+        for line in tests_plan(current):
+            say(line)
+        return "dry run"
+    result = run_tests(engine_for(current), current, log=say)
     if not result.passed:
         raise CommandFailed(f"tests failed (exit {result.exit_code})", return_code=result.exit_code)
+    return f"passed, {len(result.reports)} report(s)"

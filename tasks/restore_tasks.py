@@ -1,0 +1,29 @@
+"""cache.load: restore saved images before anything needs them.
+
+Before another task (image.build, services.up), a failure is a warning and the job
+goes on: the cache is an optimisation. Run alone, a failure exits non-zero.
+"""
+
+from invoke.context import Context
+
+from layerkeep.cache.backend import describe_load, load_cache
+from layerkeep.dryrun import load_plan
+
+from .graph import Note, is_dry, settings, step
+from .taskkit import engine_for, say
+
+CACHE_HELP = {
+    "cache_dir": "cache folder (default: LAYERKEEP_CACHE_DIR)",
+    "backend": "dir or registry (default: LAYERKEEP_CACHE_BACKEND)",
+}
+
+
+@step("cache.load", help=CACHE_HELP, role="cache")
+def load(c: Context, cache_dir: str | None = None, backend: str | None = None) -> Note:
+    """Restore cached images the engine lacks (damaged entries are skipped)."""
+    current = settings(c, cache_dir=cache_dir, cache_backend=backend)
+    if is_dry(c):
+        for line in load_plan(current):
+            say(line)
+        return "dry run"
+    return describe_load(load_cache(engine_for(current), current, log=say))
