@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from invoke.tasks import Task, task
@@ -30,7 +31,7 @@ CI_ORDER = [
 ]
 
 
-def titles(tasks: list[Task[object]]) -> list[str]:
+def titles(tasks: list[Task[Any]]) -> list[str]:
     return [title_of(each) for each in tasks]
 
 
@@ -91,6 +92,7 @@ PROJECT = '''\
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from invoke import task
 from invoke.collection import Collection
