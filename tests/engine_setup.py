@@ -99,7 +99,7 @@ def _answers(environ: Mapping[str, str]) -> bool:
             except OSError:
                 return False
     try:
-        connect(environ, labels={}).client.close()
+        connect(environ).close()
     except EngineUnavailable:
         return False
     return True

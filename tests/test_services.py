@@ -350,6 +350,24 @@ def test_a_ready_command_that_never_succeeds_times_out_with_state_and_logs(
     assert "waiting-for-nothing" not in line
 
 
+def test_a_ready_command_that_hangs_cannot_hold_the_wait_past_the_timeout(
+    job: Callable[..., CiJob],
+) -> None:
+    current = job(
+        LAYERKEEP_SERVICES="hung",
+        LAYERKEEP_HUNG_IMAGE="debian:bookworm-slim",
+        LAYERKEEP_HUNG_COMMAND="sleep 300",
+        LAYERKEEP_HUNG_READY="sleep 120",
+        LAYERKEEP_HUNG_TIMEOUT="2",
+    )
+    started = time.monotonic()
+    with pytest.raises(ServiceNotReady) as caught:
+        services_up(current.engine, current.settings, log=current.log)
+    took = time.monotonic() - started
+    assert 2.0 <= took < 5.0, took
+    assert "`sleep 120` to exit 0 (it had not finished yet)" in caught.value.one_line()
+
+
 def test_a_container_that_exits_fails_at_once_with_its_code_and_logs(
     job: Callable[..., CiJob],
 ) -> None:
