@@ -193,7 +193,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path: Path) -> None:
         ("LAYERKEEP_IMAGE", "app:café", "Docker reference"),
         ("LAYERKEEP_SECRETS", "SECRET_KEY,not a name", "variable names"),
         ("LAYERKEEP_DOCKER_TIMEOUT", "0", "whole number from 1 to 3600"),
-        ("LAYERKEEP_BUILD_ARGS", "A=1,oops", "NAME=value"),
+        ("LAYERKEEP_BUILD_ARGS", "A=1,oops", "item 2 is not NAME=value"),
         ("LAYERKEEP_CACHE_IMAGES", "postgres:15,Not Valid", "'Not Valid'"),
     ],
 )
@@ -206,6 +206,27 @@ def test_bad_values_name_key_source_and_what_is_allowed(
     assert key in message
     assert "environment" in message
     assert allowed in message
+
+
+def test_errors_never_show_values_that_may_be_secrets(tmp_path: Path) -> None:
+    cases = [
+        ({"LAYERKEEP_TEST_ENV": "DEBUG=0,SECRET_KEY hunter2"}, "LAYERKEEP_TEST_ENV=****"),
+        ({"LAYERKEEP_SERVICES": "redis", "LAYERKEEP_REDIS_ENV": "REDIS_PASSWORD hunter2"},
+         "LAYERKEEP_REDIS_ENV=****"),
+        ({"LAYERKEEP_SERVICES": "postgres",
+          "LAYERKEEP_TEST_ENV": "SECRET_KEY=hunter2{postgres.uri}"},
+         "LAYERKEEP_TEST_ENV: SECRET_KEY (from environment) names {postgres.uri}"),
+    ]
+    for environ, expected in cases:
+        with pytest.raises(ConfigError) as caught:
+            load(tmp_path, environ)
+        assert "hunter2" not in caught.value.one_line(), environ
+        assert expected in caught.value.one_line()
+    (tmp_path / ".env").write_text('SECRET_KEY="hunter2\n')
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path)
+    assert "hunter2" not in caught.value.one_line()
+    assert "line 1 is not KEY=VALUE: 'SECRET_KEY=...'" in caught.value.one_line()
 
 
 def test_flags_are_validated_too(tmp_path: Path) -> None:

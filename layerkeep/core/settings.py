@@ -566,9 +566,11 @@ def read_env_file(
     for binding in parse_stream(io.StringIO(text)):
         line = binding.original.line
         if binding.error:
-            shown = binding.original.string.strip()
+            # Only what precedes "=": the value may be a secret.
+            shown = binding.original.string.strip().split("=", 1)
+            shown_text = f"{shown[0][:60]}=..." if len(shown) > 1 else shown[0][:60]
             raise ConfigError(
-                f"line {line} is not KEY=VALUE: {shown[:60]!r}",
+                f"line {line} is not KEY=VALUE: {shown_text!r}",
                 source=str(path),
                 hint="write KEY=value, quote values with spaces, start comments with #",
             )
@@ -587,10 +589,22 @@ def _parse(key: Key, raw: Mapping[str, Raw], project_dir: Path) -> object:
     try:
         return key.parse(value.text, project_dir)
     except Invalid as error:
-        shown = MASK if key.secret else repr(value.text)
         raise ConfigError(
-            f"{key.name}={shown} (from {value.where}) is not valid", key=key.name, hint=str(error)
+            f"{key.name}={_quoted(key.name, value.text, secret=key.secret)} "
+            f"(from {value.where}) is not valid",
+            key=key.name,
+            hint=str(error),
         ) from None
+
+
+# Settings whose text is NAME=value pairs: they may carry secrets, so errors leave
+# their text out.
+_PAIRS_SUFFIX = ("_ENV", "_BUILD_ARGS")
+
+
+def _quoted(name: str, text: str, *, secret: bool = False) -> str:
+    """The text of ``name`` as an error shows it: quoted, or masked if it may hold a secret."""
+    return MASK if secret or name.endswith(_PAIRS_SUFFIX) else repr(text)
 
 
 def _reject_unknown(raw: Mapping[str, Raw], services: tuple[str, ...]) -> None:
@@ -631,7 +645,9 @@ def _parse_services(
             key = service_key(name, error.suffix)
             value = raw.get(key, Raw("", "default", Source.DEFAULT))
             raise ConfigError(
-                f"{key}={value.text!r} (from {value.where}) is not valid", key=key, hint=str(error)
+                f"{key}={_quoted(key, value.text)} (from {value.where}) is not valid",
+                key=key,
+                hint=str(error),
             ) from None
     return tuple(services)
 
@@ -763,7 +779,7 @@ def check_templates(env: Mapping[str, str], services: tuple[ServiceSpec, ...], w
         for service, fact in _TEMPLATE.findall(template):
             if service not in names or fact not in FACTS:
                 raise ConfigError(
-                    f"LAYERKEEP_TEST_ENV: {variable}={template!r} (from {where}) names "
+                    f"LAYERKEEP_TEST_ENV: {variable} (from {where}) names "
                     f"{{{service}.{fact}}}",
                     key="LAYERKEEP_TEST_ENV",
                     hint=f"services: {', '.join(sorted(names)) or 'none'}; "

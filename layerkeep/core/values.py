@@ -33,8 +33,10 @@ def parse_pairs(value: str) -> dict[str, str]:
     """``A=1,B=two`` -> {"A": "1", "B": "two"}; a comma inside a value is written ``\\,``."""
     pairs = [part.replace("\0", ",").strip() for part in value.replace("\\,", "\0").split(",")]
     pairs = [pair for pair in pairs if pair]
-    if not all(_PAIR.match(pair) for pair in pairs):
-        raise Invalid("write comma-separated NAME=value pairs")
+    for number, pair in enumerate(pairs, 1):
+        if not _PAIR.match(pair):
+            # The position, not the text: a value may be a secret.
+            raise Invalid(f"item {number} is not NAME=value; write comma-separated NAME=value")
     return dict(pair.split("=", 1) for pair in pairs)
 
 
