@@ -433,7 +433,8 @@ def env_file_paths(project_dir: Path, environ: Mapping[str, str]) -> tuple[Path,
     """The env files to read, lowest precedence first: ``LAYERKEEP_ENV_FILES`` or the default.
 
     ``LAYERKEEP_ENV_FILES`` is read from the process environment only (an env file cannot
-    name the env files); its comma-separated paths are relative to the project.
+    name the env files); its comma-separated paths are relative to the project or absolute,
+    and an empty value reads none.
     """
     listed = environ.get(ENV_FILES_KEY)
     names = ENV_FILES if listed is None else parse_list(listed)
