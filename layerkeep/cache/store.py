@@ -7,61 +7,138 @@ Layout::
     .lock                  taken while a save or load runs
 
 Every file is written to a temporary name, fsynced and renamed, and the manifest is
-replaced last: an interrupted save leaves the previous cache whole.
+replaced last: an interrupted or failed save leaves the previous cache whole.
+
+A blob is checked three ways, from cheap to thorough: its size on disk (a stat, for
+images a save leaves alone), a CRC-32 of the stored file recorded when it was written
+(before a save reuses it or a load sends it: about 7 GB/s of compressed bytes), and the
+zstd frame checksum and length of its content (while a load decompresses it, for free).
+A blob that fails is dropped from the manifest, so the next save writes it again.
+
+Every filesystem fault (full disk, read-only folder, a file where a folder belongs) is a
+CacheUnavailable naming the path and the fix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import zstandard
 
 from layerkeep.core.errors import LayerkeepError
 
-FORMAT = "layerkeep-cache/1"
+FORMAT = "layerkeep-cache/2"
 MANIFEST = "manifest.json"
 BLOBS = "blobs"
+LOCK = ".lock"
 TEMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
+_DIR_HINT = "set LAYERKEEP_CACHE_DIR to a folder of its own, or remove what is in the way"
 
 
-class CorruptCache(LayerkeepError):
-    """A cache file is missing, truncated, damaged or not ours; it names the file."""
+class CacheError(LayerkeepError):
+    """Something about the cache folder; names the file or folder concerned."""
 
-    def __init__(self, message: str, *, path: Path) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, path: Path, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
         self.path = path
+
+
+class CorruptCache(CacheError):
+    """A cache file is missing, truncated, damaged or not ours.
+
+    ``digest`` names the layer when one blob is at fault.
+    """
+
+    def __init__(self, message: str, *, path: Path, digest: str = "") -> None:
+        super().__init__(message, path=path, hint="the next cache.save writes it again")
+        self.digest = digest
+
+
+class CacheUnavailable(CacheError):
+    """The cache folder cannot be used: full, read-only, or not a folder."""
+
+
+def unavailable(error: OSError, path: Path) -> CacheUnavailable:
+    """The one-line error for a filesystem fault at ``path``; nothing cached was changed."""
+    code = error.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return CacheUnavailable(
+            f"no space left on the device holding {path}; the cache was left as it was",
+            path=path,
+            hint="free space there, or set LAYERKEEP_CACHE_DIR to a bigger disk",
+        )
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return CacheUnavailable(
+            f"cannot write to {path}: {error.strerror or 'permission denied'}",
+            path=path,
+            hint="make the folder writable, or set LAYERKEEP_CACHE_DIR to a writable folder",
+        )
+    if code in (errno.ENOTDIR, errno.EEXIST):
+        return CacheUnavailable(f"{path} is not a folder", path=path, hint=_DIR_HINT)
+    if code == errno.EISDIR:
+        return CacheUnavailable(
+            f"{path} is a folder where the cache keeps a file",
+            path=path,
+            hint=f"remove it: {BLOBS}/ holds only the files layerkeep writes",
+        )
+    return CacheUnavailable(
+        f"cannot use the cache at {path}: {error.strerror or error}", path=path, hint=_DIR_HINT
+    )
+
+
+@contextlib.contextmanager
+def _faults(path: Path) -> Iterator[None]:
+    """Turn filesystem errors into CacheUnavailable naming ``path`` (or the error's file)."""
+    try:
+        yield
+    except OSError as error:
+        where = Path(error.filename) if isinstance(error.filename, str) else path
+        raise unavailable(error, where) from None
 
 
 @dataclass(frozen=True)
 class Blob:
-    """One stored layer: its file, uncompressed size and size on disk."""
+    """One stored layer: its file, uncompressed size, size on disk and CRC-32 on disk."""
 
     file: str
     size: int
     stored: int
+    check: int
 
 
 @dataclass(frozen=True)
 class CachedImage:
-    """An image as the cache keeps it: enough to rebuild a `docker load` archive."""
+    """An image as the cache keeps it: enough to rebuild a `docker load` archive.
+
+    ``id`` is the config digest (the same on every engine); ``engine_id`` is what the
+    saving engine called it (the manifest or index digest on the containerd image store).
+    """
 
     id: str
     config: str
     layers: tuple[str, ...]
+    engine_id: str = ""
+
+    @property
+    def created(self) -> str:
+        """The config's creation time, which with the layers tells the image apart."""
+        return str(json.loads(self.config).get("created", ""))
 
 
 @dataclass
 class Manifest:
-    """What the cache holds."""
+    """What the cache holds; ``blobs`` lists only blobs that passed their last check."""
 
     images: dict[str, CachedImage] = field(default_factory=dict)
     blobs: dict[str, Blob] = field(default_factory=dict)
@@ -70,7 +147,12 @@ class Manifest:
     def prune(self) -> None:
         """Forget layers no image needs."""
         needed = {digest for image in self.images.values() for digest in image.layers}
-        self.blobs = {d: b for d, b in self.blobs.items() if d in needed}
+        self.forget(set(self.blobs) - needed)
+
+    def forget(self, digests: Iterable[str]) -> None:
+        """Drop blobs (and the archive names that led to them)."""
+        for digest in digests:
+            self.blobs.pop(digest, None)
         self.names = {n: d for n, d in self.names.items() if d in self.blobs}
 
     def to_json(self) -> str:
@@ -79,11 +161,16 @@ class Manifest:
             {
                 "format": FORMAT,
                 "images": {
-                    tag: {"id": i.id, "config": i.config, "layers": list(i.layers)}
+                    tag: {
+                        "id": i.id,
+                        "engine_id": i.engine_id,
+                        "config": i.config,
+                        "layers": list(i.layers),
+                    }
                     for tag, i in sorted(self.images.items())
                 },
                 "blobs": {
-                    digest: {"file": b.file, "size": b.size, "stored": b.stored}
+                    digest: {"file": b.file, "size": b.size, "stored": b.stored, "crc32": b.check}
                     for digest, b in sorted(self.blobs.items())
                 },
                 "names": dict(sorted(self.names.items())),
@@ -97,19 +184,35 @@ class Manifest:
         try:
             data = json.loads(text)
             if not isinstance(data, dict) or data.get("format") != FORMAT:
-                raise CorruptCache(f"{path} is not a layerkeep cache manifest", path=path)
+                raise CorruptCache(
+                    f"{path} is not a {FORMAT} manifest (an older layerkeep or another tool "
+                    "wrote it)",
+                    path=path,
+                )
             images = {
-                str(tag): CachedImage(str(i["id"]), str(i["config"]), tuple(map(str, i["layers"])))
+                str(tag): CachedImage(
+                    str(i["id"]),
+                    str(i["config"]),
+                    tuple(map(str, i["layers"])),
+                    str(i.get("engine_id", "")),
+                )
                 for tag, i in data["images"].items()
             }
             blobs = {
-                str(d): Blob(str(b["file"]), int(b["size"]), int(b["stored"]))
+                str(d): Blob(str(b["file"]), int(b["size"]), int(b["stored"]), int(b["crc32"]))
                 for d, b in data["blobs"].items()
             }
             names = {str(k): str(v) for k, v in data.get("names", {}).items()}
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise CorruptCache(f"{path} is damaged ({error})", path=path) from None
         return cls(images, blobs, names)
+
+
+class Readable(Protocol):
+    """Anything with ``read``: a file, a decompressing reader, a tar member."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes; empty at the end."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +227,9 @@ class CacheDir:
         return self.root / MANIFEST
 
     def exists(self) -> bool:
-        """Whether a manifest was ever written here."""
+        """Whether a manifest was ever written here; CacheUnavailable if the path is a file."""
+        if self.root.exists() and not self.root.is_dir():
+            raise unavailable(OSError(errno.ENOTDIR, "not a folder"), self.root)
         return self.manifest_path.is_file()
 
     def read_manifest(self) -> Manifest:
@@ -140,28 +245,55 @@ class CacheDir:
 
     def write_manifest(self, manifest: Manifest) -> None:
         """Replace the manifest atomically, after the blobs it names are durable."""
-        if (self.root / BLOBS).is_dir():
-            _fsync_folder(self.root / BLOBS)
-        with self._atomic(self.manifest_path) as stream:
-            stream.write(manifest.to_json().encode())
+        with _faults(self.root):
+            if (self.root / BLOBS).is_dir():
+                _fsync_folder(self.root / BLOBS)
+            with self._atomic(self.manifest_path) as stream:
+                stream.write(manifest.to_json().encode())
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the folder's lock, so two jobs sharing one cache take turns."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / ".lock").open("a") as lock:
+    def locked(self, *, write: bool = True) -> Iterator[None]:
+        """Hold the folder's lock, so two jobs sharing one cache take turns.
+
+        A reader (``write=False``) of a read-only folder takes the lock if the file is
+        there and goes on without it otherwise: nobody can be writing such a folder.
+        """
+        lock = self._open_lock(write=write)
+        if lock is None:
+            yield
+            return
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _open_lock(self, *, write: bool) -> IO[str] | None:
+        path = self.root / LOCK
+        try:
+            with _faults(self.root):
+                if write:
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    if not self.root.is_dir():
+                        raise unavailable(OSError(errno.ENOTDIR, "not a folder"), self.root)
+                return path.open("a")
+        except CacheUnavailable:
+            if write:
+                raise
+        try:
+            return path.open("r")
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise unavailable(error, path) from None
+
     def blob_path(self, blob: Blob) -> Path:
         """The file of a stored layer."""
         return self.root / blob.file
 
-    def has_blob(self, manifest: Manifest, digest: str) -> bool:
-        """Whether a layer is stored whole (its file has the recorded size)."""
+    def blob_present(self, manifest: Manifest, digest: str) -> bool:
+        """The cheap check: the manifest lists the layer and its file has the stored size."""
         blob = manifest.blobs.get(digest)
         if blob is None:
             return False
@@ -170,33 +302,43 @@ class CacheDir:
         except OSError:
             return False
 
-    def store_blob(self, stream: IO[bytes], *, level: int) -> tuple[str, Blob, bool]:
-        """Compress a layer from ``stream`` into the store; returns (digest, blob, written).
+    def has_blob(self, manifest: Manifest, digest: str) -> bool:
+        """Whether a layer is stored whole: its file has the recorded size and CRC-32."""
+        blob = manifest.blobs.get(digest)
+        if blob is None:
+            return False
+        try:
+            return _crc32(self.blob_path(blob)) == (blob.stored, blob.check)
+        except OSError:
+            return False
+
+    def store_blob(self, stream: Readable, *, level: int) -> tuple[str, Blob]:
+        """Compress a layer from ``stream`` into the store; returns (digest, blob).
 
         The digest is that of the uncompressed bytes, which for a layer tar is its diff
-        id; a layer already stored is not written again.
+        id. A file already there under that name is replaced: it is only written when
+        the manifest lacks it or it failed its check. The CRC-32 the manifest records is
+        read back from the file once it is on disk.
         """
         blobs = self.root / BLOBS
-        blobs.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
-        with _temporary(blobs) as (temp_path, raw):
-            with compressor.stream_writer(raw, closefd=False) as writer:
-                while chunk := stream.read(CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    writer.write(chunk)
-            raw.flush()
-            os.fsync(raw.fileno())
-            name = f"sha256:{digest.hexdigest()}"
-            final = blobs / f"{digest.hexdigest()}.zst"
-            stored = raw.tell()
-            written = not final.is_file()
-            if written:
-                temp_path.rename(final)
-        blob = Blob(f"{BLOBS}/{final.name}", size, final.stat().st_size if not written else stored)
-        return name, blob, written
+        with _faults(blobs):
+            blobs.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            size = 0
+            compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
+            with _temporary(blobs) as (temp_path, raw):
+                with compressor.stream_writer(raw, closefd=False) as writer:
+                    while chunk := stream.read(CHUNK):
+                        digest.update(chunk)
+                        size += len(chunk)
+                        writer.write(chunk)
+                raw.flush()
+                os.fsync(raw.fileno())
+                stored, check = _crc32(temp_path)
+                final = blobs / f"{digest.hexdigest()}.zst"
+                temp_path.replace(final)
+        blob = Blob(f"{BLOBS}/{final.name}", size, stored, check)
+        return f"sha256:{digest.hexdigest()}", blob
 
     def read_blob(self, digest: str, blob: Blob) -> Iterator[bytes]:
         """The uncompressed layer, in chunks; CorruptCache when the file is damaged."""
@@ -209,28 +351,42 @@ class CacheDir:
                     total += len(chunk)
                     yield chunk
         except (OSError, zstandard.ZstdError) as error:
-            raise CorruptCache(f"{path} is damaged: {error}", path=path) from None
+            raise CorruptCache(f"{path} is damaged: {error}", path=path, digest=digest) from None
         if total != blob.size:
             raise CorruptCache(
                 f"{path} is truncated ({total} of {blob.size} bytes, layer {digest[:19]})",
                 path=path,
+                digest=digest,
             )
 
     def remove_leftovers(self) -> None:
-        """Delete temporary files an interrupted save left behind (hold the lock)."""
-        for folder in (self.root, self.root / BLOBS):
-            for path in folder.glob(f"{TEMP_PREFIX}*"):
+        """Delete what an interrupted save left behind, and check ``blobs/`` holds only files.
+
+        Hold the lock. Anything else in ``blobs/`` (a folder, say) is a CacheUnavailable
+        before a save writes anything.
+        """
+        blob_dir = self.root / BLOBS
+        with _faults(self.root):
+            for path in self.root.glob(f"{TEMP_PREFIX}*"):
                 path.unlink()
+            if blob_dir.exists() and not blob_dir.is_dir():
+                raise unavailable(OSError(errno.ENOTDIR, "not a folder"), blob_dir)
+            for path in blob_dir.iterdir() if blob_dir.is_dir() else ():
+                if path.is_dir() and not path.is_symlink():
+                    raise unavailable(OSError(errno.EISDIR, "is a folder"), path)
+                if path.name.startswith(TEMP_PREFIX):
+                    path.unlink()
 
     def remove_unreferenced(self, manifest: Manifest) -> int:
         """Delete blob files the manifest does not name; returns the bytes freed."""
         keep = {self.root / blob.file for blob in manifest.blobs.values()}
         freed = 0
         blob_dir = self.root / BLOBS
-        for path in blob_dir.iterdir() if blob_dir.is_dir() else ():
-            if path not in keep:
-                freed += path.stat().st_size
-                path.unlink()
+        with _faults(blob_dir):
+            for path in blob_dir.iterdir() if blob_dir.is_dir() else ():
+                if path not in keep:
+                    freed += path.lstat().st_size
+                    path.unlink()
         return freed
 
     @contextlib.contextmanager
@@ -253,6 +409,17 @@ def _temporary(folder: Path) -> Iterator[tuple[Path, IO[bytes]]]:
             yield path, stream
     finally:
         path.unlink(missing_ok=True)
+
+
+def _crc32(path: Path) -> tuple[int, int]:
+    """A file's size and CRC-32, read in large chunks (about 7 GB/s from the page cache)."""
+    check = 0
+    size = 0
+    with path.open("rb", buffering=0) as raw:
+        while chunk := raw.read(CHUNK * 4):
+            check = zlib.crc32(chunk, check)
+            size += len(chunk)
+    return size, check
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -292,6 +292,49 @@ class Engine:
             found = self.api.inspect_distribution(reference, auth_config=_auth(auth))
         return str(found["Descriptor"]["digest"])
 
+    def save_image(self, reference: str) -> Iterator[bytes]:
+        """`docker save` of one image, as the engine streams it (either layout)."""
+        with _translated(f"docker save {reference}", resource=reference, image=reference):
+            yield from self.api.get_image(reference, chunk_size=1 << 20)
+
+    def load_archive(self, chunks: Iterable[bytes], *, image: str) -> None:
+        """`docker load` of a tar stream; in-band errors raised.
+
+        A LayerkeepError raised while producing ``chunks`` (a damaged cache file) comes
+        out as itself, not as the connection error it causes.
+        """
+        try:
+            with _translated(f"docker load {image}", image=image):
+                for _ in checked_stream(
+                    self.api.load_image(chunks), action="docker load", image=image
+                ):
+                    pass
+        except DockerOperationError as error:
+            cause = error.__cause__
+            for source in (cause, cause.__context__ if cause else None):
+                if isinstance(source, LayerkeepError):
+                    raise source from None
+            raise
+
+    def uses_containerd_store(self) -> bool:
+        """Whether images live in containerd's image store (Docker 29's default)."""
+        with _translated("ask the engine its storage driver"):
+            info = self.api.info()
+        return any(
+            "containerd.snapshotter" in str(value) for _, value in info.get("DriverStatus") or []
+        )
+
+    def local_image_layers(self) -> list[list[str]]:
+        """The diff ids (RootFS layers) of every local image, one list per image."""
+        with _translated("list images"):
+            summaries = self.api.images(all=True)
+        found: list[list[str]] = []
+        for summary in summaries:
+            attrs = self.image_attrs(str(summary["Id"]))
+            if attrs is not None:
+                found.append([str(d) for d in (attrs.get("RootFS") or {}).get("Layers") or []])
+        return found
+
     def server_version(self) -> dict[str, Any]:
         """The engine's version record (Version, ApiVersion, Os, ...)."""
         with _translated("ask the engine its version"):
