@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import site
 import subprocess
 import sys
 import venv
@@ -81,10 +82,11 @@ def test_bad_settings_give_one_line_and_exit_2(
 
 
 def test_flags_override_settings_and_are_checked(tmp_path: Path) -> None:
-    (tmp_path / "tasks.py").write_text("from layerkeep.tasks import ns\n")
+    make_user_project(tmp_path)
     done = run([*INV, "image.build", "--builder", "podman"], tmp_path)
     assert done.returncode == 2
-    assert "flag --builder" in done.stderr
+    assert done.stderr.startswith("layerkeep: image.build: LAYERKEEP_BUILDER=")
+    assert "(from flag --builder)" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -120,8 +122,14 @@ def test_another_project_adds_its_own_tasks_around_ours(tmp_path: Path) -> None:
 def test_installed_package_carries_the_collection(tmp_path: Path) -> None:
     """A real (non-editable) install, as `pip install layerkeep` from a path gives."""
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
+    # The dependencies come from wherever this interpreter has them (a venv, the user's
+    # site, the system), behind the venv's own packages: no download, and layerkeep
+    # itself is the fresh install, not this checkout.
+    inner_site = run([str(python), "-c", "import site; print(site.getsitepackages()[0])"], tmp_path)
+    paths = [*site.getsitepackages(), site.getusersitepackages()]
+    (Path(inner_site.stdout.strip()) / "outer.pth").write_text("\n".join(paths) + "\n")
     install = run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps",
          str(REPO)], tmp_path)
