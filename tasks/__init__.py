@@ -27,6 +27,7 @@ from . import (
     release_tasks,
     restore_tasks,
     services_tasks,
+    settings_tasks,
     standin_tasks,
     testing_tasks,
 )
@@ -55,6 +56,7 @@ def collection(steps: Iterable[StepSpec] = ()) -> Collection:
     made.add_collection(Collection("test", testing_tasks.run))
     made.add_collection(Collection("release", release_tasks.push))
     made.add_collection(Collection("standins", standin_tasks.build))
+    made.add_task(settings_tasks.show, name="settings")
     made.add_task(with_steps(ci_tasks.ci, placed) if placed else ci_tasks.ci)
     return made
 

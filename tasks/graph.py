@@ -19,6 +19,7 @@ the shared Invoke config:
 from __future__ import annotations
 
 import functools
+import inspect
 import signal
 import sys
 import threading
@@ -44,6 +45,10 @@ from .taskkit import environ, load_project_settings, say
 
 Role = Literal["work", "cache", "cleanup", "group"]
 _RUN_KEY = "layerkeep_run"
+SETTINGS_POINTER = (
+    "Settings are LAYERKEEP_* keys in layerkeep.env, .env or the environment: "
+    "`inv settings` shows each value and where it came from."
+)
 _SIGNAL_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -89,6 +94,8 @@ def step(
         @functools.wraps(body)
         def run(c: Context, *args: Any, **kwargs: Any) -> str | None:
             return Run.of(c).perform(made, c, lambda: body(c, *args, **kwargs))
+
+        run.__doc__ = f"{inspect.cleandoc(body.__doc__ or '')}\n\n{SETTINGS_POINTER}"
 
         made = LayerkeepTask(
             run,
@@ -283,7 +290,7 @@ class Run:
             say(f"==> {task.title}{' (cleanup)' if self.failing else ''}")
         started = time.monotonic()
         try:
-            note = body()
+            note = Skipped("LAYERKEEP_SKIP_DEPENDENCIES") if self._skips(task, c) else body()
         except BaseException as error:
             self._failed(task, error, time.monotonic() - started)
             return None
@@ -300,6 +307,12 @@ class Run:
         if not self.failing and self._plan_done():
             self._finish()
         return text
+
+    def _skips(self, task: LayerkeepTask, c: Context) -> bool:
+        """A task the entries depend on, when the user asked to run only the entries."""
+        if task in self.entries or task.role == "group" or self.failing:
+            return False
+        return self.settings(c).skip_dependencies
 
     def _failed(self, task: LayerkeepTask, error: BaseException, seconds: float) -> None:
         failure = describe_failure(error)

@@ -338,6 +338,14 @@ class Settings:
     keep_services: Annotated[
         bool, setting("no", "Keep services after test.run, for debugging.", _flag)
     ]
+    skip_dependencies: Annotated[
+        bool,
+        setting(
+            "no",
+            "Run only the tasks named on the command line, not their pre/post tasks.",
+            _flag,
+        ),
+    ]
     secrets: Annotated[
         tuple[str, ...],
         setting(
