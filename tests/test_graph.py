@@ -290,3 +290,12 @@ def test_old_add_step_points_at_the_new_call(tmp_path: Path) -> None:
     assert "ci_tasks.add_step() was replaced" in done.stderr
     assert "collection(steps=" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_skip_dependencies_runs_only_the_named_task(project: Path) -> None:
+    done = inv(project, "after", LAYERKEEP_SKIP_DEPENDENCIES="yes")
+    assert done.returncode == 0, done.stderr
+    assert marks(project) == ["after"]
+    table = rows(done.stdout)
+    assert table["work"] == ["skipped", "0.0", "s", "LAYERKEEP_SKIP_DEPENDENCIES"]
+    assert table["down"][0] == "skipped"

@@ -153,3 +153,24 @@ def test_unreachable_engine_is_one_line_saying_where_and_how(tmp_path: Path) -> 
     where = "DOCKER_HOST=unix:///tmp/no-such-docker.sock"
     assert f"cannot reach the Docker engine at {where}" in lines[0]
     assert "dockerd" in lines[0]
+
+
+def test_settings_view_shows_values_origins_and_masks_secrets(tmp_path: Path) -> None:
+    (tmp_path / "tasks.py").write_text("from layerkeep.tasks import ns\n")
+    (tmp_path / "layerkeep.env").write_text(
+        "LAYERKEEP_IMAGE=myorg/app\nLAYERKEEP_REGISTRY_PASSWORD=hunter2-token\n"
+    )
+    done = run([*INV, "settings"], tmp_path, LAYERKEEP_BUILDER="legacy")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    image = next(line for line in lines if line.startswith("LAYERKEEP_IMAGE "))
+    assert image.endswith(f"({tmp_path / 'layerkeep.env'}:1)")
+    builder = next(line for line in lines if line.startswith("LAYERKEEP_BUILDER "))
+    assert builder.split()[1:] == ["legacy", "(environment)"]
+    assert "hunter2-token" not in done.stdout
+    assert any(line.startswith("LAYERKEEP_REGISTRY_PASSWORD ") for line in lines)
+    assert "LAYERKEEP_CACHE_LEVEL" not in done.stdout
+    everything = run([*INV, "settings", "--all-keys"], tmp_path)
+    assert "LAYERKEEP_CACHE_LEVEL" in everything.stdout
+    help_text = run([*INV, "--help", "ci"], tmp_path)
+    assert "`inv settings` shows each value" in help_text.stdout
