@@ -1,4 +1,18 @@
-"""Build the app image and its named stages with every cached image as ``--cache-from``."""
+"""Build the app image and its named stages, reusing the cached images.
+
+Each named stage is built first (``--target``), then the final image. What each build
+gets as ``--cache-from`` depends on the builder:
+
+- BuildKit merges every source it is given, so each build gets every cached image.
+- The classic builder, per stage, follows the first source whose history matches the
+  stage's first step, for the rest of that stage (moby's ``imageCache.GetCache``). Two
+  stages that start alike (same base, ``WORKDIR``, ``COPY .``) would follow whichever
+  image is listed first, and the other stage misses. So a stage build gets only its own
+  image; the next builds get, before their own image, the parent chain of each stage
+  image built so far, shortest first. A source matched at its *last* history entry is
+  used without that lock, so the shared first steps come from those chain images one at
+  a time, and the first step that differs locks onto the image that has it.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +25,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from layerkeep.build.output import BuildkitParser, LegacyParser, StepTally
+from layerkeep.build.context import context_excludes, dockerfile_with_excludes
 from layerkeep.build.dockerfile import read_stages
+from layerkeep.build.output import BuildkitParser, LegacyParser, StepTally
 from layerkeep.core.engine import Engine
-from layerkeep.core.errors import BuildFailed, ConfigError
+from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag
 from layerkeep.core.settings import Settings
 
@@ -136,31 +151,83 @@ def build_image(
     *,
     log: Log = print,
 ) -> BuildReport:
-    """Build every stage and then the app image, reusing every cached image present."""
+    """Build every stage and then the app image, reusing every cached image present.
+
+    layerkeep's own folders inside the context are left out of it (see build.context);
+    an image a build replaced is removed once nothing tags or uses it.
+    """
     plan = plan_build(settings)
     for index in plan.unnamed_stages:
         log(
             f"warning: stage {index} of {plan.dockerfile.name} has no name, so its layers "
             "cannot be cached on their own; name it with `FROM ... AS <name>`"
         )
+    excludes = context_excludes(settings)
+    before = {str(image): engine.image_id(str(image)) for image in plan.images}
+    cache_from = tuple(image for image, image_id in before.items() if image_id is not None)
     tally = StepTally()
     started = time.monotonic()
-    cache_from: tuple[str, ...] = ()
+    chains: list[list[str]] = []
     for target in plan.targets:
-        cache_from = tuple(str(i) for i in plan.images if engine.image_id(str(i)) is not None)
+        own = str(target.image)
+        if builder.kind == "buildkit":
+            sources = [i for i in map(str, plan.images) if engine.image_id(i) is not None]
+        else:
+            sources = [*_shortest_first(chains)]
+            sources += [own] if engine.image_id(own) is not None else []
         log(
-            f"building {target.image} ({builder.kind}"
+            f"building {own} ({builder.kind}"
             + (f", target {target.stage}" if target.stage else "")
-            + f", cache from {len(cache_from)} image(s))"
+            + f", cache from {len(sources)} image(s))"
         )
-        job = _Job(plan, target, cache_from, settings.build_args, tally, log)
+        job = _Job(plan, target, tuple(sources), settings.build_args, excludes, tally, log)
         if builder.kind == "buildkit":
             _build_with_cli(builder.cli, job, environ)
         else:
             _build_with_api(engine, job)
+            if target.stage:
+                chains.append(_parent_chain(engine, own))
     seconds = time.monotonic() - started
     log(f"{tally.summary()} ({plan.images[-1]} built in {seconds:.1f} s)")
+    for image, old in before.items():
+        if old is not None and engine.image_id(image) != old:
+            _remove_if_unused(engine, old, log)
     return BuildReport(builder, plan.images, cache_from, seconds, tally)
+
+
+def _parent_chain(engine: Engine, image: str) -> list[str]:
+    """The ids of ``image`` and its parents, nearest first (the classic builder's chain)."""
+    chain: list[str] = []
+    attrs = engine.image_attrs(image)
+    while attrs is not None:
+        chain.append(str(attrs["Id"]))
+        parent = str(attrs.get("Parent") or "")
+        attrs = engine.image_attrs(parent) if parent else None
+    return chain
+
+
+def _shortest_first(chains: Sequence[Sequence[str]]) -> list[str]:
+    """Every id of the chains (each nearest first), shortest history first.
+
+    An id's distance from its chain's root orders it after all of its parents.
+    """
+    depth: dict[str, int] = {}
+    for chain in chains:
+        for position, image_id in enumerate(reversed(chain)):
+            depth.setdefault(image_id, position)
+    return sorted(depth, key=depth.__getitem__)
+
+
+def _remove_if_unused(engine: Engine, image_id: str, log: Log) -> None:
+    """Remove an image a build untagged (a restored cache image it did not reuse)."""
+    attrs = engine.image_attrs(image_id)
+    if attrs is None or attrs.get("RepoTags"):
+        return
+    try:
+        engine.remove_image(image_id)
+    except ResourceConflict:
+        return  # a container or a child image still uses it: the engine keeps it
+    log(f"removed {image_id[:19]}, which this build replaced")
 
 
 @dataclass(frozen=True)
@@ -171,6 +238,7 @@ class _Job:
     target: Target
     cache_from: Sequence[str]
     build_args: Mapping[str, str]
+    excludes: tuple[str, ...]
     tally: StepTally
     log: Log
 
@@ -193,14 +261,23 @@ def _build_with_api(engine: Engine, job: _Job) -> None:
         target=job.target.stage,
         cache_from=job.cache_from,
         build_args=job.build_args,
+        exclude=job.excludes,
         on_line=on_line,
     )
     parser.finish()
 
 
 def _build_with_cli(cli: str, job: _Job, environ: Mapping[str, str]) -> None:
+    if not job.excludes:
+        _run_cli(cli, job, environ, job.plan.dockerfile)
+        return
+    with dockerfile_with_excludes(job.plan.dockerfile, job.plan.context, job.excludes) as copy:
+        _run_cli(cli, job, environ, copy)
+
+
+def _run_cli(cli: str, job: _Job, environ: Mapping[str, str], dockerfile: Path) -> None:
     image = str(job.target.image)
-    command = [cli, "build", "--progress=plain", "-f", str(job.plan.dockerfile), "-t", image]
+    command = [cli, "build", "--progress=plain", "-f", str(dockerfile), "-t", image]
     if job.target.stage:
         command += ["--target", job.target.stage]
     for cached in job.cache_from:

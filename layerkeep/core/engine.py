@@ -19,10 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import docker
+import docker.api.build
 import docker.errors
+import docker.utils.build
 import requests.exceptions
 
 from layerkeep.core.errors import (
@@ -163,19 +165,23 @@ class Engine:
         build_args: Mapping[str, str] | None = None,
         labels: Mapping[str, str] | None = None,
         nocache: bool = False,
+        exclude: Sequence[str] = (),
         on_line: Callable[[str], None] = lambda _: None,
     ) -> str:
         """Build with the classic builder (never pulling) as ``tag``; return the image id.
 
-        Each output line goes to ``on_line``; a failure raises BuildFailed with the last
-        lines of output.
+        The context is sent without what ``.dockerignore`` and the ``exclude`` patterns
+        (same syntax, applied after it) leave out. Each output line goes to ``on_line``;
+        a failure raises BuildFailed with the last lines of output.
         """
         tail: deque[str] = deque(maxlen=_LAST_LINES)
         built: str | None = None
+        name, archive = _context_archive(context, dockerfile, exclude)
         try:
             chunks = self.api.build(
-                path=str(context),
-                dockerfile=dockerfile,
+                fileobj=archive,
+                custom_context=True,
+                dockerfile=name,
                 tag=tag,
                 target=target,
                 cache_from=list(cache_from),
@@ -202,6 +208,8 @@ class Engine:
             raise BuildFailed(
                 f"build {tag} failed: {_first_line(error)}", image=tag, last_lines=list(tail)
             ) from None
+        finally:
+            archive.close()
         found = self.image_id(tag)
         if found is None or (built is not None and found != built):
             raise BuildFailed(
@@ -662,6 +670,27 @@ def checked_stream(
                 pass
             raise DockerOperationError(f"{action} {image} failed: {message.strip()}", image=image)
         yield chunk
+
+
+def _context_archive(
+    context: Path, dockerfile: str | None, exclude: Sequence[str]
+) -> tuple[str | None, IO[bytes]]:
+    """The context tar docker-py would send, minus ``exclude``; and the Dockerfile's name in it.
+
+    docker-py has no parameter for extra patterns, so this does what ``api.build(path=...)``
+    does (same .dockerignore reading, same matcher, a Dockerfile outside the context added
+    under a generated name) with the patterns appended: later patterns win.
+    """
+    rules: list[str] = []
+    ignore = context / ".dockerignore"
+    if ignore.is_file():
+        lines = (line.strip() for line in ignore.read_text(encoding="utf-8").splitlines())
+        rules = [line for line in lines if line and not line.startswith("#")]
+    name, contents = docker.api.build.process_dockerfile(dockerfile, str(context))
+    archive = docker.utils.build.tar(
+        str(context), exclude=[*rules, *exclude], dockerfile=(name, contents)
+    )
+    return name, archive
 
 
 def _first_line(error: BaseException) -> str:
