@@ -214,6 +214,14 @@ class Run:
         self._old_handlers: dict[int, Any] = {}
         self._signal_pending: int | None = None
 
+    def __copy__(self) -> Run:
+        # Invoke copies config values each time it merges its layers (before every
+        # task): the run must stay one object.
+        return self
+
+    def __deepcopy__(self, memo: object) -> Run:
+        return self
+
     @classmethod
     def of(cls, c: Context) -> Run:
         """The run of this context's config, made on first use."""
@@ -259,9 +267,10 @@ class Run:
         self._settings = self.settings(c).with_flags(**flags)
 
     def _lock_build_id(self, settings: Settings) -> Settings:
+        # Only the built-in "local" (no CI, nothing set) may move to a free id.
         configured = not (
             settings.build_id == "local"
-            and settings.origins.get("LAYERKEEP_BUILD_ID", "default") == "default"
+            and settings.origins.get("LAYERKEEP_BUILD_ID", "default").startswith("default")
         )
         lock = hold_build_id(
             environ().get("DOCKER_HOST", "unix:///var/run/docker.sock"),
@@ -333,8 +342,14 @@ class Run:
         raise Exit(f"layerkeep: {task.title}: {failure.line}", code=failure.code) from None
 
     def _clean_up(self) -> None:
-        """Run the plan's cleanup tasks and the registered ones; signals wait meanwhile."""
+        """Run the plan's cleanup tasks and the registered ones; signals wait meanwhile.
+
+        Without settings (they did not load, or another run holds the build id) this
+        run cannot have started anything, and must not touch what another run owns.
+        """
         self.failing = True
+        if self._settings is None:
+            return
         pending = [t for t in self.plan if _role(t) == "cleanup" and t not in self.records]
         pending += [t for t in self.cleanups if t not in self.records and t not in pending]
         context = self._context

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROJECT_TASKS = """\
 from invoke.tasks import task
 
-from layerkeep.tasks import ci_tasks, ns
+from layerkeep.tasks import collection
 
 
 @task
@@ -30,7 +32,7 @@ def announce(c):
     return "announced"
 
 
-ci_tasks.add_step(announce, after="image.build")
+ns = collection(steps=[(announce, "image.build")])
 """
 FAILING_TEST = """\
 def test_this_one_fails():
@@ -56,8 +58,11 @@ class ExampleProject:
         }
 
     def ci(self, build_id: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return self.inv("ci", build_id=build_id, **extra)
+
+    def inv(self, *args: str, build_id: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "invoke", "ci"],
+            [sys.executable, "-m", "invoke", *args],
             cwd=self.root,
             env=self.environ(build_id, **extra),
             capture_output=True,
@@ -81,9 +86,9 @@ def example(tmp_path: Path, engine: Engine, unique_repository: str) -> ExamplePr
 
 
 def leftovers(engine: Engine, build_id: str) -> list[str]:
-    selector = {"label": f"{BUILD_ID_LABEL}={build_id}"}
-    containers = [c["Names"][0] for c in engine.api.containers(all=True, filters=selector)]
-    networks = [n["Name"] for n in engine.api.networks(filters=selector)]
+    selector = [f"{BUILD_ID_LABEL}={build_id}"]
+    containers = [c["Names"][0] for c in engine.list_containers(selector)]
+    networks = [n["Name"] for n in engine.list_networks(selector)]
     return containers + networks
 
 
@@ -98,8 +103,26 @@ def junit_cases(folder: Path) -> dict[str, str]:
     return cases
 
 
-def summary_line(output: str, step: str) -> str:
-    return next(line for line in output.splitlines() if line.startswith(f"{step} "))
+def summary_line(output: str, task: str) -> str:
+    table = output.rsplit("\ntask ", 1)[-1]
+    return next(line for line in table.splitlines() if line.startswith(f"{task} "))
+
+
+def result_of(output: str, task: str) -> str:
+    """The result column of ``task``'s row (a cleanup row says "(cleanup)" first)."""
+    words = summary_line(output, task).split()
+    return words[2] if words[1] == "(cleanup)" else words[1]
+
+
+def summary_tasks(output: str) -> list[str]:
+    return [line.split()[0] for line in output.rsplit("\ntask ", 1)[-1].splitlines()[1:]]
+
+
+def wipe_app_images(engine: Engine, image: str) -> None:
+    """A fresh machine: no app image and no builder cache; only the cache folder survives."""
+    for tag in (image, f"{image}:latest-stage-builder"):
+        engine.remove_image(tag, force=True)
+    engine.api.prune_builds(all=True)
 
 
 def test_cold_then_restored_run(example: ExampleProject, engine: Engine) -> None:
@@ -111,17 +134,14 @@ def test_cold_then_restored_run(example: ExampleProject, engine: Engine) -> None
     assert set(cases.values()) == {"passed"}
     assert leftovers(engine, build_id) == []
     assert "no cache: cold build" in summary_line(cold.stdout, "cache.load")
-    steps = [line.split()[0] for line in cold.stdout.split("\nstep ")[-1].splitlines()[1:]]
-    assert steps == [
+    assert summary_tasks(cold.stdout) == [
         "git.touch", "cache.load", "image.build", "announce", "cache.save",
-        "services.up", "db.init", "test.run", "services.down", "total",
+        "services.up", "db.init", "test.run", "services.down", "release.push", "total",
     ]
     assert summary_line(cold.stdout, "announce").endswith("announced")
+    assert summary_line(cold.stdout, "release.push").split()[1] == "skipped"
 
-    # A fresh machine: no app image, no builder cache; only the cache folder survives.
-    for tag in (example.image, f"{example.image}:latest-stage-builder"):
-        engine.api.remove_image(tag, force=True)
-    engine.api.prune_builds(all=True)
+    wipe_app_images(engine, example.image)
     warm = example.ci(build_id)
 
     assert warm.returncode == 0, warm.stdout[-3000:] + warm.stderr
@@ -129,7 +149,33 @@ def test_cold_then_restored_run(example: ExampleProject, engine: Engine) -> None
     reused, total = build_line.split()[4].split("/")
     assert reused == total
     assert int(total) >= 5
-    assert "2 restored" in summary_line(warm.stdout, "cache.load")
+    # Restored, or found present when an identical image sits on the engine under
+    # another name (a user's own run of the example): never a cold build.
+    load_line = summary_line(warm.stdout, "cache.load")
+    assert "cold build" not in load_line
+    assert "0 restored" not in load_line or "2 present" in load_line
+    assert leftovers(engine, build_id) == []
+
+
+def test_test_run_alone_does_its_part_of_the_job(
+    example: ExampleProject, engine: Engine
+) -> None:
+    """A developer's `inv test.run` on a fresh clone: restore, build, services, db, tests."""
+    build_id = f"t{uuid.uuid4().hex[:8]}"
+    cold = example.ci(build_id)
+    assert cold.returncode == 0, cold.stdout[-3000:] + cold.stderr
+    wipe_app_images(engine, example.image)
+
+    done = example.inv("test.run", build_id=build_id)
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert summary_tasks(done.stdout) == [
+        "git.touch", "cache.load", "image.build", "services.up", "db.init", "test.run",
+        "services.down", "total",
+    ]
+    reused, total = summary_line(done.stdout, "image.build").split()[4].split("/")
+    assert reused == total
+    assert set(junit_cases(example.root / "reports" / build_id).values()) == {"passed"}
     assert leftovers(engine, build_id) == []
 
 
@@ -140,35 +186,100 @@ def test_failing_tests_fail_the_job_and_clean_up(example: ExampleProject, engine
     done = example.ci(build_id)
 
     assert done.returncode == 1, done.stdout[-3000:]
-    assert "layerkeep: tests failed (exit 1)" in done.stderr
+    assert "layerkeep: test.run: tests failed (exit 1)" in done.stderr
     assert junit_cases(example.root / "reports" / build_id)["test_this_one_fails"] == "failed"
-    assert summary_line(done.stdout, "test.run").split()[1] == "failed"
-    assert summary_line(done.stdout, "services.down").split()[1] == "ok"
+    assert result_of(done.stdout, "test.run") == "failed"
+    assert result_of(done.stdout, "services.down") == "ok"
+    assert result_of(done.stdout, "release.push") == "not"  # not run
     # The cache was saved before the tests ran: a red run still leaves it warm.
-    assert summary_line(done.stdout, "cache.save").split()[1] == "ok"
+    assert result_of(done.stdout, "cache.save") == "ok"
     assert (example.root / ".layerkeep-cache" / "manifest.json").is_file()
     assert leftovers(engine, build_id) == []
 
 
-def test_two_jobs_at_once_on_one_engine(example: ExampleProject, engine: Engine) -> None:
-    first = example.ci(f"t{uuid.uuid4().hex[:8]}")  # warm the image so both start alike
-    assert first.returncode == 0, first.stdout[-3000:]
-    ids = [f"t{uuid.uuid4().hex[:8]}" for _ in range(2)]
+def test_two_jobs_without_build_ids_both_pass(example: ExampleProject, engine: Engine) -> None:
+    """No CI variables, no LAYERKEEP_BUILD_ID: the second run takes its own id."""
+    project = f"twins-{uuid.uuid4().hex[:8]}"
+    warm = example.ci(f"t{uuid.uuid4().hex[:8]}")  # the image, so both start alike
+    assert warm.returncode == 0, warm.stdout[-3000:]
+    environ = {
+        key: value
+        for key, value in example.environ("unused", LAYERKEEP_PROJECT=project).items()
+        if key != "LAYERKEEP_BUILD_ID" and not key.startswith(("CIRCLE", "GITHUB", "CI_"))
+    }
+    environ["LAYERKEEP_REPORTS_DIR"] = str(example.root / "reports" / project)
     jobs = [
         subprocess.Popen(
             [sys.executable, "-m", "invoke", "ci"],
             cwd=example.root,
-            env=example.environ(build_id),
+            env=environ,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for build_id in ids
+        for _ in range(2)
     ]
     outputs = [job.communicate(timeout=900)[0] for job in jobs]
 
     for job, output in zip(jobs, outputs, strict=True):
         assert job.returncode == 0, output[-3000:]
-    for build_id in ids:
-        assert set(junit_cases(example.root / "reports" / build_id).values()) == {"passed"}
-        assert leftovers(engine, build_id) == []
+    assert sum("this run uses 'local-2'" in output for output in outputs) == 1
+    for build_id in ("local", "local-2"):
+        selector = [f"io.layerkeep.project={project}", f"{BUILD_ID_LABEL}={build_id}"]
+        assert engine.list_containers(selector) == []
+        assert engine.list_networks(selector) == []
+
+
+def test_sigterm_during_the_tests_leaves_nothing_behind(
+    example: ExampleProject, engine: Engine
+) -> None:
+    build_id = f"t{uuid.uuid4().hex[:8]}"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "test.run"],
+        cwd=example.root,
+        env=example.environ(build_id, LAYERKEEP_TEST_COMMAND="sleep 300"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert job.stdout is not None
+    seen: list[str] = []
+    for line in job.stdout:
+        seen.append(line)
+        if line.startswith("running tests in "):
+            break
+    assert seen, "the job printed nothing"
+    assert seen[-1].startswith("running tests in "), "".join(seen)[-3000:]
+    time.sleep(1)
+    job.send_signal(signal.SIGTERM)
+    rest, errors = job.communicate(timeout=120)
+    output = "".join(seen) + rest
+
+    assert job.returncode == 143, output[-3000:] + errors
+    assert "layerkeep: test.run: interrupted by SIGTERM" in errors
+    assert result_of(output, "services.down") == "ok"
+    assert leftovers(engine, build_id) == []
+
+
+def test_dry_ci_changes_nothing(example: ExampleProject, engine: Engine) -> None:
+    build_id = f"t{uuid.uuid4().hex[:8]}"
+    tracked = example.root / "example" / "Dockerfile"
+    os.utime(tracked, (1_000_000_000, 1_000_000_000))
+    images = {image["Id"] for image in engine.api.images()}
+    containers = {c["Id"] for c in engine.api.containers(all=True)}
+    networks = {n["Id"] for n in engine.api.networks()}
+
+    done = example.inv("--dry", "ci", build_id=build_id)
+
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "dry run, nothing is changed; plan: git.touch -> cache.load -> image.build" in (
+        done.stdout
+    )
+    assert f"would build {example.image}:latest" in done.stdout
+    assert "would start postgres (postgres:15)" in done.stdout
+    assert tracked.stat().st_mtime == 1_000_000_000
+    assert not (example.root / ".layerkeep-cache").exists()
+    assert not (example.root / "reports" / build_id).exists()
+    assert {image["Id"] for image in engine.api.images()} == images
+    assert {c["Id"] for c in engine.api.containers(all=True)} <= containers
+    assert {n["Id"] for n in engine.api.networks()} <= networks

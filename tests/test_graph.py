@@ -98,7 +98,7 @@ from invoke import task
 from invoke.collection import Collection
 
 from layerkeep.core.errors import LayerkeepError
-from layerkeep.tasks.graph import Run, Skipped, is_dry, step
+from layerkeep.tasks.graph import Run, Skipped, is_dry, settings, step
 
 LOG = Path(os.environ["GRAPH_LOG"])
 
@@ -121,6 +121,7 @@ def down(c):
 
 @step("up")
 def up(c):
+    settings(c)  # as every real task does: the run's settings, its build id locked
     Run.of(c).register_cleanup(down)
     mark(c, "up")
     return "started"
@@ -277,6 +278,25 @@ def test_dry_run_prints_the_plan_and_runs_no_body(project: Path) -> None:
     )
     assert marks(project) == []
     assert "would work" in done.stdout
+
+
+def test_no_cleanup_when_another_run_holds_the_build_id(project: Path) -> None:
+    environ = {**os.environ, "GRAPH_LOG": str(project / "log"), "WORK_DOES": "sleep"}
+    environ["LAYERKEEP_BUILD_ID"] = "shared-7"
+    first = subprocess.Popen(
+        [*INV, "work"], cwd=project, env=environ, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while "sleeping" not in marks(project) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    second = inv(project, "work", LAYERKEEP_BUILD_ID="shared-7")
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=30)
+
+    assert second.returncode == 4
+    assert f"build id 'shared-7' is in use on this engine by pid {first.pid}" in second.stderr
+    assert marks(project).count("down") == 1  # the first run's own cleanup only
 
 
 def test_old_add_step_points_at_the_new_call(tmp_path: Path) -> None:
