@@ -27,7 +27,7 @@ from pathlib import Path
 
 from layerkeep.build.context import context_excludes, dockerfile_with_excludes
 from layerkeep.build.dockerfile import read_stages
-from layerkeep.build.output import BuildkitParser, LegacyParser, StepTally
+from layerkeep.build.output import BuildkitParser, LegacyParser, ReuseSource, StepTally
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag
@@ -77,6 +77,7 @@ class BuildReport:
     cache_from: tuple[str, ...]
     seconds: float
     tally: StepTally = field(compare=False)
+    reuse: str = field(default="", compare=False)
 
 
 def stage_image(image: ImageRef, stage: str) -> ImageRef:
@@ -124,15 +125,21 @@ def plan_build(settings: Settings) -> BuildPlan:
 def choose_builder(
     wanted: str, environ: Mapping[str, str], *, cli: str = "", engine: Engine
 ) -> Builder:
-    """Resolve ``auto``/``legacy``/``buildkit`` to a builder that works on this machine."""
+    """Resolve ``auto``/``legacy``/``buildkit`` to a builder that works on this machine.
+
+    A CLI with the buildx plugin comes first (Docker 23+ builds with it); then a classic
+    CLI (18-22) that speaks BuildKit itself; else the classic builder through the API.
+    """
     if wanted == "legacy":
         return Builder("legacy")
     tried: list[str] = []
     if _engine_has_buildkit(engine):
-        for candidate in _cli_candidates(cli, environ):
-            tried.append(candidate)
-            if _cli_has_buildkit(candidate, environ):
-                return Builder("buildkit", candidate)
+        candidates = list(_cli_candidates(cli, environ))
+        tried += candidates
+        for check in (_has_buildx, _speaks_buildkit):
+            for candidate in candidates:
+                if check(candidate, environ):
+                    return Builder("buildkit", candidate)
     if wanted == "buildkit":
         where = ", ".join(tried) or "no docker CLI on PATH"
         raise ConfigError(
@@ -166,6 +173,7 @@ def build_image(
     before = {str(image): engine.image_id(str(image)) for image in plan.images}
     cache_from = tuple(image for image, image_id in before.items() if image_id is not None)
     tally = StepTally()
+    reuse = ReuseSource(builder.kind, len(cache_from), engine.build_cache_entries())
     started = time.monotonic()
     chains: list[list[str]] = []
     for target in plan.targets:
@@ -188,11 +196,15 @@ def build_image(
             if target.stage:
                 chains.append(_parent_chain(engine, own))
     seconds = time.monotonic() - started
-    log(f"{tally.summary()} ({plan.images[-1]} built in {seconds:.1f} s)")
+    line = reuse.describe(tally)
+    log(f"{line} ({plan.images[-1]} built in {seconds:.1f} s)")
+    warning = reuse.warning(tally)
+    if warning:
+        log(warning)
     for image, old in before.items():
         if old is not None and engine.image_id(image) != old:
             _remove_if_unused(engine, old, log)
-    return BuildReport(builder, plan.images, cache_from, seconds, tally)
+    return BuildReport(builder, plan.images, cache_from, seconds, tally, line)
 
 
 def _parent_chain(engine: Engine, image: str) -> list[str]:
@@ -311,7 +323,7 @@ def _run_cli(cli: str, job: _Job, environ: Mapping[str, str], dockerfile: Path) 
 
 
 def _engine_has_buildkit(engine: Engine) -> bool:
-    version = engine.api.version()
+    version = engine.server_version()
     api = tuple(int(part) for part in str(version.get("ApiVersion", "0.0")).split("."))
     return api >= (1, 39) and version.get("Os", "linux") == "linux"
 
@@ -327,15 +339,22 @@ def _cli_candidates(cli: str, environ: Mapping[str, str]) -> Iterable[str]:
     return list(unique)
 
 
-def _cli_has_buildkit(cli: str, environ: Mapping[str, str]) -> bool:
-    """A CLI with buildx, or a classic CLI (< 23) that speaks BuildKit itself."""
-    env = dict(environ)
+def _has_buildx(cli: str, environ: Mapping[str, str]) -> bool:
+    """A CLI whose buildx plugin answers (it may live in DOCKER_CONFIG/cli-plugins)."""
     try:
         buildx = subprocess.run(
-            [cli, "buildx", "version"], env=env, capture_output=True, check=False, timeout=20
+            [cli, "buildx", "version"], env=dict(environ), capture_output=True, check=False,
+            timeout=20,
         )
-        if buildx.returncode == 0:
-            return True
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return buildx.returncode == 0
+
+
+def _speaks_buildkit(cli: str, environ: Mapping[str, str]) -> bool:
+    """A classic CLI (18-22) that builds with BuildKit itself when DOCKER_BUILDKIT=1."""
+    env = dict(environ)
+    try:
         version = subprocess.run(
             [cli, "version", "--format", "{{.Client.Version}}"],
             env=env,

@@ -39,6 +39,51 @@ class StepTally:
         return f"cache: {self.reused}/{self.total} steps reused"
 
 
+@dataclass(frozen=True)
+class ReuseSource:
+    """Where reused steps can have come from, known before the build starts.
+
+    ``images`` are the cached images passed to the builder; ``engine_entries`` is what
+    the engine's own build cache held before the build (a laptop or a self-hosted runner
+    keeps it between jobs; a fresh CI machine has none).
+    """
+
+    builder: str
+    images: int
+    engine_entries: int
+
+    def describe(self, tally: StepTally) -> str:
+        """The build line: the figure, and honestly, where the hits came from."""
+        line = tally.summary()
+        if tally.reused == 0:
+            return line
+        what = "inline cache" if self.builder == "buildkit" else "history"
+        if self.images == 0:
+            return f"{line}, from this engine's own build cache: no cached image was used"
+        if self.engine_entries == 0:
+            return f"{line}, from the {what} of {self.images} cached image(s)"
+        return (
+            f"{line}, from the {what} of {self.images} cached image(s) or this engine's "
+            f"own build cache ({self.engine_entries} entries before this build)"
+        )
+
+    def warning(self, tally: StepTally) -> str | None:
+        """Why cached images gave no hit at all, when that is worth a warning."""
+        if self.images == 0 or tally.total == 0 or tally.reused > 0:
+            return None
+        if self.builder == "buildkit":
+            return (
+                f"warning: BuildKit read the inline cache of {self.images} cached image(s) "
+                "but matched none of its steps: images built by another Docker version's "
+                "BuildKit (20.10 and 23+ compute different step keys) or with other build "
+                "args never match; save the cache from the same Docker version"
+            )
+        return (
+            f"warning: none of {self.images} cached image(s) matched a step: the classic "
+            "builder only matches images the classic builder made"
+        )
+
+
 class LegacyParser:
     """Reads the classic builder's stream ("Step 3/9 : RUN ...", " ---> Using cache")."""
 

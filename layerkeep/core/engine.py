@@ -343,6 +343,15 @@ class Engine:
                 found.append([str(d) for d in (attrs.get("RootFS") or {}).get("Layers") or []])
         return found
 
+    def build_cache_entries(self) -> int:
+        """What the engine could reuse without any cached image: BuildKit's cache records
+        plus images the classic builder made here (they have a parent)."""
+        with _translated("ask the engine about its build cache"):
+            usage = self.api.df()
+            summaries = self.api.images(all=True)
+        built_here = sum(1 for summary in summaries if summary.get("ParentId"))
+        return len(usage.get("BuildCache") or []) + built_here
+
     def server_version(self) -> dict[str, Any]:
         """The engine's version record (Version, ApiVersion, Os, ...)."""
         with _translated("ask the engine its version"):
