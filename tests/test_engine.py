@@ -25,8 +25,8 @@ from layerkeep.core.errors import (
     ResourceConflict,
     ResourceNotFound,
 )
-from layerkeep.core.job import BUILD_ID_LABEL, PROJECT_LABEL, REDACTED, Job, Masker
-from layerkeep.core.settings import Settings, load_settings
+from layerkeep.core.job import BUILD_ID_LABEL, PROJECT_LABEL, Job, Masker
+from layerkeep.core.settings import MASK, Settings, load_settings
 
 PACKAGE = Path(__file__).resolve().parent.parent / "layerkeep"
 ENGINE_MODULE = PACKAGE / "core" / "engine.py"
@@ -123,7 +123,7 @@ def test_the_job_masks_every_secret_the_settings_hold(tmp_path: Path) -> None:
         registry_password=REGISTRY_SECRET,
         services="postgres,search",
         search_image="example/search:1",
-        search_env="API_KEY=key-value-7,MONKEY=banana",
+        search_env="API_KEY=key-value-7,MODE=banana",
         test_env="SERVICE_TOKEN=tok-9",
     )
     job = Job.from_settings(settings, extra_secrets=["extra-value-3"])
@@ -132,13 +132,18 @@ def test_the_job_masks_every_secret_the_settings_hold(tmp_path: Path) -> None:
         SECRET, quote(SECRET, safe=""), quote(SECRET), "reg-pass-42", basic,
         "key-value-7", "tok-9", "extra-value-3", "banana",
     ])
-    assert job.mask(text) == " ".join([REDACTED] * 8 + ["banana"])
+    assert job.mask(text) == " ".join([MASK] * 8 + ["banana"])
+
+
+def test_the_public_default_password_is_not_masked_out_of_names(tmp_path: Path) -> None:
+    job = Job.from_settings(settings_for(tmp_path, project="shop", build_id="7"))
+    assert job.mask(job.container_name("postgres")) == "layerkeep-shop-7-postgres"
 
 
 def test_a_masker_hides_a_secret_containing_another_whole() -> None:
     masker = Masker.of(["abc", "xxabcxx"])
-    assert masker.mask("1 xxabcxx 2 abc") == f"1 {REDACTED} 2 {REDACTED}"
-    assert masker.plus(["2"]).mask("1 2") == f"1 {REDACTED}"
+    assert masker.mask("1 xxabcxx 2 abc") == f"1 {MASK} 2 {MASK}"
+    assert masker.plus(["2"]).mask("1 2") == f"1 {MASK}"
 
 
 # --- on the real engine ----------------------------------------------------------------

@@ -25,7 +25,6 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import is_valid_tag
-from layerkeep.core.job import REDACTED
 from layerkeep.core.registry import (
     Credentials,
     RegistryAuthError,
@@ -35,7 +34,7 @@ from layerkeep.core.registry import (
     safe_tag,
     with_retries,
 )
-from layerkeep.core.settings import Settings, load_settings
+from layerkeep.core.settings import MASK, Settings, load_settings
 from layerkeep.release.push import branch_tag, plan_release, push_release
 
 docker = pytest.mark.docker  # the fast tests here need no engine
@@ -258,7 +257,7 @@ def test_transient_failures_back_off_then_give_up() -> None:
     assert "failed after 4 attempt(s)" in raised.value.message
     shown = " ".join([*lines, raised.value.one_line(), str(raised.value), repr(raised.value)])
     assert PASSWORD not in shown
-    assert f"alice:{REDACTED}@" in shown
+    assert f"alice:{MASK}@" in shown
     assert [re.findall(r"attempt \d/4 failed", line) for line in lines] == [
         ["attempt 1/4 failed"], ["attempt 2/4 failed"], ["attempt 3/4 failed"]
     ]
@@ -307,7 +306,7 @@ def test_credentials_never_show_the_password() -> None:
     assert PASSWORD not in repr(credentials)
     encoded = "cGE1NS13MHJkL3dpdGg6b2RkQGNoYXJz"  # what URL-quoting would not catch
     shown = credentials.redact(f"x {PASSWORD} y pa55-w0rd%2Fwith%3Aodd%40chars")
-    assert shown == f"x {REDACTED} y {REDACTED}"
+    assert shown == f"x {MASK} y {MASK}"
     assert PASSWORD not in credentials.redact(encoded + PASSWORD)
     assert Credentials("r").auth_config() is None  # docker-py then uses ~/.docker/config.json
 

@@ -12,21 +12,18 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from layerkeep.core.settings import Settings
+from layerkeep.core.settings import MASK, Settings
 
 LABEL_PREFIX = "io.layerkeep"
 PROJECT_LABEL = f"{LABEL_PREFIX}.project"
 BUILD_ID_LABEL = f"{LABEL_PREFIX}.build-id"
-REDACTED = "******"
-# Environment names whose values are secrets wherever they appear (API_KEY, not MONKEY).
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|(?:^|_)KEY(?:$|_)", re.IGNORECASE)
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 _MAX_PART = 60
 
 
 @dataclass(frozen=True)
 class Masker:
-    """Replaces every known secret, in each form it may take in output, by REDACTED."""
+    """Replaces every known secret, in each form it may take in output, by MASK."""
 
     values: tuple[str, ...] = field(default=(), repr=False)
 
@@ -49,7 +46,7 @@ class Masker:
     def mask(self, text: str) -> str:
         """``text`` with every secret replaced."""
         for value in self.values:
-            text = text.replace(value, REDACTED)
+            text = text.replace(value, MASK)
         return text
 
 
@@ -63,17 +60,14 @@ class Job:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, extra_secrets: Iterable[str] = ()) -> Job:
-        """The job the settings describe, masking every secret they hold."""
-        secrets = [settings.db_password, settings.registry_password, *extra_secrets]
-        for spec in settings.services:
-            secrets.extend(value for key, value in spec.env.items() if SECRET_NAME.search(key))
-        secrets.extend(
-            value for key, value in settings.test_env.items() if SECRET_NAME.search(key)
-        )
-        # LAYERKEEP_SECRETS, once the settings declare it.
-        secrets.extend(getattr(settings, "secrets", ()))
+        """The job the settings describe, masking every secret value they found.
+
+        Those are the settings' ``secret_values`` (passwords, LAYERKEEP_SECRETS, secret-
+        named variables), here also URL-quoted and the registry login as Basic auth.
+        """
         logins = [(settings.registry_user, settings.registry_password)]
-        return cls(settings.project, settings.build_id, Masker.of(secrets, logins=logins))
+        masker = Masker.of([*settings.secret_values, *extra_secrets], logins=logins)
+        return cls(settings.project, settings.build_id, masker)
 
     @property
     def labels(self) -> dict[str, str]:
