@@ -259,13 +259,17 @@ class _Loader:
     log: Log
     containerd: bool = False
     present_chains: set[str] = field(default_factory=set)
+    # (layers, created) -> id of each local image: how the containerd store's images,
+    # named by manifest digests, are recognised.
+    local: dict[tuple[tuple[str, ...], str], str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.containerd = self.engine.uses_containerd_store()
-        if not self.containerd:
-            self.present_chains = {
-                chain for layers in self.engine.local_image_layers() for chain in _chain_ids(layers)
-            }
+        for attrs in self.engine.local_images():
+            layers = tuple(str(d) for d in (attrs.get("RootFS") or {}).get("Layers") or [])
+            self.local[layers, str(attrs.get("Created", ""))] = str(attrs["Id"])
+            if not self.containerd:
+                self.present_chains.update(_chain_ids(layers))
 
     def restore(self, tag: str, image: CachedImage) -> None:
         """Make the engine hold ``image``, under ``tag`` unless that names another image."""
@@ -289,6 +293,7 @@ class _Loader:
                 return
             self.report.restored.append(tag)
             self.present_chains |= set(_chain_ids(image.layers))
+            self.local[image.layers, image.created] = source
         self.report.cache_sources.append(source)
         if source != tag:
             self.report.tags_left.append(tag)
@@ -305,7 +310,7 @@ class _Loader:
             attrs = self.engine.image_attrs(reference)
             if attrs is not None and _same(attrs, image):
                 return reference
-        return None
+        return self.local.get((image.layers, image.created))
 
     def _name(self, tag: str, image: CachedImage, local: str) -> str:
         """Tag a present image as ``tag`` if that is free; otherwise its internal name."""

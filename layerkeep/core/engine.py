@@ -332,16 +332,12 @@ class Engine:
             "containerd.snapshotter" in str(value) for _, value in info.get("DriverStatus") or []
         )
 
-    def local_image_layers(self) -> list[list[str]]:
-        """The diff ids (RootFS layers) of every local image, one list per image."""
+    def local_images(self) -> list[dict[str, Any]]:
+        """The inspect record of every local image (intermediate ones included)."""
         with _translated("list images"):
             summaries = self.api.images(all=True)
-        found: list[list[str]] = []
-        for summary in summaries:
-            attrs = self.image_attrs(str(summary["Id"]))
-            if attrs is not None:
-                found.append([str(d) for d in (attrs.get("RootFS") or {}).get("Layers") or []])
-        return found
+        found = (self.image_attrs(str(summary["Id"])) for summary in summaries)
+        return [attrs for attrs in found if attrs is not None]
 
     def build_cache_entries(self) -> int:
         """What the engine could reuse without any cached image: BuildKit's cache records
