@@ -9,7 +9,7 @@ from invoke.context import Context
 from layerkeep.cache.backend import save_cache
 from layerkeep.dryrun import save_plan
 
-from .graph import Note, is_dry, settings, step
+from .graph import Done, Note, is_dry, settings, step
 from .image_tasks import build
 from .restore_tasks import CACHE_HELP
 from .taskkit import engine_for, say
@@ -24,6 +24,14 @@ def save(c: Context, cache_dir: str | None = None, backend: str | None = None) -
             say(line)
         return "dry run"
     report = save_cache(engine_for(current), current, log=say)
+    figures = {
+        "saved": list(report.saved),
+        "unchanged": list(report.unchanged),
+        "layers_written": report.layers_written,
+        "bytes_written": report.bytes_written,
+    }
     if report.skipped:
-        return "up to date"
-    return f"{report.layers_written} layers, {report.bytes_written / 1e6:.1f} MB written"
+        return Done("up to date", figures)
+    return Done(
+        f"{report.layers_written} layers, {report.bytes_written / 1e6:.1f} MB written", figures
+    )

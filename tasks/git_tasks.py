@@ -5,7 +5,7 @@ from invoke.context import Context
 from layerkeep.dryrun import touch_plan
 from layerkeep.git.touch import touch as touch_files
 
-from .graph import Note, is_dry, settings, step
+from .graph import Done, Note, is_dry, settings, step
 from .taskkit import say
 
 
@@ -31,4 +31,10 @@ def touch(c: Context, author_time: bool = False) -> Note:
     )
     dirty = f", {len(report.skipped_dirty)} modified left alone" if report.skipped_dirty else ""
     shallow = " (shallow clone)" if report.shallow else ""
-    return f"{report.touched} files{dirty}{shallow}"
+    figures = {
+        "files": report.touched,
+        "commits_read": report.commits_read,
+        "modified_left_alone": len(report.skipped_dirty),
+        "shallow": report.shallow,
+    }
+    return Done(f"{report.touched} files{dirty}{shallow}", figures)

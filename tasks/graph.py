@@ -24,8 +24,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, cast
 
@@ -38,7 +39,14 @@ from invoke.tasks import Call, Task, call
 from layerkeep.core.engine import is_engine_error, translate
 from layerkeep.core.errors import LayerkeepError
 from layerkeep.core.joblock import JobLock, hold_build_id
-from layerkeep.core.outcome import Result, TaskRecord, format_summary
+from layerkeep.core.outcome import (
+    Result,
+    TaskRecord,
+    format_summary,
+    markdown_summary,
+    report_document,
+    write_report,
+)
 from layerkeep.core.settings import Settings
 
 from .taskkit import environ, load_project_settings, say
@@ -77,7 +85,15 @@ class Skipped:
     reason: str
 
 
-Note = str | Skipped | None
+@dataclass(frozen=True)
+class Done:
+    """What a task returns: its summary note and its figures for the JSON report."""
+
+    note: str
+    figures: Mapping[str, Any] = field(default_factory=dict)
+
+
+Note = str | Skipped | Done | None
 
 
 def step(
@@ -207,6 +223,7 @@ class Run:
         self.records: dict[Task[Any], TaskRecord] = {}
         self.cleanups: list[Task[Any]] = []
         self.failing = False
+        self.error = ""
         self.dry_announced = False
         self._settings: Settings | None = None
         self._lock: JobLock | None = None
@@ -297,22 +314,27 @@ class Run:
         self._arm_signals()
         if task.role != "group":
             say(f"==> {task.title}{' (cleanup)' if self.failing else ''}")
-        started = time.monotonic()
+        started, wall = time.monotonic(), time.time()
         try:
             note = Skipped("LAYERKEEP_SKIP_DEPENDENCIES") if self._skips(task, c) else body()
         except BaseException as error:
-            self._failed(task, error, time.monotonic() - started)
+            self._failed(task, error, time.monotonic() - started, wall)
             return None
         seconds = time.monotonic() - started
         result: Result = "ok"
         text = ""
+        figures: Mapping[str, Any] = {}
         if isinstance(note, Skipped):
             result, text = "skipped", note.reason
         elif is_dry(c):
             result = "would run"
+        elif isinstance(note, Done):
+            text, figures = note.note, note.figures
         elif note:
             text = note
-        self.records[task] = TaskRecord(task.title, result, seconds, text, cleanup=self.failing)
+        self.records[task] = TaskRecord(
+            task.title, result, seconds, text, self.failing, wall, figures
+        )
         if not self.failing and self._plan_done():
             self._finish()
         return text
@@ -323,19 +345,24 @@ class Run:
             return False
         return self.settings(c).skip_dependencies
 
-    def _failed(self, task: LayerkeepTask, error: BaseException, seconds: float) -> None:
+    def _failed(
+        self, task: LayerkeepTask, error: BaseException, seconds: float, wall: float
+    ) -> None:
         failure = describe_failure(error)
         if self.failing:  # a cleanup step failed: report it beside the first error
-            self.records[task] = TaskRecord(task.title, "failed", seconds, failure.line, True)
+            self.records[task] = TaskRecord(
+                task.title, "failed", seconds, failure.line, True, wall
+            )
             say(f"warning: cleanup {task.title} failed: {failure.line}")
             return
         if task.role == "cache" and task not in self.entries and not failure.interrupted:
-            self.records[task] = TaskRecord(task.title, "warn", seconds, failure.line)
+            self.records[task] = TaskRecord(task.title, "warn", seconds, failure.line, False, wall)
             say(f"warning: {task.title}: {failure.line} (the job goes on without it)")
             if self._plan_done():
                 self._finish()
             return
-        self.records[task] = TaskRecord(task.title, "failed", seconds, failure.line)
+        self.records[task] = TaskRecord(task.title, "failed", seconds, failure.line, False, wall)
+        self.error = f"{task.title}: {failure.line}"
         self._clean_up()
         self._finish()
         sys.stdout.flush()
@@ -367,7 +394,29 @@ class Run:
         if len(rows) > 1 or self.failing:
             say("")
             say(format_summary(rows))
+        self._publish(rows)
         self._release()
+
+    def _publish(self, rows: list[TaskRecord]) -> None:
+        """The JSON report in the reports folder; the CI's job summary where it has one."""
+        current, context = self._settings, self._context
+        if current is None or context is None or is_dry(context):
+            return
+        job = {
+            "project": current.project,
+            "build_id": current.build_id,
+            "commit": current.commit,
+            "branch": current.branch,
+        }
+        try:
+            write_report(current.reports_dir, report_document(rows, job=job, error=self.error))
+            step_summary = environ().get("GITHUB_STEP_SUMMARY")
+            if step_summary:
+                title = f"layerkeep: {', '.join(title_of(t) for t in self.entries)}"
+                with Path(step_summary).open("a", encoding="utf-8") as stream:
+                    stream.write(markdown_summary(rows, title=title))
+        except OSError as error:
+            say(f"warning: could not write the run report: {error}")
 
     def summary_rows(self) -> list[TaskRecord]:
         """The plan's rows in order (not run where Invoke stopped), then extra cleanups."""

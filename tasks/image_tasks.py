@@ -6,7 +6,7 @@ from layerkeep.build.image import build_image, choose_builder
 from layerkeep.dryrun import build_plan
 
 from .git_tasks import touch
-from .graph import Note, is_dry, settings, step
+from .graph import Done, Note, is_dry, settings, step
 from .restore_tasks import load
 from .taskkit import engine_for, environ, say
 
@@ -29,4 +29,11 @@ def build(c: Context, builder: str | None = None, image: str | None = None) -> N
     engine = engine_for(current)
     chosen = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=engine)
     report = build_image(engine, current, chosen, environ(), log=say)
-    return f"{report.tally.reused}/{report.tally.total} steps reused ({chosen.kind})"
+    figures = {
+        "builder": chosen.kind,
+        "steps_reused": report.tally.reused,
+        "steps_total": report.tally.total,
+        "images": [str(image) for image in report.images],
+        "cache_from": list(report.cache_from),
+    }
+    return Done(f"{report.tally.reused}/{report.tally.total} steps reused ({chosen.kind})", figures)

@@ -5,7 +5,7 @@ from invoke.context import Context
 from layerkeep.dryrun import release_plan
 from layerkeep.release.push import push_release
 
-from .graph import Note, Skipped, is_dry, settings, step
+from .graph import Done, Note, Skipped, is_dry, settings, step
 from .taskkit import engine_for, say
 from .testing_tasks import run as run_tests
 
@@ -29,4 +29,9 @@ def push(c: Context, dry_run: bool = False) -> Note:
         return Skipped(report.plan.reason)
     if dry_run:
         return "dry run"
-    return f"{len(report.pushed)} tags at {report.digest[:19]}"
+    figures = {
+        "tags": [tag.reference for tag in report.pushed],
+        "digest": report.digest,
+        "bytes_pushed": report.bytes_pushed,
+    }
+    return Done(f"{len(report.pushed)} tags at {report.digest[:19]}", figures)

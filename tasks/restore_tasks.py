@@ -9,7 +9,7 @@ from invoke.context import Context
 from layerkeep.cache.backend import describe_load, load_cache
 from layerkeep.dryrun import load_plan
 
-from .graph import Note, is_dry, settings, step
+from .graph import Done, Note, is_dry, settings, step
 from .taskkit import engine_for, say
 
 CACHE_HELP = {
@@ -26,4 +26,11 @@ def load(c: Context, cache_dir: str | None = None, backend: str | None = None) -
         for line in load_plan(current):
             say(line)
         return "dry run"
-    return describe_load(load_cache(engine_for(current), current, log=say))
+    report = load_cache(engine_for(current), current, log=say)
+    figures = {
+        "restored": list(report.restored),
+        "present": list(report.present),
+        "failed": list(report.failed),
+        "bytes_read": report.bytes_read,
+    }
+    return Done(describe_load(report), figures)

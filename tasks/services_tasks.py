@@ -7,7 +7,7 @@ from layerkeep.dryrun import down_plan, services_plan
 from layerkeep.services.containers import services_down, services_up
 from layerkeep.services.containers import sweep as sweep_leftovers
 
-from .graph import Note, Run, Skipped, is_dry, settings, step
+from .graph import Done, Note, Run, Skipped, is_dry, settings, step
 from .restore_tasks import load
 from .taskkit import engine_for, say
 
@@ -39,7 +39,8 @@ def up(c: Context) -> Note:
     # Whatever happens next in this run, what starts here is removed if the run fails.
     Run.of(c).register_cleanup(down)
     running = services_up(engine_for(current), current, log=say)
-    return ", ".join(service.spec.name for service in running) + " ready"
+    names = [service.spec.name for service in running]
+    return Done(", ".join(names) + " ready", {"services": names})
 
 
 @step(

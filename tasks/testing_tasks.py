@@ -7,7 +7,7 @@ from layerkeep.dryrun import tests_plan
 from layerkeep.testing.testrun import run_tests
 
 from .db_tasks import init
-from .graph import Note, Run, is_dry, settings, step
+from .graph import Done, Note, Run, is_dry, settings, step
 from .image_tasks import build
 from .services_tasks import down, up
 from .taskkit import engine_for, say
@@ -36,4 +36,7 @@ def run(c: Context, keep_services: bool = False) -> Note:
     result = run_tests(engine_for(current), current, log=say)
     if not result.passed:
         raise CommandFailed(f"tests failed (exit {result.exit_code})", return_code=result.exit_code)
-    return f"passed, {len(result.reports)} report(s)"
+    return Done(
+        f"passed, {len(result.reports)} report(s)",
+        {"exit_code": result.exit_code, "reports": [str(path) for path in result.reports]},
+    )

@@ -8,6 +8,7 @@ are in test_ci_example.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from invoke.tasks import Task, task
 
 from layerkeep.core.errors import LayerkeepError
 from layerkeep.core.joblock import BuildIdInUse, hold_build_id
+from layerkeep.core.outcome import SCHEMA_PATH
 from layerkeep.tasks import ci_tasks, collection, image_tasks, testing_tasks
 from layerkeep.tasks.graph import expansion, title_of
 
@@ -319,3 +322,30 @@ def test_skip_dependencies_runs_only_the_named_task(project: Path) -> None:
     table = rows(done.stdout)
     assert table["work"] == ["skipped", "0.0", "s", "LAYERKEEP_SKIP_DEPENDENCIES"]
     assert table["down"][0] == "skipped"
+
+
+def test_every_run_writes_a_report_that_follows_the_schema(project: Path) -> None:
+    summary = project / "step-summary.md"
+    summary.write_text("earlier content\n")
+    done = inv(project, "after", WORK_DOES="fail", GITHUB_STEP_SUMMARY=str(summary))
+    assert done.returncode == 1
+
+    document = json.loads((project / "reports" / "layerkeep-report.json").read_text())
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.validate(document, schema)
+    assert document["passed"] is False
+    assert document["error"] == "work: work broke (fix it)"
+    assert document["job"]["build_id"] == "local"
+    tasks = {task["name"]: task for task in document["tasks"]}
+    assert tasks["work"]["result"] == "failed"
+    assert tasks["down"]["cleanup"] is True
+    assert tasks["after"]["result"] == "not run"
+    markdown = summary.read_text()
+    assert markdown.startswith("earlier content\n### layerkeep: after")
+    assert "| work | ❌ failed |" in markdown
+
+
+def test_a_dry_run_writes_no_report(project: Path) -> None:
+    done = inv(project, "--dry", "after")
+    assert done.returncode == 0, done.stderr
+    assert not (project / "reports").exists()
