@@ -1,0 +1,292 @@
+"""Builds hit the restored cache on every engine kind, and caches cross engine versions.
+
+Engine kinds, each a private second engine (``second_engine.py``) so its builder cache
+may be pruned: ``legacy-20.10`` and ``buildkit-20.10`` (Debian's dockerd 20.10, classic
+builder through the API or BuildKit through the 20.10 CLI), ``26-classic`` and
+``26-containerd`` (dockerd 26.1.5 with buildx, classic or containerd image store). The
+project is the bundled example; both cache backends (folder, and a real registry).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import SESSION, SESSION_LABEL, TEST_LABEL
+from registry_setup import Registry, running_registry
+from second_engine import (
+    SecondEngine,
+    SecondEngineUnavailable,
+    ensure_docker26,
+    second_engine,
+    transfer_images,
+)
+
+from layerkeep.build.image import BuildReport, build_image, choose_builder, images_to_cache
+from layerkeep.cache.backend import load_cache, save_cache
+from layerkeep.cache.layers import LoadReport
+from layerkeep.core.ci_vars import GitFacts
+from layerkeep.core.engine import Engine, connect
+from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.settings import Settings, load_settings
+
+pytestmark = pytest.mark.docker
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "example"
+BASE = "python:3.11-slim"
+KINDS = ("legacy-20.10", "buildkit-20.10", "26-classic", "26-containerd")
+BACKENDS = ("dir", "registry")
+# Which engine each kind runs on, and the builder it asks for.
+ENGINE_OF = {
+    "legacy-20.10": "20.10",
+    "buildkit-20.10": "20.10",
+    "26-classic": "26-classic",
+    "26-containerd": "26-containerd",
+}
+BUILDER_OF = {"legacy-20.10": "legacy"}
+
+
+@dataclass
+class Cold:
+    """A kind's cold build of the example, saved to both backends."""
+
+    kind: str
+    image: str
+    report: BuildReport
+    cache_dir: Path
+
+
+@dataclass
+class Pool:
+    """Second engines started on first use and the session's registry; all stop at the end."""
+
+    folder: Path
+    main: Engine
+    registry: Registry
+    stack: contextlib.ExitStack
+    engines: dict[str, tuple[SecondEngine, Engine]] = field(default_factory=dict)
+    colds: dict[str, Cold] = field(default_factory=dict)
+    saved: set[tuple[str, str]] = field(default_factory=set)
+
+    def engine(self, kind: str) -> tuple[SecondEngine, Engine]:
+        """The running engine of ``kind``, with the stand-in base image in it."""
+        name = ENGINE_OF[kind]
+        if name not in self.engines:
+            docker26 = None if name == "20.10" else ensure_docker26()
+            second = self.stack.enter_context(
+                second_engine(
+                    self.folder / name,
+                    docker26=docker26,
+                    containerd_store=name == "26-containerd",
+                )
+            )
+            transfer_images(os.environ, second.environ, [BASE])
+            connected = connect(second.environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
+            self.stack.callback(connected.close)
+            assert connected.uses_containerd_store() == (name == "26-containerd")
+            self.engines[name] = (second, connected)
+        return self.engines[name]
+
+    def settings(self, kind: str, image: str, backend: str, cache_dir: Path) -> Settings:
+        """The example's settings for ``kind``'s engine, through ``load_settings``."""
+        second, _ = self.engine(kind)
+        project = self.folder / "project"
+        if not project.exists():
+            shutil.copytree(EXAMPLE, project / "example", ignore=shutil.ignore_patterns(".*"))
+        environ = {
+            **second.environ,
+            "LAYERKEEP_PROJECT": f"lk-kinds-{SESSION}",
+            "LAYERKEEP_IMAGE": image,
+            "LAYERKEEP_CONTEXT": "example",
+            "LAYERKEEP_BUILDER": BUILDER_OF.get(kind, "auto"),
+            "LAYERKEEP_CACHE_BACKEND": backend,
+            "LAYERKEEP_CACHE_DIR": str(cache_dir),
+            "LAYERKEEP_REGISTRY": self.registry.address,
+        }
+        return load_settings(project, environ, git_facts=lambda _: GitFacts("", ""))
+
+    def build(self, kind: str, settings: Settings) -> BuildReport:
+        """Build the example on ``kind``'s engine with its builder; the report."""
+        second, connected = self.engine(kind)
+        builder = choose_builder(settings.builder, second.environ, engine=connected)
+        lines: list[str] = []
+        report = build_image(connected, settings, builder, second.environ, log=lines.append)
+        print(f"{kind}: {next(line for line in lines if line.startswith('cache: '))}")
+        return report
+
+    def cold(self, kind: str, backend: str) -> Cold:
+        """The example built cold once on ``kind``, saved to ``backend`` once."""
+        if kind not in self.colds:
+            image = f"layerkeep-test/{SESSION}/{kind.replace('.', '')}/shortener"
+            cache_dir = self.folder / f"cache-{kind}"
+            self.wipe(kind, self.settings(kind, image, "dir", cache_dir))
+            report = self.build(kind, self.settings(kind, image, "dir", cache_dir))
+            self.colds[kind] = Cold(kind, image, report, cache_dir)
+        cold = self.colds[kind]
+        if (kind, backend) not in self.saved:
+            _, connected = self.engine(kind)
+            settings = self.settings(kind, cold.image, backend, cold.cache_dir)
+            save_cache(connected, settings, log=print)
+            self.saved.add((kind, backend))
+        return cold
+
+    def wipe(self, kind: str, settings: Settings) -> None:
+        """Remove the app and stage images and everything the engine's builder cached."""
+        second, connected = self.engine(kind)
+        for image in images_to_cache(settings):
+            # By id, with force: the registry backend's cache tags name them too.
+            image_id = connected.image_id(image)
+            if image_id is not None:
+                connected.remove_image(image_id, force=True)
+        cli = shutil.which("docker", path=second.environ.get("PATH")) or "docker"
+        subprocess.run(
+            [cli, "builder", "prune", "--all", "--force"],
+            env=dict(second.environ), capture_output=True, check=True,
+        )
+        assert connected.build_cache_entries() == 0
+
+    def restore(self, kind: str, settings: Settings) -> LoadReport:
+        """Load the cache into ``kind``'s engine after wiping it."""
+        self.wipe(kind, settings)
+        _, connected = self.engine(kind)
+        return load_cache(connected, settings, log=print)
+
+
+@pytest.fixture(scope="session")
+def pool(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    """Every kind's engine (started when first asked for) and a registry, for the session."""
+    folder = tmp_path_factory.mktemp("engine-kinds")
+    with contextlib.ExitStack() as stack:
+        registry = stack.enter_context(running_registry(folder / "registry"))
+        yield Pool(folder, engine, registry, stack)
+
+
+@pytest.fixture(scope="session", params=KINDS)
+def kind(request: pytest.FixtureRequest, pool: Pool) -> str:
+    """An engine kind whose engine runs (skipped where second engines cannot run)."""
+    name = str(request.param)
+    try:
+        pool.engine(name)
+    except SecondEngineUnavailable as error:
+        pytest.skip(str(error))
+    return name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_wiped_engine_reuses_every_step_after_restoring(
+    pool: Pool, kind: str, backend: str, request: pytest.FixtureRequest
+) -> None:
+    if (kind, backend) == ("26-containerd", "registry"):
+        known_push_gap(request)
+    cold = pool.cold(kind, backend)
+    assert cold.report.builder.kind == ("legacy" if kind.startswith("legacy") else "buildkit")
+    assert cold.report.tally.reused == 0, cold.report.tally.reused_by_key
+    assert cold.report.tally.total >= 9
+    assert "no cached image was used" not in cold.report.reuse
+
+    settings = pool.settings(kind, cold.image, backend, cold.cache_dir)
+    restored = pool.restore(kind, settings)
+    assert len(restored.restored) == 2, restored
+
+    warm = pool.build(kind, settings)
+    assert warm.tally.total == cold.report.tally.total
+    assert warm.tally.reused == warm.tally.total, warm.tally.reused_by_key
+    # The engine had nothing of its own, so the line credits the restored images alone.
+    assert "of 2 cached image(s)" in warm.reuse
+    assert "own build cache" not in warm.reuse
+
+
+def test_hits_from_the_engines_own_cache_are_not_credited_to_a_restore(
+    pool: Pool, kind: str
+) -> None:
+    cold = pool.cold(kind, "dir")
+    settings = pool.settings(kind, cold.image, "dir", cold.cache_dir)
+    _, connected = pool.engine(kind)
+    pool.build(kind, settings)  # images present and a warm builder cache
+    for image in images_to_cache(settings):
+        connected.remove_image(image, force=True)
+    # Nothing restored: whatever is reused comes from the engine itself.
+    again = pool.build(kind, settings)
+    assert again.cache_from == ()
+    if again.tally.reused:
+        assert "from this engine's own build cache: no cached image was used" in again.reuse
+    assert "cached image(s)" not in again.reuse
+
+
+def known_push_gap(request: pytest.FixtureRequest) -> None:
+    """Docker 26's containerd store reports a push's digest only in its status text
+    (``TAG: digest: sha256:... size: N``), with no ``aux`` record: push_tag in
+    core/registry.py must read that line too. Strict: this fails once it is fixed."""
+    request.applymarker(
+        pytest.mark.xfail(
+            strict=True, raises=DockerOperationError,
+            reason="push_tag needs the digest from the status line on the containerd store",
+        )
+    )
+
+
+CROSSINGS = [
+    ("buildkit-20.10", "26-classic"),
+    ("buildkit-20.10", "26-containerd"),
+    ("26-classic", "buildkit-20.10"),
+    ("26-containerd", "buildkit-20.10"),
+    ("26-classic", "26-containerd"),
+    ("26-containerd", "26-classic"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("source", "target"), CROSSINGS)
+def test_a_cache_saved_on_one_engine_version_restores_on_another(
+    pool: Pool,
+    source: str,
+    target: str,
+    backend: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    if backend == "registry" and "26-containerd" in (source, target):
+        known_push_gap(request)
+    try:
+        cold = pool.cold(source, backend)
+        pool.engine(target)
+    except SecondEngineUnavailable as error:
+        pytest.skip(str(error))
+    settings = pool.settings(target, cold.image, backend, cold.cache_dir)
+    restored = pool.restore(target, settings)
+    assert len(restored.restored) == 2, restored
+    lines: list[str] = []
+    second, connected = pool.engine(target)
+    builder = choose_builder("auto", second.environ, engine=connected)
+    warm = build_image(connected, settings, builder, second.environ, log=lines.append)
+    same_buildkit = ENGINE_OF[source].split("-")[0] == ENGINE_OF[target].split("-")[0]
+    print(f"{source} -> {target} ({backend}): {warm.reuse}")
+    if same_buildkit:
+        assert warm.tally.reused == warm.tally.total == cold.report.tally.total
+    else:
+        # BuildKit 0.8 (20.10) and 0.13 (26) compute different keys for RUN steps, so
+        # an inline cache made by one never matches the other's: the build says so.
+        assert warm.tally.reused < warm.tally.total
+        assert any("another Docker version's BuildKit" in line for line in lines) or (
+            warm.tally.reused > 0
+        )
+    for image in images_to_cache(settings):
+        connected.remove_image(image, force=True)
+
+
+def test_each_kind_builds_with_the_builder_it_should(pool: Pool, kind: str) -> None:
+    second, connected = pool.engine(kind)
+    chosen = choose_builder(BUILDER_OF.get(kind, "auto"), second.environ, engine=connected)
+    if kind.startswith("legacy"):
+        assert chosen.kind == "legacy"
+    elif kind.startswith("26"):
+        # buildx from the private DOCKER_CONFIG, with the 26 CLI.
+        assert chosen.kind == "buildkit"
+        assert chosen.cli.startswith(str(ensure_docker26().prefix))
+    else:
+        assert chosen.kind == "buildkit"
