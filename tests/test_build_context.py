@@ -207,6 +207,16 @@ def unique_base(engine: Engine, repository: str, folder: Path) -> str:
     return base
 
 
+def project_on(target: Target, folder: Path, repository: str) -> tuple[Settings, str]:
+    """The fixture, built from a base of its own, with images under ``repository``."""
+    base = unique_base(target.engine, repository, folder / "base")
+    project = copy_fixture(folder)
+    dockerfile = project / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace(f"FROM {PYTHON}", f"FROM {base}"))
+    settings = settings_for(project, {"LAYERKEEP_IMAGE": f"{repository}/app"})
+    return settings, base
+
+
 def ci(target: Target, settings: Settings) -> BuildReport:
     """What `inv ci` does with the image: restore, build, run the tests, save."""
     load_cache(target.engine, settings, log=quiet)
@@ -249,11 +259,8 @@ def test_copy_dot_project_with_default_settings_reuses_every_step_after_a_restor
     repository = f"{TEST_REPOSITORY}/{uuid.uuid4().hex[:10]}"
     with target_for(kind, engine, tmp_path) as target:
         try:
-            base = unique_base(target.engine, repository, tmp_path / "base")
-            project = copy_fixture(tmp_path)
-            dockerfile = project / "Dockerfile"
-            dockerfile.write_text(dockerfile.read_text().replace(f"FROM {PYTHON}", f"FROM {base}"))
-            settings = settings_for(project, {"LAYERKEEP_IMAGE": f"{repository}/app"})
+            settings, base = project_on(target, tmp_path, repository)
+            project = settings.project_dir
             assert settings.reports_dir == project / "reports"
             assert settings.cache_dir == project / ".layerkeep-cache"
 
@@ -285,6 +292,40 @@ def test_copy_dot_project_with_default_settings_reuses_every_step_after_a_restor
                 assert "greeter" in contents
                 assert ".layerkeep-cache" not in contents
                 assert "reports" not in contents
+        finally:
+            if not target.private:
+                remove_test_images(target.engine, repository)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("kind", ["legacy", "buildkit"])
+def test_cache_images_a_partial_restore_did_not_reuse_are_removed(
+    engine: Engine, tmp_path: Path, kind: str
+) -> None:
+    repository = f"{TEST_REPOSITORY}/{uuid.uuid4().hex[:10]}"
+    with target_for(kind, engine, tmp_path) as target:
+        try:
+            settings, base = project_on(target, tmp_path, repository)
+            ci(target, settings)
+            wipe(target, settings, base)
+            source = settings.project_dir / "greeter" / "__init__.py"
+            source.write_text(source.read_text().replace("hello", "hello there"))
+            load_cache(target.engine, settings, log=quiet)
+            images = [str(image) for image in plan_build(settings).images]
+            loaded = {image: target.engine.image_id(image) for image in images}
+            assert all(loaded.values())
+
+            lines: list[str] = []
+            report = build_image(
+                target.engine, settings, target.builder, target.environ, log=lines.append
+            )
+
+            assert 0 < report.tally.reused < report.tally.total
+            for image, old in loaded.items():
+                assert old is not None
+                assert target.engine.image_id(image) not in (None, old)
+                assert target.engine.image_id(old) is None, f"{image}'s restored copy was kept"
+                assert f"removed {old[:19]}, which this build replaced" in lines
         finally:
             if not target.private:
                 remove_test_images(target.engine, repository)
