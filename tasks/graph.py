@@ -36,7 +36,7 @@ from invoke.exceptions import Exit, UnexpectedExit
 from invoke.executor import Executor
 from invoke.tasks import Call, Task, call
 
-from layerkeep.core.engine import is_engine_error, translate
+from layerkeep.core.engine import ENGINE_ERRORS, Engine, translate
 from layerkeep.core.errors import LayerkeepError
 from layerkeep.core.joblock import JobLock, hold_build_id
 from layerkeep.core.outcome import (
@@ -48,8 +48,9 @@ from layerkeep.core.outcome import (
     write_report,
 )
 from layerkeep.core.settings import Settings
+from layerkeep.preflight import check_before_start, needs_preflight
 
-from .taskkit import environ, load_project_settings, say
+from .taskkit import engine_for, environ, load_project_settings, say
 
 Role = Literal["work", "cache", "cleanup", "group"]
 _RUN_KEY = "layerkeep_run"
@@ -173,6 +174,11 @@ def settings(c: Context, **flags: str | None) -> Settings:
     return Run.of(c).settings(c).with_flags(**flags)
 
 
+def engine(c: Context, settings: Settings) -> Engine:
+    """The run's engine connection for the job ``settings`` describe."""
+    return Run.of(c).engine(settings)
+
+
 def is_dry(c: Context) -> bool:
     """Whether `inv --dry` asked for a plan instead of changes."""
     return bool(c.config.run.dry)
@@ -197,7 +203,7 @@ class Failure:
 
 def describe_failure(error: BaseException) -> Failure:
     """Turn whatever a task raised into one line and an exit code: the one place."""
-    if is_engine_error(error):
+    if isinstance(error, ENGINE_ERRORS):
         error = translate(error)
     if isinstance(error, LayerkeepError):
         return Failure(error.one_line(), error.exit_code)
@@ -226,6 +232,7 @@ class Run:
         self.error = ""
         self.dry_announced = False
         self._settings: Settings | None = None
+        self._engines: dict[tuple[str, str], Engine] = {}
         self._lock: JobLock | None = None
         self._context: Context | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -258,10 +265,32 @@ class Run:
             return
         self.entries.append(entry)
         self.plan += [task for task in expansion(entry) if task not in self.plan]
+        if len(self.entries) == 1 and not is_dry(c):
+            self._check_before_start(entry, c)
         if is_dry(c) and not self.dry_announced:
             self.dry_announced = True
             steps = " -> ".join(title_of(t) for t in self.plan if _role(t) != "group")
             say(f"dry run, nothing is changed; plan: {steps}")
+
+    def _check_before_start(self, entry: LayerkeepTask, c: Context) -> None:
+        """Stop before any task starts on what layerkeep.preflight finds in the settings."""
+        if not needs_preflight({title_of(task) for task in self.plan}):
+            return
+        try:
+            current = self.settings(c)
+        except LayerkeepError:
+            return  # the first task reports it, in its row of the summary
+        tasks = self.entries if current.skip_dependencies else self.plan
+        # A flag of the entry task may still set these: the task checks them itself.
+        flags = inspect.signature(entry.inner).parameters.keys() & {"image", "builder"}
+        try:
+            check_before_start(
+                current, {title_of(t) for t in tasks}, environ(), flags=flags, log=say
+            )
+        except LayerkeepError as error:
+            self._release()
+            failure = describe_failure(error)
+            raise Exit(f"layerkeep: {failure.line}", code=failure.code) from None
 
     def register_cleanup(self, task: Task[Any]) -> None:
         """Run ``task`` if this run fails or is interrupted (e.g. services.down)."""
@@ -278,6 +307,13 @@ class Run:
                 loaded = self._lock_build_id(loaded)
             self._settings = loaded
         return self._settings
+
+    def engine(self, settings: Settings) -> Engine:
+        """One connection per job for the whole run, closed when the run ends."""
+        key = (settings.project, settings.build_id)
+        if key not in self._engines:
+            self._engines[key] = engine_for(settings)
+        return self._engines[key]
 
     def keep_flags(self, c: Context, **flags: str | None) -> None:
         """Apply ``flags`` to the settings of every task after this one in the run."""
@@ -433,6 +469,9 @@ class Run:
         return rows
 
     def _release(self) -> None:
+        for connected in self._engines.values():
+            connected.close()
+        self._engines = {}
         if self._lock is not None:
             self._lock.release()
             self._lock = None

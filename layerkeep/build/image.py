@@ -17,6 +17,7 @@ gets as ``--cache-from`` depends on the builder:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -31,10 +32,12 @@ from layerkeep.build.output import BuildkitParser, LegacyParser, ReuseSource, St
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag
+from layerkeep.core.registry import OFFLINE_HINT, unreachable_registry
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
 _TAIL = 20
+_MANIFEST_URL = re.compile(r"/v2/(?P<repository>[^\s\"]+?)/manifests/(?P<tag>[^\s\"/]+)")
 
 
 @dataclass(frozen=True)
@@ -132,15 +135,12 @@ def choose_builder(
     """
     if wanted == "legacy":
         return Builder("legacy")
-    tried: list[str] = []
-    if _engine_has_buildkit(engine):
-        candidates = list(_cli_candidates(cli, environ))
-        tried += candidates
-        for check in (_has_buildx, _speaks_buildkit):
-            for candidate in candidates:
-                if check(candidate, environ):
-                    return Builder("buildkit", candidate)
+    engine_speaks = _engine_has_buildkit(engine)
+    found = buildkit_cli(cli, environ) if engine_speaks else None
+    if found is not None:
+        return Builder("buildkit", found)
     if wanted == "buildkit":
+        tried = list(_cli_candidates(cli, environ)) if engine_speaks else []
         where = ", ".join(tried) or "no docker CLI on PATH"
         raise ConfigError(
             f"LAYERKEEP_BUILDER=buildkit but no docker CLI here can use BuildKit (tried {where})",
@@ -189,12 +189,15 @@ def build_image(
             + f", cache from {len(sources)} image(s))"
         )
         job = _Job(plan, target, tuple(sources), settings.build_args, excludes, tally, log)
-        if builder.kind == "buildkit":
-            _build_with_cli(builder.cli, job, environ)
-        else:
-            _build_with_api(engine, job)
-            if target.stage:
-                chains.append(_parent_chain(engine, own))
+        try:
+            if builder.kind == "buildkit":
+                _build_with_cli(builder.cli, job, environ)
+            else:
+                _build_with_api(engine, job)
+        except BuildFailed as error:
+            raise _explained(error, engine, plan) from None
+        if builder.kind != "buildkit" and target.stage:
+            chains.append(_parent_chain(engine, own))
     seconds = time.monotonic() - started
     line = reuse.describe(tally)
     log(f"{line} ({plan.images[-1]} built in {seconds:.1f} s)")
@@ -205,6 +208,30 @@ def build_image(
         if old is not None and engine.image_id(image) != old:
             _remove_if_unused(engine, old, log)
     return BuildReport(builder, plan.images, cache_from, seconds, tally, line)
+
+
+def _explained(error: BuildFailed, engine: Engine, plan: BuildPlan) -> BuildFailed:
+    """A build that failed because no registry answers: name the image and the way out."""
+    text = "\n".join([error.message, *error.last_lines])
+    offline = unreachable_registry(text)
+    if offline is None:
+        return error
+    url = _MANIFEST_URL.search(text)
+    if url:
+        missing = [f"{url['repository'].removeprefix('library/')}:{url['tag']}"]
+    else:
+        stages = read_stages(plan.dockerfile.read_text("utf-8"))
+        names = {stage.name for stage in stages}
+        bases = dict.fromkeys(stage.base for stage in stages if stage.base not in names)
+        missing = [base for base in bases if engine.image_id(base) is None]
+    explained = BuildFailed(
+        f"build {error.image} failed: cannot pull {', '.join(missing) or 'its base image'} "
+        f"({offline})",
+        image=error.image,
+        last_lines=error.last_lines,
+    )
+    explained.hint = OFFLINE_HINT
+    return explained
 
 
 def _parent_chain(engine: Engine, image: str) -> list[str]:
@@ -320,6 +347,20 @@ def _run_cli(cli: str, job: _Job, environ: Mapping[str, str], dockerfile: Path) 
             last_lines=list(tail),
         )
     parser.finish()
+
+
+def buildkit_cli(cli: str, environ: Mapping[str, str]) -> str | None:
+    """The docker CLI that builds with BuildKit here (``cli`` if given), or None.
+
+    A CLI with the buildx plugin comes first, then a classic CLI (18-22). Engine-free, so
+    that a run can check it before it starts.
+    """
+    candidates = list(_cli_candidates(cli, environ))
+    for check in (_has_buildx, _speaks_buildkit):
+        for candidate in candidates:
+            if check(candidate, environ):
+                return candidate
+    return None
 
 
 def _engine_has_buildkit(engine: Engine) -> bool:

@@ -56,6 +56,17 @@ _TRANSIENT = re.compile(
 _RETRYING = re.compile(r"^Retrying in (\d+) seconds?$")
 _MISSING = re.compile(r"manifest unknown|not found|name unknown|not known to registry", re.I)
 Failure = Literal["auth", "transient", "missing", "other"]
+# What an engine says when it cannot reach any registry: DNS fails, or no route.
+_UNREACHABLE = re.compile(
+    r"lookup (?P<host>[\w.-]+)(?: on [\w.:\[\]-]+)?: (?P<why>no such host|server misbehaving"
+    r"|temporary failure in name resolution)|(?P<route>network is unreachable)",
+    re.IGNORECASE,
+)
+OFFLINE_HINT = (
+    "no registry is reachable from this machine: `inv standins.build` builds stand-ins of "
+    "python:3.11-slim, postgres:15, redis:7 and registry:2 from Debian packages, or "
+    "cache.load restores images saved elsewhere (LAYERKEEP_CACHE_IMAGES)"
+)
 
 
 class RegistryAuthError(DockerOperationError):
@@ -126,6 +137,16 @@ def credentials_for(settings: Settings, registry: str) -> Credentials:
     if settings.registry_user and settings.registry in ("", registry):
         return Credentials(registry, settings.registry_user, settings.registry_password)
     return Credentials(registry)
+
+
+def unreachable_registry(text: str) -> str | None:
+    """Why no registry could be reached, when the engine's ``text`` says so; else None."""
+    found = _UNREACHABLE.search(text)
+    if found is None:
+        return None
+    if found["route"]:
+        return "network is unreachable"
+    return f"lookup {found['host']}: {found['why']}"
 
 
 def classify(text: str, status: int | None = None) -> Failure:

@@ -24,7 +24,13 @@ from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import parse_image_ref
 from layerkeep.core.job import BUILD_ID_LABEL, PROJECT_LABEL, Job
-from layerkeep.core.registry import credentials_for, pull_tag, registry_host
+from layerkeep.core.registry import (
+    OFFLINE_HINT,
+    credentials_for,
+    pull_tag,
+    registry_host,
+    unreachable_registry,
+)
 from layerkeep.core.service_specs import ServiceSpec, service_key
 from layerkeep.core.settings import Settings
 from layerkeep.services.readiness import ServiceWait, wait_ready
@@ -128,6 +134,11 @@ def ensure_image(engine: Engine, settings: Settings, image: str, *, log: Log) ->
     found = engine.image_id(image)
     if found is not None:
         return found
+    offline = unreachable_registry(reason)
+    if offline:
+        raise DockerOperationError(
+            f"cannot pull {image} ({offline})", image=image, hint=OFFLINE_HINT
+        )
     raise DockerOperationError(
         f"image {image} is not in the engine, not restored by cache.load (add it to "
         f"LAYERKEEP_CACHE_IMAGES), pull failed: {reason.strip().splitlines()[0]}",

@@ -1,0 +1,190 @@
+"""Checks before a run starts anything: what the settings and the files already tell.
+
+Each check belongs to the tasks that would fail on it later, after minutes of work:
+a test mount that does not exist stops ``test.run`` only once services are up and the
+database is ready; a BuildKit-only Dockerfile under the classic builder fails a few
+steps in and leaves untagged images. :func:`preflight` finds those first, reading files
+and settings only; the one slow check (which docker CLI can use BuildKit, a few
+subprocesses) runs only when the Dockerfile needs BuildKit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Mapping
+
+from layerkeep.build.context import preflight_context
+from layerkeep.build.dockerfile import instructions
+from layerkeep.build.image import buildkit_cli
+from layerkeep.core.errors import ConfigError
+from layerkeep.core.settings import Settings
+
+# The tasks whose problems are checked here; a run of other tasks skips preflight.
+BUILDS = frozenset({"image.build"})
+NEED_IMAGE = frozenset({"image.build", "cache.save", "db.init", "test.run", "release.push"})
+CHECKED = NEED_IMAGE
+
+_RUN_FLAGS = re.compile(r"^RUN\s+(?:--\S+\s+)*?(--(?:mount|network|security)\b)\S*", re.I)
+_COPY_FLAGS = re.compile(
+    r"^(?:COPY|ADD)\s+(?:--\S+\s+)*?(--(?:link|chmod|parents|checksum|keep-git-dir)\b)\S*", re.I
+)
+_HEREDOC = re.compile(r"^(?:RUN|COPY|ADD)\s.*?(?<!<)<<-?\s*[\"']?[A-Za-z_]\w*[\"']?", re.I)
+_SYNTAX = re.compile(r"^#\s*syntax\s*=\s*(\S+)", re.I)
+# Frontends that read Dockerfiles: the classic builder reads the same language.
+_DOCKERFILE_FRONTEND = re.compile(r"^(?:docker\.io/)?docker/dockerfile(?::\S*)?(?:@\S+)?$")
+
+
+def needs_preflight(tasks: Collection[str]) -> bool:
+    """Whether any of these task titles has something preflight checks."""
+    return not CHECKED.isdisjoint(tasks)
+
+
+def preflight(
+    settings: Settings,
+    tasks: Collection[str],
+    environ: Mapping[str, str],
+    *,
+    flags: Collection[str] = (),
+) -> list[str]:
+    """One line per problem the run of ``tasks`` (titles) would meet, each with its fix.
+
+    An empty list means nothing found; ``environ`` is where docker CLIs are looked for.
+    ``flags`` names settings a task flag of this run may still set (e.g. "image" for
+    `inv image.build --image ...`): checks of those are left to the task.
+    """
+    problems: list[str] = []
+    if not NEED_IMAGE.isdisjoint(tasks) and settings.image is None and "image" not in flags:
+        problems.append(
+            "LAYERKEEP_IMAGE is not set: set it in layerkeep.env, e.g. "
+            "LAYERKEEP_IMAGE=myorg/app (or pass --image to image.build)"
+        )
+    if not BUILDS.isdisjoint(tasks):
+        problems += _build_problems(settings, environ, check_builder="builder" not in flags)
+    if "db.init" in tasks:
+        problems += _database_problems(settings)
+    if "test.run" in tasks:
+        problems += _mount_problems(settings)
+    return problems
+
+
+def check_before_start(
+    settings: Settings,
+    tasks: Collection[str],
+    environ: Mapping[str, str],
+    *,
+    flags: Collection[str] = (),
+    log: Callable[[str], None],
+) -> None:
+    """Log each problem :func:`preflight` finds, then raise one ConfigError for them all."""
+    problems = preflight(settings, tasks, environ, flags=flags)
+    if not problems:
+        return
+    for problem in problems:
+        log(f"preflight: {problem}")
+    more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
+    raise ConfigError(f"nothing was started: {problems[0]}{more}")
+
+
+def _build_problems(
+    settings: Settings, environ: Mapping[str, str], *, check_builder: bool
+) -> list[str]:
+    context = settings.context
+    if not context.is_dir():
+        return [
+            f"LAYERKEEP_CONTEXT: build context {context} is not a folder: set "
+            "LAYERKEEP_CONTEXT to the folder holding your sources (relative to the project)"
+        ]
+    dockerfile = context / settings.dockerfile
+    try:
+        text = dockerfile.read_text(encoding="utf-8")
+    except OSError as error:
+        return [
+            f"LAYERKEEP_DOCKERFILE: cannot read {dockerfile} ({error.strerror or error}): set "
+            "LAYERKEEP_DOCKERFILE, relative to LAYERKEEP_CONTEXT"
+        ]
+    except UnicodeDecodeError:
+        return [f"LAYERKEEP_DOCKERFILE: {dockerfile} is not UTF-8 text: save it as UTF-8"]
+    problems = preflight_context(settings)
+    features = buildkit_features(text)
+    if not features or settings.builder == "buildkit" or not check_builder:
+        # LAYERKEEP_BUILDER=buildkit without a usable CLI is image.build's own error.
+        return problems
+    uses = f"{dockerfile.name} uses {features[0]}" + (
+        f" (and {len(features) - 1} more BuildKit-only feature(s))" if len(features) > 1 else ""
+    )
+    if settings.builder == "legacy":
+        problems.append(
+            f"LAYERKEEP_BUILDER=legacy (from {_origin(settings, 'LAYERKEEP_BUILDER')}) cannot "
+            f"build it: {uses}, which only BuildKit runs: set LAYERKEEP_BUILDER=auto or "
+            "buildkit"
+        )
+    elif buildkit_cli(settings.docker_cli, environ) is None:
+        problems.append(
+            f"{uses}, which only BuildKit runs, and LAYERKEEP_BUILDER=auto found no docker CLI "
+            "here that can use BuildKit: install docker-buildx (Docker 23+) or point "
+            "LAYERKEEP_DOCKER_CLI at a docker 18-22 CLI"
+        )
+    return problems
+
+
+def buildkit_features(text: str) -> list[str]:
+    """What in this Dockerfile only BuildKit can build, each as a short quote."""
+    found: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            break  # parser directives come first
+        syntax = _SYNTAX.match(stripped)
+        if syntax and not _DOCKERFILE_FRONTEND.match(syntax[1]):
+            found.append(f"the frontend `# syntax={syntax[1]}`")
+    for instruction in instructions(text):
+        keyword = instruction.split(None, 1)[0].upper()
+        flag = _RUN_FLAGS.match(instruction) or _COPY_FLAGS.match(instruction)
+        if flag:
+            found.append(f"`{keyword} {flag[1]}`")
+        elif _HEREDOC.match(instruction):
+            found.append(f"a heredoc (`{_short(instruction)}`)")
+    return found
+
+
+def _database_problems(settings: Settings) -> list[str]:
+    problems: list[str] = []
+    service = next((s for s in settings.services if s.name == settings.db_service), None)
+    initialises = settings.db_init_sql or settings.db_init_command
+    if service is None and initialises:
+        what = "LAYERKEEP_DB_INIT_COMMAND" if settings.db_init_command else "LAYERKEEP_DB_INIT_SQL"
+        problems.append(
+            f"{what} is set but LAYERKEEP_SERVICES has no {settings.db_service!r} "
+            "(LAYERKEEP_DB_SERVICE), so db.init would skip it: add postgres to "
+            "LAYERKEEP_SERVICES, or set LAYERKEEP_DB_SERVICE to your postgres service"
+        )
+    elif service is not None and service.kind != "postgres":
+        problems.append(
+            f"LAYERKEEP_DB_SERVICE={settings.db_service!r} is a {service.kind} service, "
+            "not postgres: set LAYERKEEP_DB_SERVICE to your postgres service"
+        )
+    if service is not None:
+        problems += [
+            f"LAYERKEEP_DB_INIT_SQL: {path} does not exist: paths are relative to the "
+            f"project folder {settings.project_dir}"
+            for path in settings.db_init_sql
+            if not path.is_file()
+        ]
+    return problems
+
+
+def _mount_problems(settings: Settings) -> list[str]:
+    return [
+        f"LAYERKEEP_TEST_MOUNTS: {mount.source} (for {mount.target}) does not exist: "
+        f"paths are relative to the project folder {settings.project_dir}"
+        for mount in settings.test_mounts
+        if not mount.source.exists()
+    ]
+
+
+def _origin(settings: Settings, key: str) -> str:
+    return settings.origins.get(key, "default")
+
+
+def _short(instruction: str, limit: int = 40) -> str:
+    return instruction if len(instruction) <= limit else f"{instruction[: limit - 3]}..."
