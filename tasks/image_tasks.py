@@ -6,9 +6,9 @@ from layerkeep.build.image import build_image, choose_builder
 from layerkeep.dryrun import build_plan
 
 from .git_tasks import touch
-from .graph import Done, Note, is_dry, settings, step
+from .graph import Done, Note, engine, is_dry, settings, step
 from .restore_tasks import load
-from .taskkit import engine_for, environ, say
+from .taskkit import environ, say
 
 
 @step(
@@ -26,9 +26,9 @@ def build(c: Context, builder: str | None = None, image: str | None = None) -> N
         for line in build_plan(current):
             say(line)
         return "dry run"
-    engine = engine_for(current)
-    chosen = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=engine)
-    report = build_image(engine, current, chosen, environ(), log=say)
+    connected = engine(c, current)
+    chosen = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=connected)
+    report = build_image(connected, current, chosen, environ(), log=say)
     figures = {
         "builder": chosen.kind,
         "steps_reused": report.tally.reused,

@@ -9,8 +9,8 @@ from invoke.context import Context
 from layerkeep.cache.backend import describe_load, load_cache
 from layerkeep.dryrun import load_plan
 
-from .graph import Done, Note, is_dry, settings, step
-from .taskkit import engine_for, say
+from .graph import Done, Note, engine, is_dry, settings, step
+from .taskkit import say
 
 CACHE_HELP = {
     "cache_dir": "cache folder (default: LAYERKEEP_CACHE_DIR)",
@@ -26,7 +26,7 @@ def load(c: Context, cache_dir: str | None = None, backend: str | None = None) -
         for line in load_plan(current):
             say(line)
         return "dry run"
-    report = load_cache(engine_for(current), current, log=say)
+    report = load_cache(engine(c, current), current, log=say)
     figures = {
         "restored": list(report.restored),
         "present": list(report.present),

@@ -7,9 +7,9 @@ from layerkeep.dryrun import down_plan, services_plan
 from layerkeep.services.containers import services_down, services_up
 from layerkeep.services.containers import sweep as sweep_leftovers
 
-from .graph import Done, Note, Run, Skipped, is_dry, settings, step
+from .graph import Done, Note, Run, Skipped, engine, is_dry, settings, step
 from .restore_tasks import load
-from .taskkit import engine_for, say
+from .taskkit import say
 
 
 @step("services.down", role="cleanup")
@@ -23,7 +23,7 @@ def down(c: Context) -> Note:
     if current.keep_services:
         say("services kept (LAYERKEEP_KEEP_SERVICES or --keep-services)")
         return Skipped("kept on purpose")
-    return f"{services_down(engine_for(current), current, log=say)} removed"
+    return f"{services_down(engine(c, current), current, log=say)} removed"
 
 
 @step("services.up", pre=[load])
@@ -38,7 +38,7 @@ def up(c: Context) -> Note:
         return Skipped("no services configured")
     # Whatever happens next in this run, what starts here is removed if the run fails.
     Run.of(c).register_cleanup(down)
-    running = services_up(engine_for(current), current, log=say)
+    running = services_up(engine(c, current), current, log=say)
     names = [service.spec.name for service in running]
     return Done(", ".join(names) + " ready", {"services": names})
 
@@ -66,7 +66,7 @@ def sweep(c: Context, older_than: str | None = None, all_projects: bool = False)
         say(f"would remove layerkeep containers and networks older than {seconds} s")
         return "dry run"
     removed = sweep_leftovers(
-        engine_for(current),
+        engine(c, current),
         older_than=seconds,
         log=say,
         project=None if all_projects else current.project,

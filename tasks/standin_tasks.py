@@ -4,8 +4,8 @@ from invoke.context import Context
 
 from layerkeep.standins.images import STANDINS, ensure_standins
 
-from .graph import Note, is_dry, settings, step
-from .taskkit import engine_for, say
+from .graph import Note, engine, is_dry, settings, step
+from .taskkit import say
 
 
 @step(
@@ -21,6 +21,6 @@ def build(c: Context, only: str = "", force: bool = False) -> Note:
     if is_dry(c):
         say(f"would build the stand-ins {', '.join(names or STANDINS)} when absent")
         return "dry run"
-    built = ensure_standins(engine_for(settings(c)), names=names, force=force, log=say)
+    built = ensure_standins(engine(c, settings(c)), names=names, force=force, log=say)
     say(f"{len(built)} stand-in image(s) built")
     return f"{len(built)} built"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from invoke.context import Context
 
-from layerkeep.core.engine import Engine, connect
+from layerkeep.core.engine import Engine
+from layerkeep.core.engine_start import connect_or_start
 from layerkeep.core.job import Job
 from layerkeep.core.settings import Settings, load_settings
 
@@ -30,8 +31,14 @@ def load_project_settings(c: Context) -> Settings:
 
 
 def engine_for(settings: Settings) -> Engine:
-    """A connected engine working for the job the settings describe (its labels, names)."""
-    return connect(environ(), job=Job.from_settings(settings), timeout=settings.docker_timeout)
+    """A connected engine working for the job the settings describe (its labels, names).
+
+    On a fresh machine whose local engine is down, it is started when we may (root,
+    dockerd installed), with one line saying so.
+    """
+    return connect_or_start(
+        environ(), job=Job.from_settings(settings), timeout=settings.docker_timeout, log=say
+    )
 
 
 def say(message: str) -> None:

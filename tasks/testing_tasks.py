@@ -7,10 +7,10 @@ from layerkeep.dryrun import tests_plan
 from layerkeep.testing.testrun import run_tests
 
 from .db_tasks import init
-from .graph import Done, Note, Run, is_dry, settings, step
+from .graph import Done, Note, Run, engine, is_dry, settings, step
 from .image_tasks import build
 from .services_tasks import down, up
-from .taskkit import engine_for, say
+from .taskkit import say
 
 
 @step(
@@ -33,10 +33,13 @@ def run(c: Context, keep_services: bool = False) -> Note:
         for line in tests_plan(current):
             say(line)
         return "dry run"
-    result = run_tests(engine_for(current), current, log=say)
+    result = run_tests(engine(c, current), current, log=say)
     if not result.passed:
-        raise CommandFailed(f"tests failed (exit {result.exit_code})", return_code=result.exit_code)
+        raise CommandFailed(
+            f"tests failed (exit {result.exit_code}): {result.note()}",
+            return_code=result.exit_code,
+        )
     return Done(
-        f"passed, {len(result.reports)} report(s)",
+        result.note(),
         {"exit_code": result.exit_code, "reports": [str(path) for path in result.reports]},
     )

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from layerkeep.core.engine import BUILD_ID_LABEL, PROJECT_LABEL, Engine
+from layerkeep.core.engine import Engine
 from layerkeep.core.errors import CommandFailed, ConfigError
+from layerkeep.core.job import BUILD_ID_LABEL, Job
+from layerkeep.core.settings import MASK as REDACTED
 from layerkeep.core.settings import Settings, load_settings
-from layerkeep.services.containers import REDACTED, container_name, services_down, services_up
+from layerkeep.services.containers import services_down, services_up
 from layerkeep.testing.database import init_database
 from layerkeep.testing.testrun import run_tests
 
@@ -36,22 +38,20 @@ def job_settings(root: Path, image: str, **environ: str) -> Settings:
 
 
 def job_engine(engine: Engine, settings: Settings) -> Engine:
-    labels = {**engine.labels, PROJECT_LABEL: settings.project, BUILD_ID_LABEL: settings.build_id}
-    return Engine(client=engine.client, where=engine.where, labels=labels)
+    return engine.for_job(Job.from_settings(settings))
 
 
 @pytest.fixture
 def app_image(engine: Engine, unique_repository: str) -> str:
     """The python stand-in under an app name: enough to run shell and python commands."""
-    engine.api.tag("python:3.11-slim", f"{unique_repository}/app", "latest")
+    engine.tag_image("python:3.11-slim", f"{unique_repository}/app:latest")
     return f"{unique_repository}/app"
 
 
 def psql(engine: Engine, settings: Settings, sql: str, database: str) -> str:
-    container = container_name(settings, "postgres")
+    container = Job.from_settings(settings).container_name("postgres")
     command = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", database, "-tAc", sql]
-    exec_id = engine.api.exec_create(container, command, environment={"PGPASSWORD": PASSWORD})
-    return str(engine.api.exec_start(exec_id).decode()).strip()
+    return engine.exec(container, command, environment={"PGPASSWORD": PASSWORD}).output.strip()
 
 
 def test_db_init_creates_runs_sql_and_command_idempotently(
@@ -165,7 +165,7 @@ def test_failing_setup_stops_before_the_tests(
         LAYERKEEP_TEST_SETUP="exit 3",
         LAYERKEEP_TEST_COMMAND="touch /reports/ran",
     )
-    result = run_tests(engine, settings, log=lambda _: None)
+    result = run_tests(job_engine(engine, settings), settings, log=lambda _: None)
     assert result.exit_code == 3
     assert not (settings.reports_dir / "ran").exists()
 
@@ -173,7 +173,7 @@ def test_failing_setup_stops_before_the_tests(
 def test_missing_app_image_says_build_first(engine: Engine, tmp_path: Path) -> None:
     settings = job_settings(tmp_path, "layerkeep-test/never-built", LAYERKEEP_SERVICES="")
     with pytest.raises(ConfigError) as caught:
-        run_tests(engine, settings, log=lambda _: None)
+        run_tests(job_engine(engine, settings), settings, log=lambda _: None)
     assert caught.value.one_line() == (
         "the app image layerkeep-test/never-built:latest is not in the engine "
         "(run `inv image.build` first)"
@@ -186,20 +186,28 @@ def test_test_run_task_cleans_up_even_when_tests_fail(
 ) -> None:
     build_id = uuid.uuid4().hex[:10]
     (tmp_path / "tasks.py").write_text("from layerkeep.tasks import ns\n")
+    # The graph builds the image first: a one-step Dockerfile on the app image.
+    (tmp_path / "Dockerfile").write_text(f"FROM {app_image}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "app"], check=True)
     env = {
         **os.environ,
         "LAYERKEEP_IMAGE": app_image,
         "LAYERKEEP_BUILD_ID": build_id,
         "LAYERKEEP_SERVICES": "postgres,redis",
         "LAYERKEEP_TEST_COMMAND": "echo failing; exit 2",
+        "LAYERKEEP_CACHE_DIR": str(tmp_path.parent / f"{tmp_path.name}-cache"),
+        "LAYERKEEP_REPORTS_DIR": str(tmp_path.parent / f"{tmp_path.name}-reports"),
     }
     args = [sys.executable, "-m", "invoke", "test.run"] + (["--keep-services"] if keep else [])
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
-    selector = {"label": f"{BUILD_ID_LABEL}={build_id}"}
+    selector = [f"{BUILD_ID_LABEL}={build_id}"]
     try:
         assert done.returncode == 2, done.stdout + done.stderr
-        assert "layerkeep: tests failed (exit 2)" in done.stderr
-        left = engine.api.containers(all=True, filters=selector)
+        assert "layerkeep: test.run: tests failed (exit 2)" in done.stderr
+        left = engine.list_containers(selector)
         assert len(left) == (2 if keep else 0)
     finally:
         down = subprocess.run(
@@ -207,4 +215,4 @@ def test_test_run_task_cleans_up_even_when_tests_fail(
             cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
         )
     assert down.returncode == 0
-    assert engine.api.containers(all=True, filters=selector) == []
+    assert engine.list_containers(selector) == []

@@ -313,8 +313,9 @@ class Engine:
         """
         try:
             with _translated(f"docker load {image}", image=image):
+                # An iterator, not a list: requests would send a list as form fields.
                 for _ in checked_stream(
-                    self.api.load_image(chunks), action="docker load", image=image
+                    self.api.load_image(iter(chunks)), action="docker load", image=image
                 ):
                     pass
         except DockerOperationError as error:
