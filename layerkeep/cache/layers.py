@@ -239,12 +239,13 @@ class _Saver:
 
     def store(self, name: str, content: Readable) -> str:
         """Compress a layer into the cache; it was hashed and checksummed as it was written."""
-        digest, blob = self.cache.store_blob(content, level=self.level)
-        self.manifest.blobs[digest] = blob
+        digest, blob = self.cache.store_blob(content, level=self.level, sound=self.verified)
         self.manifest.names[name] = digest
-        self.verified.add(digest)
-        self.report.layers_written += 1
-        self.report.bytes_written += blob.stored
+        if digest not in self.verified:
+            self.manifest.blobs[digest] = blob
+            self.verified.add(digest)
+            self.report.layers_written += 1
+            self.report.bytes_written += blob.stored
         return digest
 
 

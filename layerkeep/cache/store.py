@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -312,13 +312,15 @@ class CacheDir:
         except OSError:
             return False
 
-    def store_blob(self, stream: Readable, *, level: int) -> tuple[str, Blob]:
+    def store_blob(
+        self, stream: Readable, *, level: int, sound: Container[str] = ()
+    ) -> tuple[str, Blob]:
         """Compress a layer from ``stream`` into the store; returns (digest, blob).
 
         The digest is that of the uncompressed bytes, which for a layer tar is its diff
-        id. A file already there under that name is replaced: it is only written when
-        the manifest lacks it or it failed its check. The CRC-32 the manifest records is
-        read back from the file once it is on disk.
+        id. A file already there under that name is replaced (it is only written when the
+        manifest lacks it or it failed its check) unless its digest is in ``sound``. The
+        CRC-32 the manifest records is read back from the file once it is on disk.
         """
         blobs = self.root / BLOBS
         with _faults(blobs):
@@ -334,11 +336,12 @@ class CacheDir:
                         writer.write(chunk)
                 raw.flush()
                 os.fsync(raw.fileno())
-                stored, check = _crc32(temp_path)
+                name = f"sha256:{digest.hexdigest()}"
                 final = blobs / f"{digest.hexdigest()}.zst"
-                temp_path.replace(final)
-        blob = Blob(f"{BLOBS}/{final.name}", size, stored, check)
-        return f"sha256:{digest.hexdigest()}", blob
+                if not (name in sound and final.is_file()):
+                    temp_path.replace(final)
+                stored, check = _crc32(final)
+        return name, Blob(f"{BLOBS}/{final.name}", size, stored, check)
 
     def read_blob(self, digest: str, blob: Blob) -> Iterator[bytes]:
         """The uncompressed layer, in chunks; CorruptCache when the file is damaged."""
