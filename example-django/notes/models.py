@@ -9,4 +9,4 @@ class Note(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["-created_at", "-id"]
+        ordering = ("-created_at", "-id")

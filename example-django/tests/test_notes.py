@@ -4,7 +4,6 @@ import pytest
 from django.conf import settings
 from django.db import connection
 from django.test import Client
-
 from notes.models import Note
 
 pytestmark = pytest.mark.django_db
