@@ -44,8 +44,9 @@ KINDS = ("legacy-20.10", "buildkit-20.10", "26-classic", "26-containerd")
 BACKENDS = ("dir", "registry")
 # Which engine each kind runs on, and the builder it asks for.
 ENGINE_OF = {
-    "legacy-20.10": "20.10",
-    "buildkit-20.10": "20.10",
+    # One engine each: the classic builder's chains would count as the other's own cache.
+    "legacy-20.10": "20.10-legacy",
+    "buildkit-20.10": "20.10-buildkit",
     "26-classic": "26-classic",
     "26-containerd": "26-containerd",
 }
@@ -78,7 +79,7 @@ class Pool:
         """The running engine of ``kind``, with the stand-in base image in it."""
         name = ENGINE_OF[kind]
         if name not in self.engines:
-            docker26 = None if name == "20.10" else ensure_docker26()
+            docker26 = None if name.startswith("20.10") else ensure_docker26()
             second = self.stack.enter_context(
                 second_engine(
                     self.folder / name,

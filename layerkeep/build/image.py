@@ -16,10 +16,14 @@ gets as ``--cache-from`` depends on the builder:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
 import subprocess
+import tarfile
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -173,31 +177,41 @@ def build_image(
     before = {str(image): engine.image_id(str(image)) for image in plan.images}
     cache_from = tuple(image for image, image_id in before.items() if image_id is not None)
     tally = StepTally()
-    reuse = ReuseSource(builder.kind, len(cache_from), engine.build_cache_entries())
+    exported = builder.kind == "buildkit" and bool(cache_from) and engine.uses_containerd_store()
+    reuse = ReuseSource(
+        builder.kind, len(cache_from), engine.build_cache_entries(),
+        via=" (their OCI exports: the containerd store's --cache-from)" if exported else "",
+    )
     started = time.monotonic()
     chains: list[list[str]] = []
-    for target in plan.targets:
-        own = str(target.image)
-        if builder.kind == "buildkit":
-            sources = [i for i in map(str, plan.images) if engine.image_id(i) is not None]
-        else:
-            sources = [*_shortest_first(chains)]
-            sources += [own] if engine.image_id(own) is not None else []
-        log(
-            f"building {own} ({builder.kind}"
-            + (f", target {target.stage}" if target.stage else "")
-            + f", cache from {len(sources)} image(s))"
-        )
-        job = _Job(plan, target, tuple(sources), settings.build_args, excludes, tally, log)
-        try:
-            if builder.kind == "buildkit":
-                _build_with_cli(builder.cli, job, environ)
+    with contextlib.ExitStack() as stack:
+        # BuildKit on the containerd store ignores a local image's inline cache when
+        # given its name, but reads it from the image's own OCI export (type=local).
+        oci = _oci_cache_sources(engine, cache_from, stack) if exported else []
+        for target in plan.targets:
+            own = str(target.image)
+            if oci:
+                sources = oci
+            elif builder.kind == "buildkit":
+                sources = [i for i in map(str, plan.images) if engine.image_id(i) is not None]
             else:
-                _build_with_api(engine, job)
-        except BuildFailed as error:
-            raise _explained(error, engine, plan) from None
-        if builder.kind != "buildkit" and target.stage:
-            chains.append(_parent_chain(engine, own))
+                sources = [*_shortest_first(chains)]
+                sources += [own] if engine.image_id(own) is not None else []
+            log(
+                f"building {own} ({builder.kind}"
+                + (f", target {target.stage}" if target.stage else "")
+                + f", cache from {len(sources)} image(s))"
+            )
+            job = _Job(plan, target, tuple(sources), settings.build_args, excludes, tally, log)
+            try:
+                if builder.kind == "buildkit":
+                    _build_with_cli(builder.cli, job, environ)
+                else:
+                    _build_with_api(engine, job)
+            except BuildFailed as error:
+                raise _explained(error, engine, plan) from None
+            if builder.kind != "buildkit" and target.stage:
+                chains.append(_parent_chain(engine, own))
     seconds = time.monotonic() - started
     line = reuse.describe(tally)
     log(f"{line} ({plan.images[-1]} built in {seconds:.1f} s)")
@@ -232,6 +246,28 @@ def _explained(error: BuildFailed, engine: Engine, plan: BuildPlan) -> BuildFail
     )
     explained.hint = OFFLINE_HINT
     return explained
+
+
+def _oci_cache_sources(
+    engine: Engine, images: Sequence[str], stack: contextlib.ExitStack
+) -> list[str]:
+    """``--cache-from type=local`` values: each image saved as an OCI layout in a temp
+    folder (what ``docker save`` writes on the containerd store), picked by its tag."""
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="layerkeep-oci-")))
+    sources = []
+    for number, image in enumerate(images):
+        layout = folder / str(number)
+        archive = folder / f"{number}.tar"
+        with archive.open("wb") as output:
+            for chunk in engine.save_image(image):
+                output.write(chunk)
+        with tarfile.open(archive) as saved:
+            saved.extractall(layout, filter="data")
+        archive.unlink()
+        index = json.loads((layout / "index.json").read_text())
+        tag = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+        sources.append(f"type=local,src={layout},tag={tag}")
+    return sources
 
 
 def _parent_chain(engine: Engine, image: str) -> list[str]:

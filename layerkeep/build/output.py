@@ -51,6 +51,7 @@ class ReuseSource:
     builder: str
     images: int
     engine_entries: int
+    via: str = ""
 
     def describe(self, tally: StepTally) -> str:
         """The build line: the figure, and honestly, where the hits came from."""
@@ -58,12 +59,13 @@ class ReuseSource:
         if tally.reused == 0:
             return line
         what = "inline cache" if self.builder == "buildkit" else "history"
+        cached = f"{self.images} cached image(s){self.via}"
         if self.images == 0:
             return f"{line}, from this engine's own build cache: no cached image was used"
         if self.engine_entries == 0:
-            return f"{line}, from the {what} of {self.images} cached image(s)"
+            return f"{line}, from the {what} of {cached}"
         return (
-            f"{line}, from the {what} of {self.images} cached image(s) or this engine's "
+            f"{line}, from the {what} of {cached} or this engine's "
             f"own build cache ({self.engine_entries} entries before this build)"
         )
 
