@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +27,9 @@ import docker
 import docker.api.build
 import docker.errors
 import docker.utils.build
+import requests
 import requests.exceptions
+import urllib3.exceptions
 
 from layerkeep.core.errors import (
     BuildFailed,
@@ -46,6 +50,8 @@ ENGINE_ERRORS: tuple[type[Exception], ...] = (
     docker.errors.DockerException,
     requests.exceptions.RequestException,
 )
+# Reading a stream can also raise urllib3's own errors (a read timeout, a cut connection).
+_STREAM_ERRORS: tuple[type[Exception], ...] = (*ENGINE_ERRORS, urllib3.exceptions.HTTPError)
 DEFAULT_TIMEOUT = 120
 # A build's longest silence (apt unpacking postgresql, pip compiling) is well under this.
 BUILD_TIMEOUT = 900
@@ -269,35 +275,73 @@ class Engine:
         return image_id
 
     def push(
-        self, reference: str, *, auth: Mapping[str, str] | None = None
+        self,
+        reference: str,
+        *,
+        auth: Mapping[str, str] | None = None,
+        deadline: float | None = None,
     ) -> Iterator[Mapping[str, Any]]:
-        """Push ``repository:tag``: its decoded progress records, in-band errors raised."""
+        """Push ``repository:tag``: its decoded progress records, in-band errors raised.
+
+        A ``deadline`` (a ``time.monotonic()`` value) stops the push there: the engine
+        cancels it, and TimeLimitReached is raised.
+        """
         repository, tag = _split(reference)
         return self._stream(
-            lambda: self.api.push(
+            lambda api: api.push(
                 repository, tag=tag, auth_config=_auth(auth), stream=True, decode=True
             ),
             action="push",
             image=reference,
+            deadline=deadline,
         )
 
     def pull(
-        self, reference: str, *, auth: Mapping[str, str] | None = None
+        self,
+        reference: str,
+        *,
+        auth: Mapping[str, str] | None = None,
+        deadline: float | None = None,
     ) -> Iterator[Mapping[str, Any]]:
-        """Pull ``repository:tag``: its decoded progress records, in-band errors raised."""
+        """Pull ``repository:tag``: its decoded progress records, in-band errors raised.
+
+        A ``deadline`` stops it as it does :meth:`push`.
+        """
         repository, tag = _split(reference)
         return self._stream(
-            lambda: self.api.pull(
+            lambda api: api.pull(
                 repository, tag=tag, auth_config=_auth(auth), stream=True, decode=True
             ),
             action="pull",
             image=reference,
+            deadline=deadline,
         )
 
-    def registry_digest(self, reference: str, *, auth: Mapping[str, str] | None = None) -> str:
-        """The manifest digest the registry holds for ``reference`` (asked via the engine)."""
-        with _translated(f"look up {reference}", resource=reference, image=reference):
-            found = self.api.inspect_distribution(reference, auth_config=_auth(auth))
+    def registry_digest(
+        self,
+        reference: str,
+        *,
+        auth: Mapping[str, str] | None = None,
+        deadline: float | None = None,
+    ) -> str:
+        """The manifest digest the registry holds for ``reference`` (asked via the engine).
+
+        A ``deadline`` stops the question there, as it does :meth:`push`.
+        """
+        action = f"look up {reference}"
+        with _translated(action, resource=reference, image=reference):
+            if deadline is None:
+                found = self.api.inspect_distribution(reference, auth_config=_auth(auth))
+            else:
+                with _TimeLimit(self.api, deadline, action=action, image=reference) as limit:
+                    try:
+                        found = limit.api.inspect_distribution(
+                            reference, auth_config=_auth(auth)
+                        )
+                    except ENGINE_ERRORS:
+                        limit.finish(failed=True)
+                        raise
+                    limit.finish(failed=False)
         return str(found["Descriptor"]["digest"])
 
     def save_image(self, reference: str) -> Iterator[bytes]:
@@ -356,14 +400,31 @@ class Engine:
 
     def _stream(
         self,
-        open_stream: Callable[[], Iterable[Mapping[str, Any]]],
+        open_stream: Callable[[docker.APIClient], Iterable[Mapping[str, Any]]],
         *,
         action: str,
         image: str,
+        deadline: float | None = None,
     ) -> Iterator[Mapping[str, Any]]:
         # Errors can come when the call is made or while the stream is read.
         with _translated(f"{action} {image}", resource=image, image=image):
-            yield from checked_stream(open_stream(), action=action, image=image)
+            if deadline is None:
+                yield from checked_stream(open_stream(self.api), action=action, image=image)
+                return
+            with _TimeLimit(self.api, deadline, action=f"{action} {image}", image=image) as limit:
+                try:
+                    for chunk in checked_stream(
+                        open_stream(limit.api), action=action, image=image
+                    ):
+                        if limit.reached():
+                            limit.cut()
+                            break
+                        yield chunk
+                except _STREAM_ERRORS as error:
+                    # A cut connection ends the stream with whatever error it causes.
+                    limit.finish(failed=True)
+                    raise translate(error, action=f"{action} {image}", image=image) from error
+                limit.finish(failed=False)
 
     # --- networks ------------------------------------------------------------------------
 
@@ -551,6 +612,84 @@ class Engine:
         result = self.start_exec(container, command, environment=environment).result()
         assert result is not None  # no timeout: it waited for the end
         return result
+
+
+class TimeLimitReached(DockerOperationError):
+    """An engine request stopped at its deadline (the engine cancels it)."""
+
+
+class _TimeLimit:
+    """Stops one engine request at ``deadline`` (a ``time.monotonic()`` value).
+
+    The engine goes on with a push or pull while its client listens (and retries a
+    failing layer upload itself for about 50 s), and cancels it once the client hangs
+    up; so at the deadline the request's connection is shut down. ``api`` is a copy of
+    the client, sharing its connection pool, with a hook that keeps the request's
+    response (to find that connection) and a socket timeout no longer than the time
+    left, for a request that gets no answer at all.
+    """
+
+    def __init__(self, api: docker.APIClient, deadline: float, *, action: str, image: str):
+        self.deadline = deadline
+        self._message = f"{action} failed: stopped at the time limit"
+        self._image = image
+        left = max(deadline - time.monotonic(), 0.001)
+        self.api = object.__new__(type(api))
+        self.api.__dict__.update(api.__dict__)
+        self.api.timeout = left
+        self.api.hooks = {"response": [self._keep]}
+        self._responses: list[requests.Response] = []
+        self._lock = threading.Lock()
+        self._cut = False
+        self._done = False
+        self._timer = threading.Timer(left, self.cut)
+        self._timer.daemon = True
+
+    def _keep(self, response: requests.Response, *_: Any, **__: Any) -> requests.Response:
+        self._responses.append(response)
+        return response
+
+    def reached(self) -> bool:
+        """Whether the deadline has passed."""
+        return time.monotonic() >= self.deadline
+
+    def cut(self) -> None:
+        """Shut the request's connection down, unless the request already ended."""
+        with self._lock:
+            if self._done or self._cut:
+                return
+            self._cut = True
+            for response in self._responses:
+                connection = getattr(response.raw, "connection", None)
+                sock = getattr(connection, "sock", None)
+                if isinstance(sock, socket.socket):
+                    with suppress(OSError):  # closed already
+                        sock.shutdown(socket.SHUT_RDWR)
+
+    def finish(self, *, failed: bool) -> None:
+        """End the request; raise TimeLimitReached if it was cut, or ``failed`` late.
+
+        A request that ended well just as the deadline passed stands.
+        """
+        with self._lock:
+            self._done = True
+            stopped = self._cut or (failed and time.monotonic() >= self.deadline)
+        if stopped:
+            raise TimeLimitReached(self._message, image=self._image)
+
+    def __enter__(self) -> _TimeLimit:
+        self._timer.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
 
 
 def describe_host(environ: Mapping[str, str]) -> str:
