@@ -369,6 +369,13 @@ class Settings:
     push_retries: Annotated[
         int, setting("3", "Attempts per registry call on transient failures.", _whole_number(1, 10))
     ]
+    push_timeout: Annotated[
+        int,
+        setting(
+            "300", "Seconds a push or pull may take in all, retries included.",
+            _whole_number(1, 86400),
+        ),
+    ]
     cache_backend: Annotated[
         CacheBackend, setting("dir", "dir (LAYERKEEP_CACHE_DIR) or registry.", _backend)
     ]
