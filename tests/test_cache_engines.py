@@ -27,6 +27,7 @@ from layerkeep.cache.layers import load_images, save_images
 from layerkeep.cache.store import CacheDir, Readable
 from layerkeep.cache.tarstream import reader_over
 from layerkeep.core.engine import Engine, connect, describe_host
+from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.settings import Settings
 
 pytestmark = pytest.mark.docker
@@ -206,3 +207,48 @@ def test_a_cache_moves_between_engine_kinds(
     assert loaded.failed == []
     assert sorted(loaded.restored) == sorted(images_to_cache(settings)[:2])
     check_restored(reader, reader_environ, settings)
+
+
+def test_reads_the_legacy_layout_of_20_10(engine: Engine) -> None:
+    names, _ = archive_kinds(engine, BASE)
+    assert "manifest.json" in names
+    assert "oci-layout" not in names
+    hashing = Hashing()
+
+    saved = read_saved(reader_over(engine.save_image(BASE)), hashing, image=BASE)
+
+    assert [name.endswith("/layer.tar") for name in hashing.stored] == [True]
+    assert saved[0].layers == tuple(hashing.stored.values())
+    assert saved[0].repo_tags == (BASE,)
+
+
+class IntoCache:
+    """A layer store that writes into a real cache folder."""
+
+    def __init__(self, cache: CacheDir) -> None:
+        self.cache = cache
+
+    def known(self, name: str) -> str | None:
+        return None
+
+    def store(self, name: str, content: Readable) -> str:
+        return self.cache.store_blob(content, level=1)[0]
+
+
+def test_a_broken_compressed_layer_is_the_engines_fault_in_one_line(tmp_path: Path) -> None:
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as archive:
+        for name, content in (
+            ("blobs/sha256/" + "a" * 64, b"\x1f\x8b\x08\x00" + os.urandom(2000)),
+            ("manifest.json", b'[{"Config": "c", "Layers": ["blobs/sha256/' + b"a" * 64 + b'"]}]'),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    data.seek(0)
+
+    with pytest.raises(DockerOperationError) as caught:
+        read_saved(data, IntoCache(CacheDir(tmp_path / "cache")), image="app:1")
+
+    assert caught.value.one_line().startswith("docker save app:1 gave an unreadable archive")
+    assert not list((tmp_path / "cache" / "blobs").iterdir())

@@ -41,7 +41,8 @@ def describe_load(report: LoadReport) -> str:
         return "registry unreachable: cold build"
     if report.cold:
         return "no cache: cold build"
+    left = f", {len(report.tags_left)} tag(s) left alone" if report.tags_left else ""
     return (
         f"{len(report.restored)} restored ({report.bytes_read / 1e6:.1f} MB), "
-        f"{len(report.present)} present, {len(report.failed)} skipped"
+        f"{len(report.present)} present, {len(report.failed)} skipped{left}"
     )

@@ -103,6 +103,8 @@ def _faults(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as error:
+        if error.errno is None:
+            raise  # not the filesystem: a bad gzip stream (BadGzipFile) read from the engine
         where = Path(error.filename) if isinstance(error.filename, str) else path
         raise unavailable(error, where) from None
 
