@@ -83,6 +83,7 @@ def test_bad_settings_give_one_line_and_exit_2(
 
 def test_flags_override_settings_and_are_checked(tmp_path: Path) -> None:
     make_user_project(tmp_path)
+    (tmp_path / "Dockerfile").write_text("FROM python:3.11-slim\n")
     done = run([*INV, "image.build", "--builder", "podman"], tmp_path)
     assert done.returncode == 2
     assert done.stderr.startswith("layerkeep: image.build: LAYERKEEP_BUILDER=")
