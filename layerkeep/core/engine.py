@@ -817,6 +817,17 @@ def checked_stream(
         yield chunk
 
 
+def context_files(context: Path, rules: Sequence[str]) -> list[str]:
+    """Paths (files and folders, ``/``-separated, relative) a build sees in ``context``.
+
+    ``rules`` are .dockerignore patterns in order, matched by docker-py's matcher (the one
+    the context tar uses). Unlike the tar, the Dockerfile is not put back: a builder
+    drops an ignored Dockerfile from what COPY can read.
+    """
+    walked = docker.utils.build.PatternMatcher(list(rules)).walk(str(context))
+    return sorted(walked)
+
+
 def _context_archive(
     context: Path, dockerfile: str | None, exclude: Sequence[str]
 ) -> tuple[str | None, IO[bytes]]:
