@@ -126,7 +126,8 @@ def save_to_registry(
         target = ImageRef(location.repository, tag)
         current = remote_digest(
             engine, target, location.credentials,
-            attempts=settings.push_retries, log=log, sleep=sleep,
+            attempts=settings.push_retries, time_limit=settings.push_timeout,
+            log=log, sleep=sleep,
         )
         engine.tag_image(image, str(target))
         if current is not None and f"{target.repository}@{current}" in local_digests(engine, image):
@@ -134,7 +135,8 @@ def save_to_registry(
             continue
         pushed = push_tag(
             engine, target, location.credentials,
-            attempts=settings.push_retries, log=log, sleep=sleep,
+            attempts=settings.push_retries, time_limit=settings.push_timeout,
+            log=log, sleep=sleep,
         )
         report.saved.append(image)
         report.layers_written += pushed.layers_pushed
@@ -168,7 +170,8 @@ def load_from_registry(
         try:
             pulled = pull_tag(
                 engine, source, location.credentials,
-                attempts=settings.push_retries, log=log, sleep=sleep,
+                attempts=settings.push_retries, time_limit=settings.push_timeout,
+                log=log, sleep=sleep,
             )
         except TagNotFound:
             report.missing.append(image)

@@ -9,11 +9,16 @@ the engine answers 500 for most registry problems whatever the registry said:
 
 - authentication ("unauthorized", "authentication required", "denied", "no basic auth
   credentials"): raised at once as :class:`RegistryAuthError`, never retried;
-- transient (connection refused or reset, timeouts, EOF, a registry 5xx): retried with
-  exponential backoff (1 s, 2 s, 4 s, ...) up to ``attempts`` tries in all, then raised
-  as :class:`RegistryUnavailable`. A registry that is up but fails layer uploads is
-  retried by the engine itself first (5 tries per layer, about 50 s, shown as it goes),
-  so each of our push attempts can take that long; refused connections fail at once;
+- transient (connection refused or reset, timeouts and deadlines, EOF, a registry 5xx):
+  retried with exponential backoff (1 s, 2 s, 4 s, ...) up to ``attempts`` tries in all
+  (LAYERKEEP_PUSH_RETRIES), within ``time_limit`` seconds in all (LAYERKEEP_PUSH_TIMEOUT:
+  the attempt running at the limit is stopped, and the engine cancels its transfer; no
+  attempt starts when its backoff would end past the limit), then raised as
+  :class:`RegistryUnavailable`, whose one line says how many attempts over how long. A
+  registry that is up but fails layer uploads is retried by the engine itself first (5
+  tries per layer, about 50 s, counting down each second): that is said in one line per
+  attempt. A registry that accepts connections and never answers costs the engine 25 s
+  per attempt (10 s for HTTPS, 15 s for HTTP); refused connections fail at once;
 - a tag the registry does not have: :class:`TagNotFound`;
 - anything else: :class:`~layerkeep.errors.DockerOperationError` at once.
 
@@ -27,13 +32,13 @@ import hashlib
 import re
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from layerkeep.core.engine import Engine
+from layerkeep.core.engine import Engine, TimeLimitReached
 from layerkeep.core.errors import ConfigError, DockerOperationError
-from layerkeep.core.imageref import ImageRef
+from layerkeep.core.imageref import ImageRef, is_valid_tag
 from layerkeep.core.job import Masker
 from layerkeep.core.settings import Settings
 
@@ -49,7 +54,8 @@ _AUTH = re.compile(
     re.IGNORECASE,
 )
 _TRANSIENT = re.compile(
-    r"connection refused|connection reset|broken pipe|timeout|timed out|\bEOF\b"
+    r"connection refused|connection reset|broken pipe|timeout|timed out|deadline exceeded"
+    r"|\bEOF\b"
     r"|unexpected HTTP status: 5\d\d|service unavailable|bad gateway|too many requests",
     re.IGNORECASE,
 )
@@ -192,18 +198,25 @@ def push_tag(
     credentials: Credentials,
     *,
     attempts: int,
+    time_limit: float | None = None,
     log: Log,
     sleep: Sleep = time.sleep,
 ) -> Pushed:
-    """Push one local tag; return the digest from the stream's ``aux`` record."""
-    started = time.monotonic()
+    """Push one local tag; return the digest from the stream's ``aux`` record.
 
-    def once() -> tuple[str, int, int]:
+    ``time_limit`` bounds the whole push, retries included (see the module's notes).
+    """
+    started = time.monotonic()
+    engine_retries = _EngineRetries("push", str(reference), attempts, log)
+
+    def once(deadline: float | None) -> tuple[str, int, int]:
         digest = ""
         totals: dict[str, int] = {}
         pushed: set[str] = set()
-        waits: dict[str, int] = {}
-        for chunk in engine.push(str(reference), auth=credentials.auth_config()):
+        engine_retries.next_attempt()
+        for chunk in engine.push(
+            str(reference), auth=credentials.auth_config(), deadline=deadline
+        ):
             aux = chunk.get("aux")
             if isinstance(aux, dict) and aux.get("Digest"):
                 digest = str(aux["Digest"])
@@ -213,15 +226,7 @@ def push_tag(
                 totals[layer] = max(total, totals.get(layer, 0))
             if layer and status == "Pushed":
                 pushed.add(layer)
-            countdown = _RETRYING.match(status)
-            if countdown:
-                # The engine retries a failed layer upload 5 times (5 s, 10 s, ... 20 s)
-                # before it reports the error, counting down each second: say when a
-                # wait starts, or the job looks hung.
-                seconds = int(countdown[1])
-                if seconds > waits.get(layer, 0):
-                    log(f"push {reference}: the engine retries layer {layer} in {seconds} s")
-                waits[layer] = seconds
+            engine_retries.note(status)
         if not digest:
             raise DockerOperationError(
                 f"push {reference} ended without a digest", image=str(reference)
@@ -230,7 +235,7 @@ def push_tag(
 
     (digest, layers, size), tries = with_retries(
         once, action="push", reference=str(reference), credentials=credentials,
-        attempts=attempts, log=log, sleep=sleep,
+        attempts=attempts, time_limit=time_limit, log=log, sleep=sleep,
     )
     return Pushed(str(reference), digest, time.monotonic() - started, tries, layers, size)
 
@@ -241,17 +246,26 @@ def pull_tag(
     credentials: Credentials,
     *,
     attempts: int,
+    time_limit: float | None = None,
     log: Log,
     sleep: Sleep = time.sleep,
 ) -> Pulled:
-    """Pull one tag; a tag the registry lacks raises TagNotFound."""
-    started = time.monotonic()
+    """Pull one tag; a tag the registry lacks raises TagNotFound.
 
-    def once() -> tuple[str, bool, int]:
+    ``time_limit`` bounds the whole pull, retries included (see the module's notes).
+    """
+    started = time.monotonic()
+    engine_retries = _EngineRetries("pull", str(reference), attempts, log)
+
+    def once(deadline: float | None) -> tuple[str, bool, int]:
         digest, downloaded = "", False
         totals: dict[str, int] = {}
-        for chunk in engine.pull(str(reference), auth=credentials.auth_config()):
+        engine_retries.next_attempt()
+        for chunk in engine.pull(
+            str(reference), auth=credentials.auth_config(), deadline=deadline
+        ):
             status = str(chunk.get("status", ""))
+            engine_retries.note(status)
             if status.startswith("Digest: "):
                 digest = status.removeprefix("Digest: ").strip()
             elif status.startswith("Status: Downloaded newer image"):
@@ -264,7 +278,7 @@ def pull_tag(
 
     (digest, downloaded, size), tries = with_retries(
         once, action="pull", reference=str(reference), credentials=credentials,
-        attempts=attempts, log=log, sleep=sleep,
+        attempts=attempts, time_limit=time_limit, log=log, sleep=sleep,
     )
     return Pulled(str(reference), digest, downloaded, time.monotonic() - started, tries, size)
 
@@ -275,18 +289,21 @@ def remote_digest(
     credentials: Credentials,
     *,
     attempts: int,
+    time_limit: float | None = None,
     log: Log,
     sleep: Sleep = time.sleep,
 ) -> str | None:
     """The manifest digest ``reference`` resolves to in its registry; None when absent."""
 
-    def once() -> str:
-        return engine.registry_digest(str(reference), auth=credentials.auth_config())
+    def once(deadline: float | None) -> str:
+        return engine.registry_digest(
+            str(reference), auth=credentials.auth_config(), deadline=deadline
+        )
 
     try:
         digest, _ = with_retries(
             once, action="look up", reference=str(reference), credentials=credentials,
-            attempts=attempts, log=log, sleep=sleep,
+            attempts=attempts, time_limit=time_limit, log=log, sleep=sleep,
         )
     except TagNotFound:
         return None
@@ -294,23 +311,38 @@ def remote_digest(
 
 
 def with_retries(
-    call: Callable[[], T],
+    call: Callable[[float | None], T],
     *,
     action: str,
     reference: str,
     credentials: Credentials,
     attempts: int,
+    time_limit: float | None = None,
     log: Log,
     sleep: Sleep = time.sleep,
 ) -> tuple[T, int]:
     """Run ``call`` until it succeeds, retrying transient failures with backoff.
 
-    Returns the result and the number of attempts it took.
+    ``call`` gets the deadline (a ``time.monotonic()`` value; None without a
+    ``time_limit``) to hand to the engine, which stops there. Returns the result and
+    the number of attempts it took.
     """
+    started = time.monotonic()
+    deadline = None if time_limit is None else started + time_limit
     delay = FIRST_DELAY
+    earlier = ""
     for attempt in range(1, attempts + 1):
+        attempt_started = time.monotonic()
         try:
-            return call(), attempt
+            return call(deadline), attempt
+        except TimeLimitReached:
+            text = f"stopped at the {time_limit:g} s time limit"
+            if earlier:
+                text += f"; attempt {attempt - 1} failed with: {earlier}"
+            raise _unavailable(
+                action, reference, text, credentials=credentials, attempts=attempt,
+                seconds=time.monotonic() - started,
+            ) from None
         except DockerOperationError as error:
             # The engine's own "push REF failed: " prefix; ours goes back on below.
             text = error.message.removeprefix(f"{action} {reference} failed: ")
@@ -327,21 +359,75 @@ def with_retries(
             raise DockerOperationError(
                 f"{action} {reference} failed: {text}", image=reference
             ) from None
-        if attempt == attempts:
-            raise RegistryUnavailable(
-                f"{action} {reference} failed after {attempts} attempt(s): {text}",
-                image=reference,
-                attempts=attempts,
-                hint=f"is {credentials.registry} up and reachable from the Docker engine? "
-                "LAYERKEEP_PUSH_RETRIES sets the attempts",
-            ) from None
-        log(
-            f"{action} {reference}: attempt {attempt}/{attempts} failed ({text}); "
-            f"retrying in {delay:g} s"
+        now = time.monotonic()
+        if deadline is not None and attempt < attempts and now + delay >= deadline:
+            text += f"; another attempt would start past the {time_limit:g} s time limit"
+        elif attempt < attempts:
+            log(
+                f"{action} {reference}: attempt {attempt}/{attempts} failed after "
+                f"{now - attempt_started:.0f} s ({text}); retrying in {delay:g} s"
+            )
+            earlier = text
+            sleep(delay)
+            delay *= 2
+            continue
+        raise _unavailable(
+            action, reference, text, credentials=credentials, attempts=attempt,
+            seconds=now - started,
         )
-        sleep(delay)
-        delay *= 2
     raise AssertionError("unreachable: attempts is at least 1")  # pragma: no cover
+
+
+def _unavailable(
+    action: str,
+    reference: str,
+    text: str,
+    *,
+    credentials: Credentials,
+    attempts: int,
+    seconds: float,
+) -> RegistryUnavailable:
+    """The one-line error for a registry that kept failing: attempts, time, last reason."""
+    return RegistryUnavailable(
+        f"{action} {reference} failed after {attempts} attempt{'s' if attempts > 1 else ''} "
+        f"in {seconds:.0f} s: {text}",
+        image=reference,
+        attempts=attempts,
+        hint=f"is {credentials.registry} up and reachable from the Docker engine? "
+        "LAYERKEEP_PUSH_RETRIES sets the attempts, LAYERKEEP_PUSH_TIMEOUT the time limit",
+    )
+
+
+class _EngineRetries:
+    """Says in one line per attempt that the engine retries a transfer itself.
+
+    The engine retries a failed layer upload or download 5 times (waits of 5, 10, 15
+    and 20 s) before it reports the error, and counts each wait down once a second;
+    without a word the job looks hung, and with every record it floods the log.
+    """
+
+    def __init__(self, action: str, reference: str, attempts: int, log: Log) -> None:
+        self._action, self._reference, self._attempts, self._log = (
+            action, reference, attempts, log,
+        )
+        self._attempt = 0
+        self._said = False
+
+    def next_attempt(self) -> None:
+        """A new attempt of ours begins."""
+        self._attempt += 1
+        self._said = False
+
+    def note(self, status: str) -> None:
+        """Look at one progress record's status."""
+        if self._said or not _RETRYING.match(status):
+            return
+        self._said = True
+        self._log(
+            f"{self._action} {self._reference}: attempt {self._attempt}/{self._attempts}: the "
+            f"registry failed a layer {'upload' if self._action == 'push' else 'download'}; "
+            "the engine retries it itself (5 tries, about 50 s)"
+        )
 
 
 def auth_failed(
@@ -381,27 +467,43 @@ TAG_MAX = 128
 _NOT_IN_TAG = re.compile(r"[^a-z0-9_.-]+")
 _DASHES = re.compile(r"-{2,}")
 _HASH_LENGTH = 10
+# What safe_tag appends to a name it changed; a valid name that already ends so is
+# changed too, so that it cannot meet another name's hashed tag.
+_HASHED = re.compile(rf"-[0-9a-f]{{{_HASH_LENGTH}}}\Z")
 
 
 def safe_tag(
-    name: str, *, empty_prefix: str = "branch", always_hash: bool = False, limit: int = TAG_MAX
+    name: str,
+    *,
+    empty_prefix: str = "branch",
+    always_hash: bool = False,
+    limit: int = TAG_MAX,
+    reserved: Collection[str] = ("latest",),
 ) -> str:
-    """A valid, readable Docker tag for any name (a branch, a git tag, an image).
+    """A valid Docker tag for any name (a branch, a git tag, an image); two names never share one.
 
-    Lowercased (tags may hold uppercase, but lowercase reads better and matches the
-    usual CI slugs); every run of other characters becomes one ``-``; accents are
-    transliterated (``é`` -> ``e``); leading and trailing ``.``/``-`` go. A short hash
-    of the full name is appended when letters had to be dropped (``日本``) or the tag
-    had to be shortened to ``limit`` characters (or always, with ``always_hash``), so
-    such names never share a tag; an empty result becomes ``<empty_prefix>-<hash>``.
+    A name that is already a valid tag of at most ``limit`` characters stays as it is
+    (``main``, ``v1.2.0``, ``Feature-A``). Any other name is made valid and readable:
+    accents transliterated (``é`` -> ``e``), lowercased, each run of other characters one
+    ``-``, no leading or trailing ``.``/``-``, shortened to fit; and since that changed
+    it, ``-`` and 10 hex digits of the SHA-256 of the original name are appended:
+    ``feature/a`` -> ``feature-a-951d42dc02``, ``Feature/A`` -> ``feature-a-<another>``.
+    A name without a usable character becomes ``<empty_prefix>-<hash>``. A valid name
+    in ``reserved`` (any case: ``latest``), a valid one that already ends like a hashed
+    tag, or any name with ``always_hash``, is hashed too; so distinct names get distinct
+    tags (short of a 40-bit hash collision), and the same name always the same tag.
     """
+    if (
+        not always_hash
+        and len(name) <= limit
+        and is_valid_tag(name)
+        and name.lower() not in {word.lower() for word in reserved}
+        and not _HASHED.search(name)
+    ):
+        return name
     decomposed = unicodedata.normalize("NFKD", name)
     ascii_text = decomposed.encode("ascii", "ignore").decode()
-    dropped = any(ord(c) > 127 and not unicodedata.combining(c) for c in decomposed)
     slug = _DASHES.sub("-", _NOT_IN_TAG.sub("-", ascii_text.lower())).strip(".-")
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH_LENGTH]
-    if not slug:
-        return f"{empty_prefix}-{digest}"
-    if always_hash or dropped or len(slug) > limit:
-        slug = slug[: limit - _HASH_LENGTH - 1].rstrip(".-") + "-" + digest
-    return slug
+    slug = slug[: limit - _HASH_LENGTH - 1].rstrip(".-")
+    return f"{slug or empty_prefix}-{digest}"

@@ -4,9 +4,10 @@ Tags, in ``<registry>/<image repository>`` (a registry host already in
 LAYERKEEP_IMAGE is replaced by LAYERKEEP_REGISTRY):
 
 - the commit SHA (full);
-- the branch, made a valid tag by :func:`~layerkeep.registry.safe_tag`
-  (``feature/Login_2`` -> ``feature-login_2``; a branch named ``latest`` gets
-  ``branch-latest`` so it cannot take the meaning of ``:latest``);
+- the branch, by :func:`branch_tag`: as it is when it is a valid tag (``main``,
+  ``Feature-A``); otherwise made valid and given a short hash of its name
+  (``feature/Login_2`` -> ``feature-login_2-<10 hex>``), so two branches never share a
+  tag; ``latest`` (any case) is hashed too, so it cannot take the meaning of ``:latest``;
 - ``latest`` when the branch is LAYERKEEP_RELEASE_LATEST_BRANCH;
 - each of LAYERKEEP_RELEASE_TAGS, where ``{git_tag}`` is the tag at HEAD
   (``git describe --exact-match --tags HEAD``); a template using it is dropped when
@@ -59,9 +60,12 @@ def head_git_tag(folder: Path) -> str:
 
 
 def branch_tag(branch: str) -> str:
-    """The tag a branch's images get: readable, valid, and never ``latest``."""
-    tag = safe_tag(branch)
-    return "branch-latest" if tag == "latest" else tag
+    """The tag a branch's images get: valid, never ``latest``, never another branch's.
+
+    The branch itself when it is a valid tag; otherwise its readable form with a short
+    hash of the name (the rule is :func:`~layerkeep.core.registry.safe_tag`'s).
+    """
+    return safe_tag(branch)
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,8 @@ def push_release(
         for reference in plan.references:
             pushed = push_tag(
                 engine, reference, credentials,
-                attempts=settings.push_retries, log=log, sleep=sleep,
+                attempts=settings.push_retries, time_limit=settings.push_timeout,
+                log=log, sleep=sleep,
             )
             _record(report, pushed)
             log(
@@ -223,7 +228,8 @@ def push_release(
             # Only the names we made: a laptop does not collect one tag per commit.
             engine.remove_image(name, prune=False)
     report.verify_seconds = _verify(
-        engine, report, credentials, attempts=settings.push_retries, log=log, sleep=sleep
+        engine, report, credentials, attempts=settings.push_retries,
+        time_limit=settings.push_timeout, log=log, sleep=sleep,
     )
     report.seconds = time.monotonic() - started
     log(
@@ -249,6 +255,7 @@ def _verify(
     credentials: Credentials,
     *,
     attempts: int,
+    time_limit: float,
     log: Log,
     sleep: Sleep,
 ) -> float:
@@ -258,7 +265,8 @@ def _verify(
         zip(report.plan.references, report.pushed, strict=True)
     ):
         found = remote_digest(
-            engine, reference, credentials, attempts=attempts, log=log, sleep=sleep
+            engine, reference, credentials, attempts=attempts, time_limit=time_limit,
+            log=log, sleep=sleep,
         )
         if found != pushed.digest:
             raise DockerOperationError(
