@@ -32,6 +32,7 @@ from pathlib import Path
 
 from layerkeep.build.context import context_excludes, dockerfile_with_excludes
 from layerkeep.build.dockerfile import read_stages
+from layerkeep.build.explain import explain_misses
 from layerkeep.build.output import BuildkitParser, LegacyParser, ReuseSource, StepTally
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
@@ -85,6 +86,7 @@ class BuildReport:
     seconds: float
     tally: StepTally = field(compare=False)
     reuse: str = field(default="", compare=False)
+    miss_reasons: tuple[str, ...] = field(default=(), compare=False)
 
 
 def stage_image(image: ImageRef, stage: str) -> ImageRef:
@@ -218,10 +220,14 @@ def build_image(
     warning = reuse.warning(tally)
     if warning:
         log(warning)
+    reasons = explain_misses(
+        engine, settings, dockerfile=plan.dockerfile, builder=builder.kind, excludes=excludes,
+        before=before, tally=tally, log=log,
+    )
     for image, old in before.items():
         if old is not None and engine.image_id(image) != old:
             _remove_if_unused(engine, old, log)
-    return BuildReport(builder, plan.images, cache_from, seconds, tally, line)
+    return BuildReport(builder, plan.images, cache_from, seconds, tally, line, reasons)
 
 
 def _explained(error: BuildFailed, engine: Engine, plan: BuildPlan) -> BuildFailed:

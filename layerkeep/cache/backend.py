@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from layerkeep.build.image import images_to_cache
+from layerkeep.cache.build_records import pull_build_records, push_build_records
 from layerkeep.cache.layers import LoadReport, SaveReport, load_images, save_images
 from layerkeep.cache.registry_backend import (
     RegistryLoadReport,
@@ -21,7 +22,10 @@ Log = Callable[[str], None]
 def load_cache(engine: Engine, settings: Settings, *, log: Log) -> LoadReport:
     """Restore the cached images the engine lacks."""
     if settings.cache_backend == "registry":
-        return load_from_registry(engine, settings, log=log)
+        loaded = load_from_registry(engine, settings, log=log)
+        if not loaded.unreachable:
+            pull_build_records(engine, settings, log=log)
+        return loaded
     return load_images(engine, CacheDir(settings.cache_dir), log=log)
 
 
@@ -29,7 +33,9 @@ def save_cache(engine: Engine, settings: Settings, *, log: Log) -> SaveReport:
     """Save the app image, its stages and LAYERKEEP_CACHE_IMAGES."""
     images = images_to_cache(settings)
     if settings.cache_backend == "registry":
-        return save_to_registry(engine, settings, images, log=log)
+        saved = save_to_registry(engine, settings, images, log=log)
+        push_build_records(engine, settings, log=log)
+        return saved
     return save_images(
         engine, CacheDir(settings.cache_dir), images, level=settings.cache_level, log=log
     )

@@ -1,0 +1,609 @@
+"""Say why a build missed the cache, from a record of what each step read.
+
+After a build, ``explain_misses`` takes, per stage, the first step the builder did not
+reuse, and compares that stage with the record of the build that made the cached
+images: each instruction's text, the id its base image resolves to, the build args it
+sees (a hash of each value, never the value) and the context files each COPY/ADD reads
+(a digest of content and mode, not mtime), listed with the ``.dockerignore`` rules the
+builder itself applies and docker-py's matcher. The first difference at or before the
+missed step is the reason. Then it records this build, keyed by the ids of the images it
+made, so that the next build (on a fresh machine too) finds the record of the build its
+restored images came from.
+
+Where records live, beside the cache so that they travel with it:
+
+- dir backend: ``build-records.json`` in LAYERKEEP_CACHE_DIR (builds leave that folder
+  out of the context, and CI keeps it whole);
+- registry backend: a tiny local image ``<image>:<tag>-build-record`` whose one file is
+  the JSON; cache.save pushes it beside the cache tags, cache.load pulls it
+  (cache.build_records). A file layer rather than a label: a label travels in the API's
+  query string, which a large context's file list would overflow.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import io
+import json
+import posixpath
+import re
+import stat
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from layerkeep.build.context import IGNORE_SUFFIX
+from layerkeep.build.dockerfile import instructions
+from layerkeep.build.output import StepTally
+from layerkeep.core.engine import Engine, context_files
+from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.imageref import ImageRef, is_valid_tag
+from layerkeep.core.settings import Settings
+
+Log = Callable[[str], None]
+FORMAT = "layerkeep-build-record/1"
+RECORDS_FILE = "build-records.json"
+RECORD_TAG_SUFFIX = "-build-record"
+RECORD_LABEL = "io.layerkeep.build-record"
+_KEEP = 5  # records kept: a cache may hold images of a build older than the last one
+_SHOWN = 3  # paths named in a line before "and N more"
+_TEXT = 80  # characters of an instruction shown
+_VERTEX = {"RUN", "COPY", "ADD", "WORKDIR"}  # the instructions BuildKit numbers as steps
+_FLAGS = re.compile(r"^(?:--\S+\s+)*")
+_VARIABLE = re.compile(r"\$(?:\{(?P<braced>\w+)\}|(?P<plain>\w+))")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One instruction and what it reads besides its text.
+
+    ``inputs`` keys: ``image:<ref>`` (the id a base or ``--from`` image resolves to),
+    ``stage:<name>`` (an earlier stage it builds on), ``arg:<NAME>`` (hash of the
+    value), ``file:<path>`` (digest of a context file or folder).
+    """
+
+    text: str
+    inputs: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """A stage's steps, its FROM first."""
+
+    name: str | None
+    steps: tuple[Step, ...]
+
+    def label(self, index: int, last: bool) -> str:
+        """How a line names the stage."""
+        return self.name or ("final stage" if last else f"stage {index}")
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """What one build read, and the ids of the images it made."""
+
+    images: Mapping[str, str]
+    stages: tuple[StageInputs, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON values."""
+        return {
+            "images": dict(self.images),
+            "stages": [
+                {"name": s.name, "steps": [[x.text, dict(x.inputs)] for x in s.steps]}
+                for s in self.stages
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BuildRecord:
+        """Read what ``to_json`` wrote; KeyError/TypeError/ValueError when malformed."""
+        stages = tuple(
+            StageInputs(
+                stage["name"],
+                tuple(
+                    Step(str(text), {str(k): str(v) for k, v in inputs.items()})
+                    for text, inputs in stage["steps"]
+                ),
+            )
+            for stage in data["stages"]
+        )
+        return cls({str(k): str(v) for k, v in data["images"].items()}, stages)
+
+
+def explain_misses(
+    engine: Engine,
+    settings: Settings,
+    *,
+    dockerfile: Path,
+    builder: str,
+    excludes: Sequence[str],
+    before: Mapping[str, str | None],
+    tally: StepTally,
+    log: Log,
+) -> tuple[str, ...]:
+    """Log and return one line per stage that missed, then record this build.
+
+    ``before`` maps each image the build tags to the id it had before (the cached image
+    the builder was given), ``tally`` is the builders' step tally.
+    """
+    stages = read_inputs(
+        engine, settings, dockerfile=dockerfile, builder=builder, excludes=excludes
+    )
+    records = _read_records(engine, settings, log)
+    cached = {image: image_id for image, image_id in before.items() if image_id}
+    missed = first_misses(tally, builder, stages)
+    if not missed:
+        lines: list[str] = []
+    elif not cached:
+        lines = ["cache miss: no cached image to compare with (cold build)"]
+    else:
+        old = next((r for r in records if set(cached.items()) & set(r.images.items())), None)
+        lines = [
+            _line(stages, index, step, old=old, rebuilt=set(missed), cached=cached)
+            for index, step in sorted(missed.items())
+        ]
+    for line in lines:
+        log(line)
+    made = {image: engine.image_id(image) for image in before}
+    record = BuildRecord({k: v for k, v in made.items() if v}, tuple(stages))
+    kept = [record, *(r for r in records if r.images != record.images)][:_KEEP]
+    _write_records(engine, settings, kept, log)
+    return tuple(lines)
+
+
+def read_inputs(
+    engine: Engine,
+    settings: Settings,
+    *,
+    dockerfile: Path,
+    builder: str,
+    excludes: Sequence[str],
+) -> list[StageInputs]:
+    """Every stage's steps and their inputs, as the builder sees them now."""
+    lines = [" ".join(line.split()) for line in instructions(dockerfile.read_text("utf-8"))]
+    context = settings.context
+    files = _ContextFiles(context, _ignore_rules(context, dockerfile, builder, excludes))
+    args = dict(settings.build_args)
+    defaults: dict[str, str | None] = {}
+    stages: list[StageInputs] = []
+    current: list[Step] = []
+    name: str | None = None
+    scope: dict[str, str | None] = {}
+    for line in lines:
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            if current:
+                stages.append(StageInputs(name, tuple(current)))
+            name, step = _from_step(engine, line, rest, args=args, defaults=defaults, stages=stages)
+            current, scope = [step], {}
+        elif keyword == "ARG":
+            declared = _declared(rest)
+            if not current:  # before the first FROM: defaults FROM and ARG lines can use
+                defaults.update(declared)
+                continue
+            for arg, default in declared.items():
+                scope[arg] = args.get(arg, default if default is not None else defaults.get(arg))
+            current.append(Step(line, {f"arg:{a}": _arg_hash(a, v) for a, v in scope.items()}))
+        elif keyword in {"COPY", "ADD"} and current:
+            current.append(_copy_step(engine, line, rest, files, stages))
+        elif current:
+            current.append(Step(line))
+    if current:
+        stages.append(StageInputs(name, tuple(current)))
+    return stages
+
+
+def first_misses(tally: StepTally, builder: str, stages: Sequence[StageInputs]) -> dict[int, int]:
+    """Stage index -> the index (0 is FROM) of its first step the builder did not reuse.
+
+    The classic builder's keys are ``<stage>:<text>``, every instruction a step; BuildKit's
+    are ``[<stage> ]<n>/<m>:<text>``, numbering only RUN/COPY/ADD/WORKDIR (and showing
+    RUN with its variables filled in, so the number, not the text, finds the step).
+    """
+    names = {stage.name: index for index, stage in enumerate(stages) if stage.name}
+    pointer = dict.fromkeys(range(len(stages)), 1)
+    missed: dict[int, int] = {}
+    for key, reused in tally.reused_by_key.items():
+        place, _, text = key.partition(":")
+        if builder == "buildkit":
+            found = _buildkit_place(place, stages, names)
+        else:
+            found = _legacy_place(place, " ".join(text.split()), stages, pointer)
+        if found is not None and not reused:
+            stage, step = found
+            missed[stage] = min(step, missed.get(stage, step))
+    return missed
+
+
+def _legacy_place(
+    place: str, text: str, stages: Sequence[StageInputs], pointer: dict[int, int]
+) -> tuple[int, int] | None:
+    if not place.isdigit() or int(place) >= len(stages):
+        return None  # an ARG before the first FROM is a step of no stage
+    stage = int(place)
+    steps = stages[stage].steps
+    for index in range(pointer[stage], len(steps)):
+        if steps[index].text == text:
+            pointer[stage] = index + 1
+            return stage, index
+    return None
+
+
+def _buildkit_place(
+    place: str, stages: Sequence[StageInputs], names: Mapping[str, int]
+) -> tuple[int, int] | None:
+    label, _, numbers = place.rpartition(" ")
+    number, _, total = numbers.partition("/")
+    if label in names:
+        stage = names[label]
+    elif label.startswith("stage-") and label[6:].isdigit():
+        stage = int(label[6:])
+    elif not label and len(stages) == 1:
+        stage = 0
+    else:
+        return None
+    if stage >= len(stages) or not (number.isdigit() and total.isdigit()):
+        return None
+    steps = stages[stage].steps
+    vertices = [i for i, s in enumerate(steps) if i and s.text.split(" ")[0].upper() in _VERTEX]
+    if int(number) == 1 or len(vertices) != int(total) - 1:
+        return None  # FROM itself, or a numbering this reading does not follow
+    return stage, vertices[int(number) - 2]
+
+
+def _line(
+    stages: Sequence[StageInputs],
+    index: int,
+    missed: int,
+    *,
+    old: BuildRecord | None,
+    rebuilt: set[int],
+    cached: Mapping[str, str],
+) -> str:
+    stage = stages[index]
+    where = (
+        f"cache miss in {stage.label(index, index == len(stages) - 1)} at "
+        f"{_short(stage.steps[missed].text)}"
+    )
+    if old is None:
+        return (
+            f"{where}: unknown: no record of the build that made the cached "
+            f"image(s) {', '.join(sorted(cached))}, so nothing to compare with"
+        )
+    # How a later step names a stage it builds on: by name, or by index.
+    others = {key for i in rebuilt if i != index for key in (stages[i].name, str(i)) if key}
+    previous = _matching_stage(old, stage, index)
+    if previous is None:
+        return f"{where}: the recorded build had no such stage"
+    reason = _first_difference(previous.steps, stage.steps, missed, others)
+    if reason:
+        return f"{where}: {reason}"
+    compared = stage.steps[: missed + 1]
+    args = {k for s in compared for k in s.inputs if k.startswith("arg:")}
+    files = {k for s in compared for k in s.inputs if k.startswith("file:")}
+    return (
+        f"{where}: unknown: the {len(compared)} instruction(s) up to it, their base image "
+        f"id, {len(args)} build arg(s) and {len(files)} context file(s) read by COPY/ADD "
+        "all match the record of the build that made the cached image"
+    )
+
+
+def _matching_stage(record: BuildRecord, stage: StageInputs, index: int) -> StageInputs | None:
+    if stage.name:
+        return next((s for s in record.stages if s.name == stage.name), None)
+    if index < len(record.stages) and record.stages[index].name is None:
+        return record.stages[index]
+    return None
+
+
+def _first_difference(
+    old: Sequence[Step], new: Sequence[Step], missed: int, rebuilt: set[str]
+) -> str | None:
+    """The first change at or before step ``missed``, in words; None when none."""
+    matcher = difflib.SequenceMatcher(
+        None, [s.text for s in old], [s.text for s in new], autojunk=False
+    )
+    for tag, i1, _, j1, j2 in matcher.get_opcodes():
+        if j1 > missed:
+            return None
+        if tag == "equal":
+            for offset in range(min(j2, missed + 1) - j1):
+                reason = _input_change(old[i1 + offset], new[j1 + offset], rebuilt)
+                if reason:
+                    return reason
+        elif tag == "replace":
+            return f"instruction changed: {_short(old[i1].text)} -> {_short(new[j1].text)}"
+        elif tag == "insert":
+            return f"instruction added: {_short(new[j1].text)}"
+        else:
+            return f"instruction removed: {_short(old[i1].text)}"
+    return None
+
+
+def _input_change(old: Step, new: Step, rebuilt: set[str]) -> str | None:
+    """What differs between two steps of the same text, in words."""
+    keys = sorted(set(old.inputs) | set(new.inputs))
+    for key in keys:
+        kind, _, name = key.partition(":")
+        before, after = old.inputs.get(key), new.inputs.get(key)
+        if kind == "image" and before != after:
+            what = "base image" if new.text.upper().startswith("FROM ") else "image"
+            return f"{what} {name} now resolves to {_id(after)} (was {_id(before)})"
+        if kind == "stage" and name in rebuilt:
+            return f"stage {name}, which it builds on, was rebuilt"
+    changed_args = [
+        k.partition(":")[2]
+        for k in keys
+        if k.startswith("arg:") and old.inputs.get(k) != new.inputs.get(k)
+    ]
+    if changed_args:
+        # Names only: a build arg's value may be a secret.
+        return f"build argument {', '.join(changed_args)} changed"
+    changes = [
+        f"{path} ({'added' if before is None else 'removed' if after is None else 'changed'})"
+        for key in keys
+        if key.startswith("file:")
+        for path in [key.partition(":")[2]]
+        for before, after in [(old.inputs.get(key), new.inputs.get(key))]
+        if before != after
+    ]
+    if changes:
+        more = f" and {len(changes) - _SHOWN} more" if len(changes) > _SHOWN else ""
+        return f"context files changed: {', '.join(changes[:_SHOWN])}{more}"
+    return None
+
+
+def _from_step(
+    engine: Engine,
+    line: str,
+    rest: str,
+    *,
+    args: Mapping[str, str],
+    defaults: Mapping[str, str | None],
+    stages: Sequence[StageInputs],
+) -> tuple[str | None, Step]:
+    words = _FLAGS.sub("", rest).split()
+    base = words[0] if words else ""
+    name = words[2].lower() if len(words) >= 3 and words[1].upper() == "AS" else None
+    earlier = {s.name: str(i) for i, s in enumerate(stages) if s.name}
+    if base.lower() in earlier:
+        return name, Step(line, {f"stage:{base.lower()}": ""})
+    resolved = _expand(base, {**defaults, **args})
+    if resolved.lower() == "scratch":
+        return name, Step(line)
+    return name, Step(line, {f"image:{resolved}": engine.image_id(resolved) or "absent"})
+
+
+def _copy_step(
+    engine: Engine, line: str, rest: str, files: _ContextFiles, stages: Sequence[StageInputs]
+) -> Step:
+    prefix = _FLAGS.match(rest)
+    flags = [word[2:].partition("=") for word in (prefix[0] if prefix else "").split()]
+    source = next((value for flag, _, value in flags if flag.lower() == "from"), None)
+    if source is not None:
+        earlier = {s.name: str(i) for i, s in enumerate(stages) if s.name}
+        if source.lower() in earlier or (source.isdigit() and int(source) < len(stages)):
+            return Step(line, {f"stage:{source.lower()}": ""})
+        return Step(line, {f"image:{source}": engine.image_id(source) or "absent"})
+    words = _sources(_FLAGS.sub("", rest))
+    readable = [s for s in words if "://" not in s and not s.startswith("<<") and "$" not in s]
+    return Step(line, {f"file:{path}": files.digest(path) for path in files.matching(readable)})
+
+
+def _sources(text: str) -> list[str]:
+    """The sources of COPY/ADD (flags removed): every word but the destination."""
+    if text.startswith("["):
+        try:
+            parts = json.loads(text)
+        except json.JSONDecodeError:
+            parts = None
+        if isinstance(parts, list):
+            return [str(part) for part in parts[:-1]]
+    return text.split()[:-1]
+
+
+def _declared(rest: str) -> dict[str, str | None]:
+    """``ARG A=1 B``: each name and its default (None when it has none)."""
+    declared: dict[str, str | None] = {}
+    for word in rest.split():
+        arg, equals, default = word.partition("=")
+        declared[arg] = default.strip("\"'") if equals else None
+    return declared
+
+
+def _arg_hash(name: str, value: str | None) -> str:
+    # A short keyed digest tells "changed" apart without keeping the value anywhere.
+    if value is None:
+        return "unset"
+    return hashlib.sha256(f"layerkeep build arg\0{name}\0{value}".encode()).hexdigest()[:16]
+
+
+def _expand(text: str, values: Mapping[str, str | None]) -> str:
+    def value(match: re.Match[str]) -> str:
+        found = values.get(match["braced"] or match["plain"])
+        return found if found is not None else match[0]
+
+    return _VARIABLE.sub(value, text)
+
+
+def _ignore_rules(
+    context: Path, dockerfile: Path, builder: str, excludes: Sequence[str]
+) -> list[str]:
+    """The ignore patterns the builder applies: BuildKit reads ``<Dockerfile>.dockerignore``
+    first, the classic builder only the context's; layerkeep's own come last (build.context)."""
+    own = dockerfile.with_name(dockerfile.name + IGNORE_SUFFIX)
+    path = own if builder == "buildkit" and own.is_file() else context / ".dockerignore"
+    rules: list[str] = []
+    if path.is_file():
+        lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+        rules = [line for line in lines if line and not line.startswith("#")]
+    return [*rules, *excludes]
+
+
+class _ContextFiles:
+    """The context as a build sees it: paths listed once, each digested when first read."""
+
+    def __init__(self, root: Path, rules: Sequence[str]) -> None:
+        self.root = root
+        self.rules = rules
+        self._paths: list[str] | None = None
+        self._digests: dict[str, str] = {}
+
+    def matching(self, sources: Iterable[str]) -> list[str]:
+        """Paths a COPY of ``sources`` reads: each source, a folder's content, or a glob's."""
+        if self._paths is None:
+            self._paths = context_files(self.root, self.rules)
+        patterns = [posixpath.normpath(source.lstrip("/")).split("/") for source in sources]
+        return [p for p in self._paths if any(_under(p.split("/"), pat) for pat in patterns)]
+
+    def digest(self, path: str) -> str:
+        """Type, mode and content (a link's target): what a COPY's cache key covers."""
+        if path not in self._digests:
+            self._digests[path] = _digest(self.root / path)
+        return self._digests[path]
+
+
+def _under(path: list[str], pattern: list[str]) -> bool:
+    if pattern == ["."]:
+        return True
+    return len(path) >= len(pattern) and all(
+        fnmatch.fnmatchcase(part, want) for part, want in zip(path, pattern, strict=False)
+    )
+
+
+def _digest(path: Path) -> str:
+    try:
+        info = path.lstat()
+        digest = hashlib.sha256(f"{info.st_mode:o}\0".encode())
+        if stat.S_ISLNK(info.st_mode):
+            digest.update(str(path.readlink()).encode())
+        elif stat.S_ISREG(info.st_mode):
+            with path.open("rb") as stream:
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+    except OSError as error:
+        return f"unreadable: {error.strerror}"
+    return digest.hexdigest()[:16]
+
+
+def _short(text: str) -> str:
+    return f"`{text}`" if len(text) <= _TEXT else f"`{text[: _TEXT - 3]}...`"
+
+
+def _id(image_id: str | None) -> str:
+    return (image_id or "nothing")[:19]
+
+
+# --- where records are kept --------------------------------------------------------------
+
+
+def record_image(settings: Settings) -> ImageRef | None:
+    """The local image holding the build records (registry backend); None if no tag fits."""
+    image = settings.require_image()
+    tag = f"{image.tag}{RECORD_TAG_SUFFIX}"
+    return image.with_tag(tag) if is_valid_tag(tag) else None
+
+
+def _read_records(engine: Engine, settings: Settings, log: Log) -> list[BuildRecord]:
+    if settings.cache_backend == "registry":
+        reference = record_image(settings)
+        where = f"image {reference}"
+        try:
+            text = _read_record_image(engine, reference)
+        except DockerOperationError as error:
+            log(f"warning: cannot read the build records in {where}: {error.one_line()}")
+            text = None
+    else:
+        path = settings.cache_dir / RECORDS_FILE
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = None
+        except (OSError, UnicodeDecodeError) as error:
+            log(f"warning: cannot read the build records {path}: {error}")
+            text = None
+    if text is None:
+        return []
+    try:
+        document = json.loads(text)
+        if document.get("format") != FORMAT:
+            return []
+        return [BuildRecord.from_json(record) for record in document["records"]]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log(f"warning: ignored the damaged build records in {where}")
+        return []
+
+
+def _write_records(
+    engine: Engine, settings: Settings, records: Sequence[BuildRecord], log: Log
+) -> None:
+    text = json.dumps(
+        {"format": FORMAT, "records": [r.to_json() for r in records]}, separators=(",", ":")
+    )
+    if settings.cache_backend == "registry":
+        reference = record_image(settings)
+        if reference is not None:
+            try:
+                _write_record_image(engine, reference, text)
+            except DockerOperationError as error:
+                log(f"warning: build record not kept: {error.one_line()}")
+        return
+    folder = settings.cache_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # ".tmp-" is the cache folder's prefix for leftovers a later save removes.
+        with tempfile.NamedTemporaryFile(
+            "w", dir=folder, prefix=".tmp-records-", delete=False, encoding="utf-8"
+        ) as stream:
+            stream.write(text)
+        Path(stream.name).replace(folder / RECORDS_FILE)
+    except OSError as error:
+        log(f"warning: build record not kept in {folder}: {error.strerror or error}")
+
+
+_MEMBER = "layerkeep-build-records.json"
+
+
+def _write_record_image(engine: Engine, reference: ImageRef, text: str) -> None:
+    """Replace the local record image with one whose only file is ``text``."""
+    data = text.encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        member = tarfile.TarInfo(_MEMBER)
+        member.size, member.mode = len(data), 0o644
+        archive.addfile(member, io.BytesIO(data))
+    old = engine.image_id(str(reference))
+    new = engine.import_image(
+        [buffer.getvalue()], reference=str(reference), changes=[f"LABEL {RECORD_LABEL}={FORMAT}"]
+    )
+    engine.tag_image(new, str(reference))
+    if old is not None and old != new:
+        engine.remove_image(old)
+
+
+def _read_record_image(engine: Engine, reference: ImageRef | None) -> str | None:
+    """The JSON in the local record image, whatever layout ``docker save`` writes."""
+    if reference is None or engine.image_id(str(reference)) is None:
+        return None
+    saved = io.BytesIO(b"".join(engine.save_image(str(reference))))
+    with tarfile.open(fileobj=saved) as outer:
+        for member in outer.getmembers():
+            content = outer.extractfile(member) if member.isfile() else None
+            if content is None:
+                continue
+            try:
+                with tarfile.open(fileobj=io.BytesIO(content.read()), mode="r:*") as layer:
+                    found = layer.extractfile(_MEMBER)
+                    if found is not None:
+                        return found.read().decode("utf-8")
+            except (tarfile.TarError, KeyError):
+                continue
+    return None
