@@ -46,6 +46,7 @@ from layerkeep.core.imageref import ImageRef, is_valid_tag
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
+ImageId = Callable[[str], str | None]
 FORMAT = "layerkeep-build-record/1"
 RECORDS_FILE = "build-records.json"
 RECORD_TAG_SUFFIX = "-build-record"
@@ -133,7 +134,11 @@ def explain_misses(
     the builder was given), ``tally`` is the builders' step tally.
     """
     stages = read_inputs(
-        engine, settings, dockerfile=dockerfile, builder=builder, excludes=excludes
+        settings,
+        dockerfile=dockerfile,
+        builder=builder,
+        excludes=excludes,
+        image_id=engine.image_id,
     )
     records = _read_records(engine, settings, log)
     cached = {image: image_id for image, image_id in before.items() if image_id}
@@ -158,14 +163,17 @@ def explain_misses(
 
 
 def read_inputs(
-    engine: Engine,
     settings: Settings,
     *,
     dockerfile: Path,
     builder: str,
     excludes: Sequence[str],
+    image_id: ImageId,
 ) -> list[StageInputs]:
-    """Every stage's steps and their inputs, as the builder sees them now."""
+    """Every stage's steps and their inputs, as the builder sees them now.
+
+    ``image_id`` resolves a base or ``--from`` image to its id (``Engine.image_id``).
+    """
     lines = [" ".join(line.split()) for line in instructions(dockerfile.read_text("utf-8"))]
     context = settings.context
     files = _ContextFiles(context, _ignore_rules(context, dockerfile, builder, excludes))
@@ -181,7 +189,9 @@ def read_inputs(
         if keyword == "FROM":
             if current:
                 stages.append(StageInputs(name, tuple(current)))
-            name, step = _from_step(engine, line, rest, args=args, defaults=defaults, stages=stages)
+            name, step = _from_step(
+                image_id, line, rest, args=args, defaults=defaults, stages=stages
+            )
             current, scope = [step], {}
         elif keyword == "ARG":
             declared = _declared(rest)
@@ -192,7 +202,7 @@ def read_inputs(
                 scope[arg] = args.get(arg, default if default is not None else defaults.get(arg))
             current.append(Step(line, {f"arg:{a}": _arg_hash(a, v) for a, v in scope.items()}))
         elif keyword in {"COPY", "ADD"} and current:
-            current.append(_copy_step(engine, line, rest, files, stages))
+            current.append(_copy_step(image_id, line, rest, files, stages))
         elif current:
             current.append(Step(line))
     if current:
@@ -361,7 +371,7 @@ def _input_change(old: Step, new: Step, rebuilt: set[str]) -> str | None:
 
 
 def _from_step(
-    engine: Engine,
+    image_id: ImageId,
     line: str,
     rest: str,
     *,
@@ -378,11 +388,15 @@ def _from_step(
     resolved = _expand(base, {**defaults, **args})
     if resolved.lower() == "scratch":
         return name, Step(line)
-    return name, Step(line, {f"image:{resolved}": engine.image_id(resolved) or "absent"})
+    return name, Step(line, {f"image:{resolved}": image_id(resolved) or "absent"})
 
 
 def _copy_step(
-    engine: Engine, line: str, rest: str, files: _ContextFiles, stages: Sequence[StageInputs]
+    image_id: ImageId,
+    line: str,
+    rest: str,
+    files: _ContextFiles,
+    stages: Sequence[StageInputs],
 ) -> Step:
     prefix = _FLAGS.match(rest)
     flags = [word[2:].partition("=") for word in (prefix[0] if prefix else "").split()]
@@ -391,7 +405,7 @@ def _copy_step(
         earlier = {s.name: str(i) for i, s in enumerate(stages) if s.name}
         if source.lower() in earlier or (source.isdigit() and int(source) < len(stages)):
             return Step(line, {f"stage:{source.lower()}": ""})
-        return Step(line, {f"image:{source}": engine.image_id(source) or "absent"})
+        return Step(line, {f"image:{source}": image_id(source) or "absent"})
     words = _sources(_FLAGS.sub("", rest))
     readable = [s for s in words if "://" not in s and not s.startswith("<<") and "$" not in s]
     return Step(line, {f"file:{path}": files.digest(path) for path in files.matching(readable)})
@@ -582,7 +596,9 @@ def _write_record_image(engine: Engine, reference: ImageRef, text: str) -> None:
         archive.addfile(member, io.BytesIO(data))
     old = engine.image_id(str(reference))
     new = engine.import_image(
-        [buffer.getvalue()], reference=str(reference), changes=[f"LABEL {RECORD_LABEL}={FORMAT}"]
+        iter([buffer.getvalue()]),
+        reference=str(reference),
+        changes=[f"LABEL {RECORD_LABEL}={FORMAT}"],
     )
     engine.tag_image(new, str(reference))
     if old is not None and old != new:

@@ -1,0 +1,318 @@
+"""Why the cache missed: real builds, a saved and restored cache, then one change each.
+
+Each docker test builds a small two-stage project (classic builder and BuildKit), saves
+the cache, removes the project's images (what a fresh machine lacks), restores the cache,
+makes one change and builds again: the first miss of each stage must name the change.
+Every project carries a unique marker in its steps, so no builder cache left by another
+test or session can answer a step (the shared engine's caches are never pruned).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from registry_setup import running_registry
+
+from layerkeep.build.explain import (
+    RECORDS_FILE,
+    StageInputs,
+    first_misses,
+    read_inputs,
+    record_image,
+)
+from layerkeep.build.image import BuildReport, build_image, choose_builder, images_to_cache
+from layerkeep.build.output import StepTally
+from layerkeep.cache.backend import load_cache, save_cache
+from layerkeep.cache.registry_backend import cache_location
+from layerkeep.core.ci_vars import GitFacts
+from layerkeep.core.engine import Engine
+from layerkeep.core.settings import Settings, load_settings
+
+DOCKERFILE = """\
+FROM {base} AS deps
+ARG TOKEN
+RUN echo "deps {marker} $TOKEN" | sha256sum > /deps.txt
+COPY lib/ /lib/
+
+FROM {base}
+COPY --from=deps /deps.txt /deps.txt
+WORKDIR /app
+COPY src /app/src
+RUN cat /app/src/main.txt > /app/out.txt
+"""
+IGNORE = "src/*.log\nnotes\n"
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path
+    base: str
+    marker: str
+    extra: dict[str, str]
+
+    def settings(self, **values: str) -> Settings:
+        environ = {**self.extra, **values}
+        return load_settings(self.root, environ, git_facts=lambda _: GitFacts("", ""))
+
+
+def make_project(root: Path, repository: str, engine: Engine, **extra: str) -> Project:
+    marker = uuid.uuid4().hex[:12]
+    base = f"{repository}-base:1"
+    engine.tag_image("debian:bookworm-slim", base)
+    for folder in ("src", "lib", "notes"):
+        (root / folder).mkdir(parents=True)
+    (root / "src" / "main.txt").write_text(f"hello {marker}\n")
+    (root / "src" / "old.txt").write_text("old\n")
+    (root / "src" / "debug.log").write_text("log\n")
+    (root / "lib" / "lib.txt").write_text("lib\n")
+    (root / "notes" / "todo.txt").write_text("todo\n")
+    (root / "Dockerfile").write_text(DOCKERFILE.format(base=base, marker=marker))
+    (root / ".dockerignore").write_text(IGNORE)
+    (root / ".env").write_text(
+        f"LAYERKEEP_IMAGE={repository}/app\nLAYERKEEP_CACHE_DIR=cache\n"
+        f"LAYERKEEP_BUILD_ARGS=TOKEN=first-{marker}\n"
+    )
+    return Project(root, base, marker, dict(extra))
+
+
+def build(engine: Engine, settings: Settings, kind: str, lines: list[str]) -> BuildReport:
+    builder = choose_builder(kind, os.environ, engine=engine)
+    return build_image(engine, settings, builder, os.environ, log=lines.append)
+
+
+def restored(engine: Engine, project: Project, kind: str) -> None:
+    """Build cold, save the cache, remove the project's images, restore the cache."""
+    settings = project.settings()
+    cold = build(engine, settings, kind, [])
+    assert cold.tally.reused < cold.tally.total
+    assert cold.miss_reasons == ("cache miss: no cached image to compare with (cold build)",)
+    save_cache(engine, settings, log=lambda _: None)
+    record = record_image(settings)
+    assert record is not None
+    for image in [*images_to_cache(settings), str(record)]:
+        engine.remove_image(image, force=True)
+    load_cache(engine, settings, log=lambda _: None)
+    assert all(engine.image_id(image) for image in images_to_cache(settings))
+
+
+def reasons_by_stage(report: BuildReport) -> dict[str, str]:
+    """``deps`` / ``final stage`` -> its line."""
+    found: dict[str, str] = {}
+    for line in report.miss_reasons:
+        stage = line.removeprefix("cache miss in ").split(" at ", 1)[0]
+        found[stage] = line
+    return found
+
+
+kinds = pytest.mark.parametrize("kind", ["legacy", "buildkit"])
+
+
+@pytest.mark.docker
+@kinds
+def test_changed_added_and_removed_context_files_are_named(
+    engine: Engine, unique_repository: str, tmp_path: Path, kind: str
+) -> None:
+    project = make_project(tmp_path, unique_repository, engine)
+    restored(engine, project, kind)
+    (tmp_path / "src" / "main.txt").write_text(f"changed {project.marker}\n")
+    (tmp_path / "src" / "new.txt").write_text("new\n")
+    (tmp_path / "src" / "old.txt").unlink()
+    (tmp_path / "src" / "debug.log").write_text("more log\n")  # left out by .dockerignore
+
+    lines: list[str] = []
+    report = build(engine, project.settings(), kind, lines)
+
+    reasons = reasons_by_stage(report)
+    assert list(reasons) == ["final stage"]  # deps reads nothing that changed
+    assert reasons["final stage"] == (
+        "cache miss in final stage at `COPY src /app/src`: context files changed: "
+        "src/main.txt (changed), src/new.txt (added), src/old.txt (removed)"
+    )
+    assert reasons["final stage"] in lines
+
+
+@pytest.mark.docker
+@kinds
+def test_changed_build_arg_is_named_and_its_value_never_shown(
+    engine: Engine, unique_repository: str, tmp_path: Path, kind: str
+) -> None:
+    project = make_project(tmp_path, unique_repository, engine)
+    restored(engine, project, kind)
+    secret = f"second-{project.marker}"
+
+    report = build(engine, project.settings(LAYERKEEP_BUILD_ARGS=f"TOKEN={secret}"), kind, [])
+
+    reasons = reasons_by_stage(report)
+    assert reasons["deps"].endswith(": build argument TOKEN changed")
+    # The final stage copies what deps made: it says so instead of guessing.
+    assert reasons["final stage"] == (
+        "cache miss in final stage at `COPY --from=deps /deps.txt /deps.txt`: "
+        "stage deps, which it builds on, was rebuilt"
+    )
+    records = (tmp_path / "cache" / RECORDS_FILE).read_text()
+    for value in (secret, f"first-{project.marker}"):
+        assert value not in " ".join(report.miss_reasons)
+        assert value not in records
+
+
+@pytest.mark.docker
+@kinds
+def test_base_image_resolving_to_another_id_is_named(
+    engine: Engine, unique_repository: str, tmp_path: Path, kind: str
+) -> None:
+    project = make_project(tmp_path, unique_repository, engine)
+    restored(engine, project, kind)
+    was, now = engine.image_id("debian:bookworm-slim"), engine.image_id("python:3.11-slim")
+    assert was is not None
+    assert now is not None
+    assert was != now
+    engine.tag_image("python:3.11-slim", project.base)
+
+    report = build(engine, project.settings(), kind, [])
+
+    reasons = reasons_by_stage(report)
+    assert sorted(reasons) == ["deps", "final stage"]
+    for line in reasons.values():
+        assert line.endswith(
+            f": base image {project.base} now resolves to {now[:19]} (was {was[:19]})"
+        )
+
+
+@pytest.mark.docker
+@kinds
+def test_changed_dockerfile_line_shows_old_and_new_text(
+    engine: Engine, unique_repository: str, tmp_path: Path, kind: str
+) -> None:
+    project = make_project(tmp_path, unique_repository, engine)
+    restored(engine, project, kind)
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text(dockerfile.read_text().replace("/app/out.txt", "/app/result.txt"))
+
+    report = build(engine, project.settings(), kind, [])
+
+    assert report.miss_reasons == (
+        "cache miss in final stage at `RUN cat /app/src/main.txt > /app/result.txt`: "
+        "instruction changed: `RUN cat /app/src/main.txt > /app/out.txt` -> "
+        "`RUN cat /app/src/main.txt > /app/result.txt`",
+    )
+
+
+@pytest.mark.docker
+@kinds
+def test_files_the_dockerignore_leaves_out_cause_no_miss(
+    engine: Engine, unique_repository: str, tmp_path: Path, kind: str
+) -> None:
+    project = make_project(tmp_path, unique_repository, engine)
+    restored(engine, project, kind)
+    (tmp_path / "src" / "debug.log").write_text("more log\n")
+    (tmp_path / "notes" / "todo.txt").write_text("more to do\n")
+    (tmp_path / "notes" / "new.txt").write_text("new\n")
+
+    report = build(engine, project.settings(), kind, [])
+
+    assert report.tally.reused == report.tally.total
+    assert report.miss_reasons == ()
+
+
+@pytest.mark.docker
+def test_records_travel_with_a_registry_cache(
+    engine: Engine, unique_repository: str, tmp_path: Path
+) -> None:
+    with running_registry(tmp_path / "registry") as registry:
+        project = make_project(
+            tmp_path / "project", unique_repository, engine,
+            LAYERKEEP_CACHE_BACKEND="registry", LAYERKEEP_REGISTRY=registry.address,
+        )
+        settings = project.settings()
+        repository = cache_location(settings).repository
+        try:
+            restored(engine, project, "legacy")
+            path = repository.removeprefix(f"{registry.address}/")
+            _, listing, _ = registry.get(f"/v2/{path}/tags/list")
+            assert "latest-build-record" in listing["tags"]
+            assert not (project.root / "cache").exists()  # nothing written into the context
+            (project.root / "lib" / "lib.txt").write_text("changed\n")
+
+            report = build(engine, settings, "legacy", [])
+
+            assert reasons_by_stage(report)["deps"] == (
+                "cache miss in deps at `COPY lib/ /lib/`: context files changed: "
+                "lib/lib.txt (changed)"
+            )
+        finally:
+            for image in engine.api.images():
+                for tag in image.get("RepoTags") or []:
+                    if tag.startswith(f"{registry.address}/"):
+                        engine.remove_image(tag, force=True)
+
+
+@pytest.mark.docker
+def test_without_a_record_the_reason_is_unknown_and_says_so(
+    engine: Engine, unique_repository: str, tmp_path: Path
+) -> None:
+    project = make_project(tmp_path, unique_repository, engine)
+    restored(engine, project, "legacy")
+    (tmp_path / "cache" / RECORDS_FILE).unlink()
+    (tmp_path / "src" / "main.txt").write_text("changed\n")
+
+    report = build(engine, project.settings(), "legacy", [])
+
+    app = f"{unique_repository}/app:latest"
+    assert report.miss_reasons == (
+        "cache miss in final stage at `COPY src /app/src`: unknown: no record of the build "
+        f"that made the cached image(s) {app}, {app}-stage-deps, so nothing to compare with",
+    )
+    # This build's record is kept: the next change is explained again.
+    assert json.loads((tmp_path / "cache" / RECORDS_FILE).read_text())["records"]
+
+
+# --- without an engine ----------------------------------------------------------------
+
+
+def stages_of(tmp_path: Path, dockerfile: str) -> list[StageInputs]:
+    """The steps of ``dockerfile`` as the classic builder would read them (no base image)."""
+    (tmp_path / "Dockerfile").write_text(dockerfile)
+    (tmp_path / ".env").write_text("LAYERKEEP_IMAGE=app\n")
+    settings = load_settings(tmp_path, {}, git_facts=lambda _: GitFacts("", ""))
+    return read_inputs(
+        settings, dockerfile=tmp_path / "Dockerfile", builder="legacy", excludes=(),
+        image_id=lambda _: None,
+    )
+
+
+TWO_STAGES = """\
+FROM scratch AS deps
+ENV A=1 \\
+    B=2
+COPY a /a
+
+FROM scratch
+WORKDIR /app
+ENV C=3
+COPY --from=deps /a /a
+"""
+
+
+def test_first_misses_follow_each_builders_numbering(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("a")
+    stages = stages_of(tmp_path, TWO_STAGES)
+    assert [step.text for step in stages[0].steps] == [
+        "FROM scratch AS deps", "ENV A=1 B=2", "COPY a /a"
+    ]
+    legacy = StepTally()
+    for key, reused in [("0:ENV A=1     B=2", True), ("0:COPY a /a", False),
+                        ("1:WORKDIR /app", True), ("1:ENV C=3", False),
+                        ("1:COPY --from=deps /a /a", False)]:
+        legacy.record(key, reused)
+    assert first_misses(legacy, "legacy", stages) == {0: 2, 1: 2}
+    # BuildKit numbers RUN/COPY/ADD/WORKDIR only: ENV is no step of its own.
+    buildkit = StepTally()
+    for key, reused in [("deps 2/2:COPY a /a", True), ("stage-1 2/3:WORKDIR /app", True),
+                        ("stage-1 3/3:COPY --from=deps /a /a", False)]:
+        buildkit.record(key, reused)
+    assert first_misses(buildkit, "buildkit", stages) == {1: 3}
