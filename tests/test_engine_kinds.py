@@ -251,8 +251,16 @@ def test_a_cache_saved_on_one_engine_version_restores_on_another(
     backend: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    if backend == "registry" and "26-containerd" in (source, target):
+    if (source, backend) == ("26-containerd", "registry"):
         known_push_gap(request)
+    elif (source, target, backend) == ("26-classic", "26-containerd", "registry"):
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True, raises=AssertionError,
+                reason="images pulled into the containerd store give no hits through their "
+                "OCI exports yet (loaded ones do): not yet understood",
+            )
+        )
     try:
         cold = pool.cold(source, backend)
         pool.engine(target)
