@@ -636,8 +636,15 @@ class _TimeLimit:
         left = max(deadline - time.monotonic(), 0.001)
         self.api = object.__new__(type(api))
         self.api.__dict__.update(api.__dict__)
-        self.api.timeout = left
         self.api.hooks = {"response": [self._keep]}
+
+        def bounded(kwargs: dict[str, Any]) -> dict[str, Any]:
+            # docker-py asks for no timeout at all on pulls: the engine answers a pull
+            # only once the registry has, so the time left is its socket timeout.
+            kwargs["timeout"] = left
+            return kwargs
+
+        self.api._set_request_timeout = bounded
         self._responses: list[requests.Response] = []
         self._lock = threading.Lock()
         self._cut = False
