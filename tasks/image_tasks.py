@@ -2,7 +2,8 @@
 
 from invoke.context import Context
 
-from layerkeep.build.image import build_image, choose_builder
+from layerkeep.build.image import build_image, choose_builder, images_to_cache
+from layerkeep.cache.layers import cache_sources
 from layerkeep.dryrun import build_plan
 
 from .git_tasks import touch
@@ -28,12 +29,18 @@ def build(c: Context, builder: str | None = None, image: str | None = None) -> N
         return "dry run"
     connected = engine(c, current)
     chosen = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=connected)
-    report = build_image(connected, current, chosen, environ(), log=say)
+    # Cached images restored under an internal name (a tag of yours named another image).
+    internal = cache_sources(connected, images_to_cache(current))
+    report = build_image(
+        connected, current, chosen, environ(), log=say, also_cache_from=internal
+    )
     figures = {
         "builder": chosen.kind,
         "steps_reused": report.tally.reused,
         "steps_total": report.tally.total,
         "images": [str(image) for image in report.images],
         "cache_from": list(report.cache_from),
+        "reuse": report.reuse,
+        "miss_reasons": list(report.miss_reasons),
     }
     return Done(f"{report.tally.reused}/{report.tally.total} steps reused ({chosen.kind})", figures)

@@ -163,9 +163,12 @@ def build_image(
     environ: Mapping[str, str],
     *,
     log: Log = print,
+    also_cache_from: Sequence[str] = (),
 ) -> BuildReport:
     """Build every stage and then the app image, reusing every cached image present.
 
+    ``also_cache_from`` are more cached images to reuse: those cache.load restored under
+    an internal name because the user's own tag named another image.
     layerkeep's own folders inside the context are left out of it (see build.context);
     an image a build replaced is removed once nothing tags or uses it.
     """
@@ -177,7 +180,8 @@ def build_image(
         )
     excludes = context_excludes(settings)
     before = {str(image): engine.image_id(str(image)) for image in plan.images}
-    cache_from = tuple(image for image, image_id in before.items() if image_id is not None)
+    present = [image for image, image_id in before.items() if image_id is not None]
+    cache_from = tuple(present + [i for i in also_cache_from if i not in present])
     tally = StepTally()
     exported = builder.kind == "buildkit" and bool(cache_from) and engine.uses_containerd_store()
     reuse = ReuseSource(
@@ -192,13 +196,9 @@ def build_image(
         oci = _oci_cache_sources(engine, cache_from, stack) if exported else []
         for target in plan.targets:
             own = str(target.image)
-            if oci:
-                sources = oci
-            elif builder.kind == "buildkit":
-                sources = [i for i in map(str, plan.images) if engine.image_id(i) is not None]
-            else:
-                sources = [*_shortest_first(chains)]
-                sources += [own] if engine.image_id(own) is not None else []
+            sources = oci or _cache_sources(
+                engine, plan, builder, own=own, chains=chains, also=also_cache_from
+            )
             log(
                 f"building {own} ({builder.kind}"
                 + (f", target {target.stage}" if target.stage else "")
@@ -228,6 +228,24 @@ def build_image(
         if old is not None and engine.image_id(image) != old:
             _remove_if_unused(engine, old, log)
     return BuildReport(builder, plan.images, cache_from, seconds, tally, line, reasons)
+
+
+def _cache_sources(
+    engine: Engine,
+    plan: BuildPlan,
+    builder: Builder,
+    *,
+    own: str,
+    chains: list[list[str]],
+    also: Sequence[str],
+) -> list[str]:
+    """The --cache-from list of one target's build (see build_image on the order)."""
+    if builder.kind == "buildkit":
+        sources = [i for i in map(str, plan.images) if engine.image_id(i) is not None]
+    else:
+        sources = [*_shortest_first(chains)]
+        sources += [own] if engine.image_id(own) is not None else []
+    return sources + [i for i in also if i not in sources]
 
 
 def _explained(error: BuildFailed, engine: Engine, plan: BuildPlan) -> BuildFailed:
