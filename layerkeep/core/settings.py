@@ -43,6 +43,7 @@ from layerkeep.core.values import (
     parse_bool,
     parse_list,
     parse_pairs,
+    parse_size,
     parse_whole_number,
 )
 
@@ -180,6 +181,10 @@ def _images(value: str, _: Path) -> tuple[str, ...]:
 
 def _build_id(value: str, _: Path) -> str:
     return ci_vars.safe_build_id(value.strip())
+
+
+def _size(value: str, _: Path) -> int:
+    return parse_size(value)
 
 
 def _whole_number(low: int, high: int) -> Callable[[str, Path], int]:
@@ -381,6 +386,16 @@ class Settings:
     ]
     cache_repository: Annotated[
         str, setting("", "Registry repository for cache tags (registry backend).")
+    ]
+    cache_mounts: Annotated[
+        bool,
+        setting("yes", "Keep BuildKit cache mounts (RUN --mount=type=cache) in the cache.", _flag),
+    ]
+    cache_mounts_max: Annotated[
+        int,
+        setting(
+            "2GB", "Most cache-mount content kept (least recently saved dropped first).", _size
+        ),
     ]
 
     def __repr__(self) -> str:

@@ -9,6 +9,8 @@ _PAIR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 # then rejects or misreads.
 _WHOLE = re.compile(r"[0-9]{1,18}")
 _DECIMAL = re.compile(r"[0-9]{1,18}(?:\.[0-9]{1,18})?")
+_SIZE = re.compile(r"([0-9]{1,18}(?:\.[0-9]{1,9})?)\s*(?:([kmgt])(i?))?b?", re.IGNORECASE)
+_SIZE_POWERS = {"k": 1, "m": 2, "g": 3, "t": 4}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -75,3 +77,12 @@ def parse_number(value: str, low: float, high: float) -> float:
     if not low <= number <= high:
         raise Invalid(f"use a number from {low:g} to {high:g}")
     return number
+
+
+def parse_size(value: str) -> int:
+    """A size in bytes: ``500MB``, ``2GB``, ``1.5G``, ``0``; ``KiB``..``TiB`` are powers of 1024."""
+    match = _SIZE.fullmatch(value.strip())
+    if not match:
+        raise Invalid("write a size such as 500MB or 2GB")
+    unit = (1024 if match[3] else 1000) ** _SIZE_POWERS[match[2].lower()] if match[2] else 1
+    return int(float(match[1]) * unit)
