@@ -696,7 +696,12 @@ class _TimeLimit:
     ) -> None:
         with self._lock:
             self._done = True
+            cut = self._cut
         self._timer.cancel()
+        if cut:
+            # Shut down is not closed: close it here, once no one reads from it.
+            for response in self._responses:
+                response.close()
 
 
 def describe_host(environ: Mapping[str, str]) -> str:
