@@ -127,7 +127,14 @@ def ensure_image(engine: Engine, settings: Settings, image: str, *, log: Log) ->
     if ref is not None:
         credentials = credentials_for(settings, registry_host(ref.repository))
         try:
-            pull_tag(engine, ref, credentials, attempts=settings.push_retries, log=log)
+            pull_tag(
+                engine,
+                ref,
+                credentials,
+                attempts=settings.push_retries,
+                time_limit=settings.push_timeout,
+                log=log,
+            )
             reason = "the engine reports success but has no such image"
         except DockerOperationError as error:
             reason = error.message
