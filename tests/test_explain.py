@@ -22,8 +22,10 @@ from layerkeep.build.explain import (
     RECORDS_FILE,
     StageInputs,
     first_misses,
+    kept_records,
     read_inputs,
     record_image,
+    records_text,
 )
 from layerkeep.build.image import BuildReport, build_image, choose_builder, images_to_cache
 from layerkeep.build.output import StepTally
@@ -154,7 +156,10 @@ def test_changed_build_arg_is_named_and_its_value_never_shown(
         "cache miss in final stage at `COPY --from=deps /deps.txt /deps.txt`: "
         "stage deps, which it builds on, was rebuilt"
     )
-    records = (tmp_path / "cache" / RECORDS_FILE).read_text()
+    settings = project.settings()
+    records = (tmp_path / "cache" / RECORDS_FILE).read_text()  # as saved with the cache
+    records += records_text(kept_records(engine, settings, log=print))  # as this build kept
+    assert "arg:TOKEN" in records
     for value in (secret, f"first-{project.marker}"):
         assert value not in " ".join(report.miss_reasons)
         assert value not in records
@@ -267,7 +272,12 @@ def test_without_a_record_the_reason_is_unknown_and_says_so(
         "cache miss in final stage at `COPY src /app/src`: unknown: no record of the build "
         f"that made the cached image(s) {app}, {app}-stage-deps, so nothing to compare with",
     )
-    # This build's record is kept: the next change is explained again.
+    # This build's record is kept, and goes with the next save.
+    settings = project.settings()
+    assert kept_records(engine, settings, log=print)[0].images == {
+        image: engine.image_id(image) for image in images_to_cache(settings)
+    }
+    save_cache(engine, settings, log=lambda _: None)
     assert json.loads((tmp_path / "cache" / RECORDS_FILE).read_text())["records"]
 
 

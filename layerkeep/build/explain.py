@@ -10,14 +10,16 @@ missed step is the reason. Then it records this build, keyed by the ids of the i
 made, so that the next build (on a fresh machine too) finds the record of the build its
 restored images came from.
 
-Where records live, beside the cache so that they travel with it:
+Where records live: the build keeps them in a tiny local image ``<image>:<tag>-build-
+record`` whose one file is the JSON (the engine is where the images they describe are),
+and cache.save carries them with the cache (cache.build_records):
 
-- dir backend: ``build-records.json`` in LAYERKEEP_CACHE_DIR (builds leave that folder
-  out of the context, and CI keeps it whole);
-- registry backend: a tiny local image ``<image>:<tag>-build-record`` whose one file is
-  the JSON; cache.save pushes it beside the cache tags, cache.load pulls it
-  (cache.build_records). A file layer rather than a label: a label travels in the API's
-  query string, which a large context's file list would overflow.
+- dir backend: ``build-records.json`` in LAYERKEEP_CACHE_DIR, written after the layers
+  (a build never touches the cache folder; only a save changes it), read from there by
+  the next build;
+- registry backend: the record image itself, pushed beside the cache tags and pulled
+  by cache.load. A file layer rather than a label: a label travels in the API's query
+  string, which a large context's file list would overflow.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import posixpath
 import re
 import stat
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,7 @@ def explain_misses(
         excludes=excludes,
         image_id=engine.image_id,
     )
-    records = _read_records(engine, settings, log)
+    records = kept_records(engine, settings, log=log)
     cached = {image: image_id for image, image_id in before.items() if image_id}
     missed = first_misses(tally, builder, stages)
     if not missed:
@@ -157,8 +158,7 @@ def explain_misses(
         log(line)
     made = {image: engine.image_id(image) for image in before}
     record = BuildRecord({k: v for k, v in made.items() if v}, tuple(stages))
-    kept = [record, *(r for r in records if r.images != record.images)][:_KEEP]
-    _write_records(engine, settings, kept, log)
+    _keep(engine, settings, [record, *(r for r in records if r.images != record.images)], log)
     return tuple(lines)
 
 
@@ -519,24 +519,23 @@ def _id(image_id: str | None) -> str:
 
 
 def record_image(settings: Settings) -> ImageRef | None:
-    """The local image holding the build records (registry backend); None if no tag fits."""
+    """The local image holding this engine's build records; None if no tag fits."""
     image = settings.require_image()
     tag = f"{image.tag}{RECORD_TAG_SUFFIX}"
     return image.with_tag(tag) if is_valid_tag(tag) else None
 
 
-def _read_records(engine: Engine, settings: Settings, log: Log) -> list[BuildRecord]:
-    if settings.cache_backend == "registry":
-        reference = record_image(settings)
-        where = f"image {reference}"
-        try:
-            text = _read_record_image(engine, reference)
-        except DockerOperationError as error:
-            log(f"warning: cannot read the build records in {where}: {error.one_line()}")
-            text = None
-    else:
+def kept_records(engine: Engine, settings: Settings, *, log: Log) -> list[BuildRecord]:
+    """The records of this engine's builds, then (dir backend) those in the cache folder."""
+    reference = record_image(settings)
+    try:
+        text = _read_record_image(engine, reference)
+    except DockerOperationError as error:
+        log(f"warning: cannot read the build records in {reference}: {error.one_line()}")
+        text = None
+    records = parse_records(text, where=f"image {reference}", log=log)
+    if settings.cache_backend == "dir":
         path = settings.cache_dir / RECORDS_FILE
-        where = str(path)
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -544,6 +543,23 @@ def _read_records(engine: Engine, settings: Settings, log: Log) -> list[BuildRec
         except (OSError, UnicodeDecodeError) as error:
             log(f"warning: cannot read the build records {path}: {error}")
             text = None
+        known = [record.images for record in records]
+        records += [
+            record
+            for record in parse_records(text, where=str(path), log=log)
+            if record.images not in known
+        ]
+    return records
+
+
+def records_text(records: Sequence[BuildRecord]) -> str:
+    """The records as the JSON document kept in the image or the cache folder."""
+    document = {"format": FORMAT, "records": [record.to_json() for record in records[:_KEEP]]}
+    return json.dumps(document, separators=(",", ":"))
+
+
+def parse_records(text: str | None, *, where: str, log: Log) -> list[BuildRecord]:
+    """Read ``records_text``'s document; damaged or foreign ones count as none."""
     if text is None:
         return []
     try:
@@ -556,31 +572,15 @@ def _read_records(engine: Engine, settings: Settings, log: Log) -> list[BuildRec
         return []
 
 
-def _write_records(
-    engine: Engine, settings: Settings, records: Sequence[BuildRecord], log: Log
-) -> None:
-    text = json.dumps(
-        {"format": FORMAT, "records": [r.to_json() for r in records]}, separators=(",", ":")
-    )
-    if settings.cache_backend == "registry":
-        reference = record_image(settings)
-        if reference is not None:
-            try:
-                _write_record_image(engine, reference, text)
-            except DockerOperationError as error:
-                log(f"warning: build record not kept: {error.one_line()}")
+def _keep(engine: Engine, settings: Settings, records: Sequence[BuildRecord], log: Log) -> None:
+    """Replace the local record image; a failure only costs later explanations."""
+    reference = record_image(settings)
+    if reference is None:
         return
-    folder = settings.cache_dir
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        # ".tmp-" is the cache folder's prefix for leftovers a later save removes.
-        with tempfile.NamedTemporaryFile(
-            "w", dir=folder, prefix=".tmp-records-", delete=False, encoding="utf-8"
-        ) as stream:
-            stream.write(text)
-        Path(stream.name).replace(folder / RECORDS_FILE)
-    except OSError as error:
-        log(f"warning: build record not kept in {folder}: {error.strerror or error}")
+        _write_record_image(engine, reference, records_text(records))
+    except DockerOperationError as error:
+        log(f"warning: build record not kept: {error.one_line()}")
 
 
 _MEMBER = "layerkeep-build-records.json"

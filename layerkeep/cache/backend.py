@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from layerkeep.build.image import images_to_cache
-from layerkeep.cache.build_records import pull_build_records, push_build_records
+from layerkeep.cache.build_records import (
+    pull_build_records,
+    push_build_records,
+    write_records_file,
+)
 from layerkeep.cache.layers import LoadReport, SaveReport, load_images, save_images
 from layerkeep.cache.registry_backend import (
     RegistryLoadReport,
@@ -36,9 +40,11 @@ def save_cache(engine: Engine, settings: Settings, *, log: Log) -> SaveReport:
         saved = save_to_registry(engine, settings, images, log=log)
         push_build_records(engine, settings, log=log)
         return saved
-    return save_images(
+    saved = save_images(
         engine, CacheDir(settings.cache_dir), images, level=settings.cache_level, log=log
     )
+    write_records_file(engine, settings, log=log)
+    return saved
 
 
 def describe_load(report: LoadReport) -> str:

@@ -1,18 +1,25 @@
-"""The build records (build.explain) beside a registry cache: one more tag, pushed and pulled.
+"""The build records (build.explain) travel with the cache: saved beside it, read back.
 
-The record image is ``<image>:<tag>-build-record`` locally and ``<cache repository>:<tag>-
-build-record`` in the registry, next to the cache tags. A dir cache needs nothing here:
-its records are a file in the cache folder. The records only sharpen the reasons a later
-build gives for a miss, so a record that cannot be pushed or pulled is a warning.
+- dir backend: ``write_records_file`` puts the records this engine keeps (and those the
+  folder had) into ``build-records.json`` in the cache folder, after a save succeeded,
+  atomically: a failed save leaves the folder as it was.
+- registry backend: the record image ``<image>:<tag>-build-record`` is pushed as
+  ``<cache repository>:<tag>-build-record``, next to the cache tags, and pulled back.
+
+The records only sharpen the reasons a later build gives for a miss, so a record that
+cannot be written, pushed or pulled is a warning.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from layerkeep.build.explain import record_image
+from layerkeep.build.explain import RECORDS_FILE, kept_records, record_image, records_text
 from layerkeep.cache.registry_backend import cache_location
+from layerkeep.cache.store import TEMP_PREFIX, CacheDir
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import ImageRef
@@ -20,6 +27,31 @@ from layerkeep.core.registry import Sleep, TagNotFound, pull_tag, push_tag
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
+
+
+def write_records_file(engine: Engine, settings: Settings, *, log: Log) -> bool:
+    """Write the build records into the cache folder; whether it was written."""
+    records = kept_records(engine, settings, log=log)
+    if not records:
+        return False
+    cache = CacheDir(settings.cache_dir)
+    folder = cache.root
+    try:
+        # Under the cache's lock and with its temporary prefix: another job's save
+        # waits, and removes what an interrupted write left.
+        with (
+            cache.locked(),
+            tempfile.NamedTemporaryFile(
+                "w", dir=folder, prefix=f"{TEMP_PREFIX}records-", delete=False, encoding="utf-8"
+            ) as stream,
+        ):
+            stream.write(records_text(records))
+            stream.close()
+            Path(stream.name).replace(folder / RECORDS_FILE)
+    except OSError as error:
+        log(f"warning: build records not saved in {folder}: {error.strerror or error}")
+        return False
+    return True
 
 
 def push_build_records(
@@ -34,13 +66,19 @@ def push_build_records(
     try:
         engine.tag_image(str(local), str(target))
         push_tag(
-            engine, target, location.credentials,
-            attempts=settings.push_retries, time_limit=settings.push_timeout,
-            log=log, sleep=sleep,
+            engine,
+            target,
+            location.credentials,
+            attempts=settings.push_retries,
+            time_limit=settings.push_timeout,
+            log=log,
+            sleep=sleep,
         )
     except DockerOperationError as error:
-        log(f"warning: build records not pushed, later misses may be unexplained: "
-            f"{error.one_line()}")
+        log(
+            f"warning: build records not pushed, later misses may be unexplained: "
+            f"{error.one_line()}"
+        )
         return False
     return True
 
@@ -56,9 +94,13 @@ def pull_build_records(
     source = ImageRef(location.repository, local.tag)
     try:
         pull_tag(
-            engine, source, location.credentials,
-            attempts=settings.push_retries, time_limit=settings.push_timeout,
-            log=log, sleep=sleep,
+            engine,
+            source,
+            location.credentials,
+            attempts=settings.push_retries,
+            time_limit=settings.push_timeout,
+            log=log,
+            sleep=sleep,
         )
         engine.tag_image(str(source), str(local))
     except TagNotFound:
