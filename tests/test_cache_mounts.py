@@ -34,6 +34,7 @@ from layerkeep.build.image import Builder, build_image, choose_builder, plan_bui
 from layerkeep.cache.mounts import (
     MountStore,
     cache_mounts,
+    describe_mounts,
     restore_cache_mounts,
     save_cache_mounts,
 )
@@ -201,7 +202,8 @@ class Engines:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+def engines(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engines]:
+    """Private engines; ``engine`` is the main one, holding the stand-in base image."""
     with contextlib.ExitStack() as stack:
         yield Engines(tmp_path_factory.mktemp("mount-engines"), stack)
 
@@ -279,6 +281,7 @@ def test_a_marker_in_a_cache_mount_is_there_after_the_engine_is_wiped(
     wipe(second, engine, settings)
     restored = restore_cache_mounts(engine, settings, builder, second.environ, log=print)
     assert restored.restored == [cache_id], restored
+    assert describe_mounts(restored).startswith("cache mounts: 1 restored (")
     lines = build(second, engine, settings, "run-2")
     assert len(lines) == 1, lines
     # The marker run 1 wrote, with the mount's owner and mode from its uid/mode options.

@@ -466,3 +466,20 @@ class MountStore:
             raise unavailable(error, target) from None
         finally:
             temp.unlink(missing_ok=True)
+
+
+def describe_mounts(report: MountsReport) -> str:
+    """A short note on a save or restore of cache mounts, for the task's summary."""
+    if report.skipped:
+        return f"cache mounts: {report.skipped}"
+    done = [
+        f"{len(items)} {word}"
+        for items, word in (
+            (report.restored, "restored"), (report.kept, "already in the builder"),
+            (report.missing, "not saved yet"), (report.saved, "saved"),
+            (report.unchanged, "unchanged"), (report.dropped, "dropped"),
+            (report.failed, "failed"),
+        )
+        if items
+    ]
+    return f"cache mounts: {', '.join(done) or 'none'} ({report.bytes / 1e6:.1f} MB)"
