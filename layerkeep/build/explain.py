@@ -158,7 +158,9 @@ def explain_misses(
         log(line)
     made = {image: engine.image_id(image) for image in before}
     record = BuildRecord({k: v for k, v in made.items() if v}, tuple(stages))
-    _keep(engine, settings, [record, *(r for r in records if r.images != record.images)], log)
+    kept = [record, *(r for r in records if r.images != record.images)][:_KEEP]
+    if kept != records[:_KEEP]:  # a build that changed nothing skips the image write
+        _keep(engine, settings, kept, log)
     return tuple(lines)
 
 
