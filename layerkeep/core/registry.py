@@ -60,6 +60,9 @@ _TRANSIENT = re.compile(
     re.IGNORECASE,
 )
 _RETRYING = re.compile(r"^Retrying in (\d+) seconds?$")
+# The status line that ends a push; Docker 26's containerd image store gives the digest
+# only here (the classic store also sends it as an ``aux`` record).
+_PUSHED_DIGEST = re.compile(r": digest: (sha256:[0-9a-f]{64}) size: \d+$")
 _MISSING = re.compile(r"manifest unknown|not found|name unknown|not known to registry", re.I)
 Failure = Literal["auth", "transient", "missing", "other"]
 # What an engine says when it cannot reach any registry: DNS fails, or no route.
@@ -202,7 +205,7 @@ def push_tag(
     log: Log,
     sleep: Sleep = time.sleep,
 ) -> Pushed:
-    """Push one local tag; return the digest from the stream's ``aux`` record.
+    """Push one local tag; return the digest its stream reports (``aux`` or status line).
 
     ``time_limit`` bounds the whole push, retries included (see the module's notes).
     """
@@ -221,6 +224,9 @@ def push_tag(
             if isinstance(aux, dict) and aux.get("Digest"):
                 digest = str(aux["Digest"])
             layer, status = str(chunk.get("id", "")), str(chunk.get("status", ""))
+            stated = _PUSHED_DIGEST.search(status)
+            if stated and not digest:
+                digest = stated[1]
             total = (chunk.get("progressDetail") or {}).get("total")
             if layer and isinstance(total, int):
                 totals[layer] = max(total, totals.get(layer, 0))
