@@ -1,4 +1,5 @@
-"""What the CI says about this job (commit, branch, build id, reports), else what git says."""
+"""What the CI says about this job (commit, branch, build id, reports, pull request, default
+branch), else what git says."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ class CiFacts:
     branch: str = ""
     build_id: str = ""
     reports_dir: str = ""
+    # The branch a pull/merge request targets, else the repository's default branch.
+    default_branch: str = ""
+    pull_request: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,10 @@ def detect(environ: Mapping[str, str]) -> CiFacts:
             branch=environ.get("CIRCLE_BRANCH", ""),
             build_id=_circle_build_id(environ),
             reports_dir=environ.get("CIRCLE_TEST_REPORTS", ""),
+            # CIRCLE_PR_NUMBER is set for pull requests from forks only.
+            pull_request=bool(
+                environ.get("CIRCLE_PULL_REQUEST") or environ.get("CIRCLE_PR_NUMBER")
+            ),
         )
     if environ.get("GITHUB_ACTIONS") or environ.get("GITHUB_SHA"):
         # On pull requests GITHUB_REF_NAME is "<n>/merge"; GITHUB_HEAD_REF is the branch.
@@ -47,6 +55,11 @@ def detect(environ: Mapping[str, str]) -> CiFacts:
             commit=environ.get("GITHUB_SHA", ""),
             branch=environ.get("GITHUB_HEAD_REF") or environ.get("GITHUB_REF_NAME", ""),
             build_id=_github_build_id(environ),
+            # Only pull_request(_target) runs set GITHUB_BASE_REF; no variable names the
+            # repository's default branch.
+            default_branch=environ.get("GITHUB_BASE_REF", ""),
+            pull_request=bool(environ.get("GITHUB_HEAD_REF"))
+            or environ.get("GITHUB_EVENT_NAME", "") in ("pull_request", "pull_request_target"),
         )
     if environ.get("GITLAB_CI") or environ.get("CI_COMMIT_SHA"):
         # CI_JOB_ID differs for every job, parallel:matrix leg and retry.
@@ -54,6 +67,12 @@ def detect(environ: Mapping[str, str]) -> CiFacts:
             commit=environ.get("CI_COMMIT_SHA", ""),
             branch=environ.get("CI_COMMIT_REF_NAME", ""),
             build_id=safe_build_id(environ.get("CI_JOB_ID", "")),
+            default_branch=environ.get("CI_MERGE_REQUEST_TARGET_BRANCH_NAME")
+            or environ.get("CI_EXTERNAL_PULL_REQUEST_TARGET_BRANCH_NAME")
+            or environ.get("CI_DEFAULT_BRANCH", ""),
+            pull_request=bool(
+                environ.get("CI_MERGE_REQUEST_IID") or environ.get("CI_EXTERNAL_PULL_REQUEST_IID")
+            ),
         )
     return CiFacts()
 

@@ -59,6 +59,8 @@ Builder = Literal["auto", "legacy", "buildkit"]
 BUILDERS: tuple[Builder, ...] = ("auto", "legacy", "buildkit")
 CacheBackend = Literal["dir", "registry"]
 CACHE_BACKENDS: tuple[CacheBackend, ...] = ("dir", "registry")
+ReadOnly = Literal["auto", "yes", "no"]
+READ_ONLY: tuple[ReadOnly, ...] = ("auto", "yes", "no")
 
 
 class Source(IntEnum):
@@ -109,6 +111,17 @@ def _pairs(value: str, _: Path) -> dict[str, str]:
 
 def _flag(value: str, _: Path) -> bool:
     return parse_bool(value)
+
+
+def _flag_or_empty(value: str, _: Path) -> bool:
+    # Empty is "not set": the loader then takes the CI's answer.
+    return parse_bool(value) if value.strip() else False
+
+
+def _read_only(value: str, _: Path) -> ReadOnly:
+    if value.strip() not in READ_ONLY:
+        raise Invalid(f"allowed: {', '.join(READ_ONLY)}")
+    return cast(ReadOnly, value.strip())
 
 
 def _service_names(value: str, _: Path) -> tuple[str, ...]:
@@ -297,6 +310,13 @@ class Settings:
     ]
     commit: Annotated[str, setting("", "Commit SHA; default: the CI's own variable, else git.")]
     branch: Annotated[str, setting("", "Branch name; default: the CI's own variable, else git.")]
+    pull_request: Annotated[
+        bool,
+        setting(
+            "", "Whether this job builds a pull/merge request; default: the CI's variables.",
+            _flag_or_empty,
+        ),
+    ]
     # Parsed to names here; the loader then builds each service from its own keys.
     services: Annotated[
         tuple[ServiceSpec, ...],
@@ -386,6 +406,17 @@ class Settings:
     ]
     cache_repository: Annotated[
         str, setting("", "Registry repository for cache tags (registry backend).")
+    ]
+    cache_fallback_branch: Annotated[
+        str,
+        setting(
+            "", "Branch whose registry cache a branch without one loads; default: CI's, or main."
+        ),
+    ]
+    cache_read_only: Annotated[
+        ReadOnly,
+        setting("no", "yes: never push to the registry cache; auto: not on pull requests.",
+                _read_only),
     ]
     cache_mounts: Annotated[
         bool,
@@ -526,6 +557,10 @@ def _fallbacks(
         else (project_dir / "reports", "default"),
         "commit": (ci.commit, "default (CI variables)"),
         "branch": (ci.branch, "default (CI variables)"),
+        "pull_request": (ci.pull_request, "default (CI variables)"),
+        "cache_fallback_branch": (ci.default_branch, "default (CI variables)")
+        if ci.default_branch
+        else ("main", "default"),
     }
     missing = [
         name
@@ -547,7 +582,8 @@ def _resolve(project_dir: Path, inputs: _Inputs) -> Settings:
     parsed: dict[str, Any] = {key.field: _parse(key, raw, project_dir) for key in KEYS}
     origins = {key: value.where for key, value in raw.items()}
     for name, (value, where) in inputs.fallbacks.items():
-        if not parsed[name]:
+        # Only an empty setting takes the fallback: LAYERKEEP_PULL_REQUEST=no stays no.
+        if not raw[f"{PREFIX}{name.upper()}"].text.strip():
             parsed[name] = value
             origins[f"{PREFIX}{name.upper()}"] = where
     parsed["services"] = _parse_services(raw, names, parsed)
