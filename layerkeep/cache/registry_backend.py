@@ -9,6 +9,18 @@ The cache repository is LAYERKEEP_CACHE_REPOSITORY, by default
 - each LAYERKEEP_CACHE_IMAGES entry: ``extra-<reference as a tag>-<hash>``
   (``postgres:15`` -> ``extra-postgres-15-<10 hex>``), hashed so two images never share one.
 
+Branch scope: each of those tags is kept per branch, as ``<scope>--<tag>``
+(``main--latest``, ``feature-login-<10 hex>--latest-stage-deps``), where the scope is the
+branch's name when that is a valid tag of at most 48 characters without ``--`` and not
+ending in ``-``, else :func:`~layerkeep.core.registry.safe_tag`'s hashed form; so the
+first ``--`` ends the scope, and two branches never share a tag. A build saves under its
+branch's scope (LAYERKEEP_BRANCH; an unknown branch counts as the fallback branch) and
+loads each image from there or, where that scope has no such tag yet, from the scope of
+LAYERKEEP_CACHE_FALLBACK_BRANCH (its default comes from the CI, else ``main``). Saves are
+skipped when LAYERKEEP_CACHE_READ_ONLY says so (``yes``; ``auto`` on pull requests), and
+always for a pull request whose branch is named like the fallback branch (a fork's
+``main``): the default branch's cache is never written by a pull request.
+
 ``save_to_registry`` pushes them, skipping an image whose cache tag already resolves to
 a manifest of the same local image (one registry lookup each, no upload). The engine
 keeps the ``<cache repository>:<tag>`` names locally: it only remembers which digest an
@@ -36,6 +48,7 @@ from layerkeep.core.imageref import ImageRef, parse_image_ref
 from layerkeep.core.registry import (
     TAG_MAX,
     Credentials,
+    Pulled,
     RegistryAuthError,
     RegistryUnavailable,
     Sleep,
@@ -61,6 +74,7 @@ class RegistryLoadReport(LoadReport):
 
     missing: list[str] = field(default_factory=list)
     unreachable: bool = False
+    from_fallback: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -95,8 +109,71 @@ def cache_location(settings: Settings) -> CacheLocation:
     return CacheLocation(repository, credentials_for(settings, registry_host(repository)))
 
 
+SCOPE_SEPARATOR = "--"
+SCOPE_MAX = 48
+
+
+def scope_name(branch: str) -> str:
+    """The scope of ``branch`` in cache tags: no ``--`` inside, none made by a trailing ``-``."""
+    odd = SCOPE_SEPARATOR in branch or branch.endswith("-")
+    return safe_tag(branch, always_hash=odd, limit=SCOPE_MAX)
+
+
+def scoped_tag(scope: str, tag: str) -> str:
+    """``<scope>--<tag>``, the tag shortened (and hashed) when the whole would be too long."""
+    room = TAG_MAX - len(scope) - len(SCOPE_SEPARATOR)
+    if len(tag) > room:
+        tag = safe_tag(tag, always_hash=True, limit=room)
+    return f"{scope}{SCOPE_SEPARATOR}{tag}"
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    """The branch scopes a build reads from and saves to (see the module's notes)."""
+
+    branch: str
+    fallback_branch: str
+    # Why a save pushes nothing; "" when it pushes.
+    read_only: str = ""
+
+    @property
+    def own(self) -> str:
+        """The scope this build saves to and reads first."""
+        return scope_name(self.branch)
+
+    @property
+    def fallback(self) -> str:
+        """The scope read where the own scope lacks a tag."""
+        return scope_name(self.fallback_branch)
+
+    def tag(self, tag: str) -> str:
+        """``tag`` in this build's own scope: where it saves."""
+        return scoped_tag(self.own, tag)
+
+    def sources(self, tag: str) -> tuple[str, ...]:
+        """Where to load ``tag`` from, in order: the own scope, then the fallback's."""
+        return tuple(dict.fromkeys((self.tag(tag), scoped_tag(self.fallback, tag))))
+
+
+def cache_scope(settings: Settings) -> CacheScope:
+    """This build's scopes and whether it may save, from the settings."""
+    fallback = settings.cache_fallback_branch
+    branch = settings.branch or fallback
+    read_only = ""
+    if settings.cache_read_only == "yes":
+        read_only = "LAYERKEEP_CACHE_READ_ONLY=yes"
+    elif settings.cache_read_only == "auto" and settings.pull_request:
+        read_only = "a pull request build (LAYERKEEP_CACHE_READ_ONLY=auto)"
+    elif settings.pull_request and scope_name(branch) == scope_name(fallback):
+        read_only = (
+            f"a pull request from a branch named {branch!r}, like the fallback branch, "
+            "never writes its cache"
+        )
+    return CacheScope(branch, fallback, read_only)
+
+
 def cache_tags(settings: Settings, images: Sequence[str]) -> dict[str, str]:
-    """Local image name -> its tag in the cache repository (see the module's scheme)."""
+    """Local image name -> its cache tag, before the branch scope (see the module's scheme)."""
     built = {str(image): image.tag for image in plan_build(settings).images}
     limit = TAG_MAX - len(EXTRA_PREFIX)
     return {
@@ -114,16 +191,21 @@ def save_to_registry(
     log: Log = print,
     sleep: Sleep = time.sleep,
 ) -> SaveReport:
-    """Push ``images`` (the app, its stages, extras) to the cache repository as cache tags."""
+    """Push ``images`` (the app, its stages, extras) as cache tags in this branch's scope."""
     started = time.monotonic()
     location = cache_location(settings)
+    scope = cache_scope(settings)
     report = SaveReport()
+    if scope.read_only:
+        log(f"registry cache {location.repository} is read-only here ({scope.read_only}): "
+            "nothing pushed")
+        return report
     for image, tag in cache_tags(settings, images).items():
         if engine.image_id(image) is None:
             report.missing.append(image)
             log(f"warning: {image} is not in the engine, so it was not saved")
             continue
-        target = ImageRef(location.repository, tag)
+        target = ImageRef(location.repository, scope.tag(tag))
         current = remote_digest(
             engine, target, location.credentials,
             attempts=settings.push_retries, time_limit=settings.push_timeout,
@@ -147,11 +229,12 @@ def save_to_registry(
         )
     report.seconds = time.monotonic() - started
     if report.skipped:
-        log(f"registry cache {location.repository} up to date "
+        log(f"registry cache {location.repository} (scope {scope.own}) up to date "
             f"({len(report.unchanged)} images), nothing pushed")
     else:
         log(
-            f"saved {len(report.saved)} image(s) to {location.repository}: "
+            f"saved {len(report.saved)} image(s) to {location.repository} "
+            f"(scope {scope.own}): "
             f"{report.layers_written} new layer(s), {report.bytes_written / 1e6:.1f} MB pushed, "
             f"{len(report.unchanged)} unchanged, {report.seconds:.1f} s"
         )
@@ -161,18 +244,16 @@ def save_to_registry(
 def load_from_registry(
     engine: Engine, settings: Settings, *, log: Log = print, sleep: Sleep = time.sleep
 ) -> RegistryLoadReport:
-    """Pull the cache tags and give them the names image.build passes as --cache-from."""
+    """Pull the cache tags (own scope, else the fallback's) and give them the names
+    image.build passes as --cache-from."""
     started = time.monotonic()
     location = cache_location(settings)
+    scope = cache_scope(settings)
     report = RegistryLoadReport()
     for image, tag in cache_tags(settings, images_to_cache(settings)).items():
-        source = ImageRef(location.repository, tag)
         try:
-            pulled = pull_tag(
-                engine, source, location.credentials,
-                attempts=settings.push_retries, time_limit=settings.push_timeout,
-                log=log, sleep=sleep,
-            )
+            source, pulled = _pull_first(engine, settings, location, scope.sources(tag),
+                                         log=log, sleep=sleep)
         except TagNotFound:
             report.missing.append(image)
             continue
@@ -193,22 +274,55 @@ def load_from_registry(
             report.restored.append(image)
         else:
             report.present.append(image)
+        if source.tag != scope.tag(tag):
+            report.from_fallback.append(image)
         report.bytes_read += pulled.bytes_downloaded
     report.seconds = time.monotonic() - started
     report.cold = report.unreachable or not (report.restored or report.present)
-    _log_load(report, location.repository, log)
+    _log_load(report, location.repository, scope, log)
     return report
 
 
-def _log_load(report: RegistryLoadReport, repository: str, log: Log) -> None:
+def _pull_first(
+    engine: Engine,
+    settings: Settings,
+    location: CacheLocation,
+    tags: Sequence[str],
+    *,
+    log: Log,
+    sleep: Sleep,
+) -> tuple[ImageRef, Pulled]:
+    """Pull the first of ``tags`` the cache repository has; TagNotFound when none."""
+    for index, tag in enumerate(tags):
+        source = ImageRef(location.repository, tag)
+        try:
+            return source, pull_tag(
+                engine, source, location.credentials,
+                attempts=settings.push_retries, time_limit=settings.push_timeout,
+                log=log, sleep=sleep,
+            )
+        except TagNotFound:
+            if index == len(tags) - 1:
+                raise
+    raise AssertionError("unreachable: a tag has at least one source")  # pragma: no cover
+
+
+def _log_load(
+    report: RegistryLoadReport, repository: str, scope: CacheScope, log: Log
+) -> None:
     if report.unreachable:
         return
+    scopes = scope.own if scope.own == scope.fallback else f"{scope.own}, else {scope.fallback}"
     if report.cold and not report.failed:
-        log(f"no cache in {repository} yet: this is a cold build")
+        log(f"no cache in {repository} (scope {scopes}) yet: this is a cold build")
         return
     missing = f", {len(report.missing)} not cached yet" if report.missing else ""
+    fallback = (
+        f", {len(report.from_fallback)} of them from {scope.fallback_branch}'s scope"
+        if report.from_fallback else ""
+    )
     log(
-        f"restored {len(report.restored)} image(s) from {repository} "
-        f"({report.bytes_read / 1e6:.1f} MB pulled, {report.seconds:.1f} s); "
+        f"restored {len(report.restored)} image(s) from {repository} (scope {scopes}"
+        f"{fallback}; {report.bytes_read / 1e6:.1f} MB pulled, {report.seconds:.1f} s); "
         f"{len(report.present)} already present{missing}, {len(report.failed)} skipped"
     )
