@@ -12,7 +12,7 @@ from layerkeep.dryrun import save_plan
 from .graph import Done, Note, engine, is_dry, settings, step
 from .image_tasks import build
 from .restore_tasks import CACHE_HELP
-from .taskkit import say
+from .taskkit import masked_log, say
 
 
 @step("cache.save", pre=[build], help=CACHE_HELP, role="cache")
@@ -23,7 +23,7 @@ def save(c: Context, cache_dir: str | None = None, backend: str | None = None) -
         for line in save_plan(current):
             say(line)
         return "dry run"
-    report = save_cache(engine(c, current), current, log=say)
+    report = save_cache(engine(c, current), current, log=masked_log(current))
     figures = {
         "saved": list(report.saved),
         "unchanged": list(report.unchanged),

@@ -8,7 +8,7 @@ from layerkeep.testing.database import init_database
 from .graph import Note, Skipped, engine, is_dry, settings, step
 from .image_tasks import build
 from .services_tasks import up
-from .taskkit import say
+from .taskkit import masked_log, say
 
 
 @step("db.init", pre=[build, up])
@@ -21,6 +21,6 @@ def init(c: Context) -> Note:
         for line in db_plan(current):
             say(line)
         return "dry run"
-    report = init_database(engine(c, current), current, log=say)
+    report = init_database(engine(c, current), current, log=masked_log(current))
     say(f"db.init done in {report.seconds:.1f} s")
     return f"created {current.db_name}" if report.created else f"{current.db_name} exists"

@@ -9,7 +9,7 @@ from layerkeep.dryrun import build_plan
 from .git_tasks import touch
 from .graph import Done, Note, engine, is_dry, settings, step
 from .restore_tasks import load
-from .taskkit import environ, say
+from .taskkit import environ, masked_log, say
 
 
 @step(
@@ -32,7 +32,7 @@ def build(c: Context, builder: str | None = None, image: str | None = None) -> N
     # Cached images restored under an internal name (a tag of yours named another image).
     internal = cache_sources(connected, images_to_cache(current))
     report = build_image(
-        connected, current, chosen, environ(), log=say, also_cache_from=internal
+        connected, current, chosen, environ(), log=masked_log(current), also_cache_from=internal
     )
     figures = {
         "builder": chosen.kind,

@@ -10,7 +10,7 @@ from layerkeep.cache.backend import describe_load, load_cache
 from layerkeep.dryrun import load_plan
 
 from .graph import Done, Note, engine, is_dry, settings, step
-from .taskkit import say
+from .taskkit import masked_log, say
 
 CACHE_HELP = {
     "cache_dir": "cache folder (default: LAYERKEEP_CACHE_DIR)",
@@ -26,7 +26,7 @@ def load(c: Context, cache_dir: str | None = None, backend: str | None = None) -
         for line in load_plan(current):
             say(line)
         return "dry run"
-    report = load_cache(engine(c, current), current, log=say)
+    report = load_cache(engine(c, current), current, log=masked_log(current))
     figures = {
         "restored": list(report.restored),
         "present": list(report.present),

@@ -9,7 +9,7 @@ from layerkeep.services.containers import sweep as sweep_leftovers
 
 from .graph import Done, Note, Run, Skipped, engine, is_dry, settings, step
 from .restore_tasks import load
-from .taskkit import say
+from .taskkit import masked_log, say
 
 
 @step("services.down", role="cleanup")
@@ -23,7 +23,7 @@ def down(c: Context) -> Note:
     if current.keep_services:
         say("services kept (LAYERKEEP_KEEP_SERVICES or --keep-services)")
         return Skipped("kept on purpose")
-    return f"{services_down(engine(c, current), current, log=say)} removed"
+    return f"{services_down(engine(c, current), current, log=masked_log(current))} removed"
 
 
 @step("services.up", pre=[load])
@@ -38,7 +38,7 @@ def up(c: Context) -> Note:
         return Skipped("no services configured")
     # Whatever happens next in this run, what starts here is removed if the run fails.
     Run.of(c).register_cleanup(down)
-    running = services_up(engine(c, current), current, log=say)
+    running = services_up(engine(c, current), current, log=masked_log(current))
     names = [service.spec.name for service in running]
     return Done(", ".join(names) + " ready", {"services": names})
 
@@ -68,7 +68,7 @@ def sweep(c: Context, older_than: str | None = None, all_projects: bool = False)
     removed = sweep_leftovers(
         engine(c, current),
         older_than=seconds,
-        log=say,
+        log=masked_log(current),
         project=None if all_projects else current.project,
     )
     return f"{removed} removed"

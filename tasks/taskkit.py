@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from invoke.context import Context
@@ -44,3 +44,13 @@ def engine_for(settings: Settings) -> Engine:
 def say(message: str) -> None:
     """One line of task output."""
     print(message, flush=True)
+
+
+def masked_log(settings: Settings) -> Callable[[str], None]:
+    """Task output with every secret of the job masked: what library functions log.
+
+    Builders echo commands with build arguments filled in, tests print what they like:
+    whatever a library function passes on is masked here, once, for all of them.
+    """
+    mask = Job.from_settings(settings).mask
+    return lambda line: say(mask(line))

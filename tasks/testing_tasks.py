@@ -10,7 +10,7 @@ from .db_tasks import init
 from .graph import Done, Note, Run, engine, is_dry, settings, step
 from .image_tasks import build
 from .services_tasks import down, up
-from .taskkit import say
+from .taskkit import masked_log, say
 
 
 @step(
@@ -33,7 +33,7 @@ def run(c: Context, keep_services: bool = False) -> Note:
         for line in tests_plan(current):
             say(line)
         return "dry run"
-    result = run_tests(engine(c, current), current, log=say)
+    result = run_tests(engine(c, current), current, log=masked_log(current))
     if not result.passed:
         raise CommandFailed(
             f"tests failed (exit {result.exit_code}): {result.note()}",

@@ -6,6 +6,7 @@ import os
 import site
 import subprocess
 import sys
+import uuid
 import venv
 from pathlib import Path
 
@@ -175,3 +176,27 @@ def test_settings_view_shows_values_origins_and_masks_secrets(tmp_path: Path) ->
     assert "LAYERKEEP_CACHE_LEVEL" in everything.stdout
     help_text = run([*INV, "--help", "ci"], tmp_path)
     assert "`inv settings` shows each value" in help_text.stdout
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("builder", ["legacy", "buildkit"])
+def test_build_output_masks_secret_build_args(
+    tmp_path: Path, builder: str, unique_repository: str
+) -> None:
+    """BuildKit echoes RUN lines with build arguments filled in: the log masks them."""
+    secret = f"s3cr3t-{uuid.uuid4().hex[:12]}"
+    make_user_project(tmp_path)
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM python:3.11-slim\nLABEL run={uuid.uuid4().hex}\n"
+        'ARG API_TOKEN\nRUN echo "token is $API_TOKEN"\n'
+    )
+    done = run(
+        [*INV, "image.build", "--builder", builder],
+        tmp_path,
+        LAYERKEEP_IMAGE=f"{unique_repository}/app",
+        LAYERKEEP_BUILD_ARGS=f"API_TOKEN={secret}",
+        LAYERKEEP_CACHE_DIR=str(tmp_path.parent / f"{tmp_path.name}-cache"),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "token is" in done.stdout
+    assert secret not in done.stdout + done.stderr
