@@ -8,10 +8,12 @@ mount back into the builder, where that mount is still empty.
 - dir backend: ``mounts/`` in LAYERKEEP_CACHE_DIR, an ``index.json`` and one
   ``<sha256>.tar.zst`` per mount, each written to a temporary name, fsynced and renamed
   under the cache folder's lock, the index last.
-- registry backend: one image per mount beside the cache tags,
-  ``<cache repository>:<app tag>-mount-<id as a tag>-<hash>``; its one layer is the
-  mount's files (the engine compresses it for the push), its label their digest. The
-  engine keeps that tag, which is how an unchanged mount costs one registry lookup.
+- registry backend: one image per mount beside the cache tags, in the branch's scope
+  like them (``<cache repository>:<scope>--<app tag>-mount-<id as a tag>-<hash>``, read
+  from the own scope, else the fallback branch's; a read-only build saves none); its
+  one layer is the mount's files (the engine compresses it for the push), its label
+  their digest. The engine keeps that tag, which is how an unchanged mount costs one
+  registry lookup.
 
 LAYERKEEP_CACHE_MOUNTS_MAX bounds what is kept, counted as uncompressed tar bytes: in a
 cache folder the mounts saved least recently (written, or found unchanged) go first;
@@ -37,7 +39,12 @@ import zstandard
 from layerkeep.build.cache_mounts import EMPTY_TAR, CacheMount, export_mount, import_mount
 from layerkeep.build.cache_mounts import find_cache_mounts as find_in_dockerfile
 from layerkeep.build.image import Builder, plan_build
-from layerkeep.cache.registry_backend import CacheLocation, cache_location
+from layerkeep.cache.registry_backend import (
+    CacheLocation,
+    CacheScope,
+    cache_location,
+    cache_scope,
+)
 from layerkeep.cache.store import TEMP_PREFIX, CacheDir, CorruptCache, unavailable
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError, ResourceConflict
@@ -164,6 +171,10 @@ def save_cache_mounts(
         report.skipped = "nothing to save"
         return report
     registry = _registry(engine, settings, log)
+    if registry is not None and registry.scope.read_only:
+        report.skipped = f"not saved, the registry cache is read-only: {registry.scope.read_only}"
+        log(f"cache mounts: {report.skipped}")
+        return report
     store = MountStore(settings.cache_dir)
     pushed = 0
     with tempfile.TemporaryDirectory(prefix="layerkeep-mount-") as folder:
@@ -212,7 +223,7 @@ def save_cache_mounts(
 def _registry(engine: Engine, settings: Settings, log: Log) -> _Registry | None:
     if settings.cache_backend != "registry":
         return None
-    return _Registry(engine, settings, cache_location(settings), log)
+    return _Registry(engine, settings, cache_location(settings), cache_scope(settings), log)
 
 
 def mount_tag(settings: Settings, mount: CacheMount) -> str:
@@ -230,10 +241,12 @@ class _Registry:
     engine: Engine
     settings: Settings
     location: CacheLocation
+    scope: CacheScope
     log: Log
 
     def reference(self, mount: CacheMount) -> ImageRef:
-        return ImageRef(self.location.repository, mount_tag(self.settings, mount))
+        """Where this build saves the mount: its tag in the branch's own scope."""
+        return ImageRef(self.location.repository, self.scope.tag(mount_tag(self.settings, mount)))
 
     def push(self, mount: CacheMount, path: Path, digest: str, report: MountsReport) -> None:
         """Push the mount's tar as an image, unless the registry holds these contents."""
@@ -269,18 +282,21 @@ class _Registry:
                  f"({pushed.bytes_pushed / 1e6:.1f} MB, {pushed.seconds:.1f} s)")
 
     def pull(self, mount: CacheMount, report: MountsReport) -> str | None:
-        """Pull the mount's image; its name, or None when the registry has none."""
-        source = self.reference(mount)
-        try:
-            pulled = pull_tag(
-                self.engine, source, self.location.credentials,
-                attempts=self.settings.push_retries, time_limit=self.settings.push_timeout,
-                log=self.log,
-            )
-        except TagNotFound:
-            return None
-        report.bytes += pulled.bytes_downloaded
-        return str(source)
+        """Pull the mount's image from the own scope, else the fallback branch's; its name,
+        or None when neither has it."""
+        for tag in self.scope.sources(mount_tag(self.settings, mount)):
+            source = ImageRef(self.location.repository, tag)
+            try:
+                pulled = pull_tag(
+                    self.engine, source, self.location.credentials,
+                    attempts=self.settings.push_retries, time_limit=self.settings.push_timeout,
+                    log=self.log,
+                )
+            except TagNotFound:
+                continue
+            report.bytes += pulled.bytes_downloaded
+            return str(source)
+        return None
 
 
 @contextlib.contextmanager
