@@ -11,7 +11,7 @@ import io
 import os
 import subprocess
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +24,7 @@ from second_engine import SecondEngineUnavailable, ensure_docker26, second_engin
 from layerkeep.build.image import build_image, choose_builder, images_to_cache
 from layerkeep.cache.archive import read_saved
 from layerkeep.cache.layers import load_images, save_images
-from layerkeep.cache.store import CacheDir, Readable
-from layerkeep.cache.tarstream import reader_over
+from layerkeep.cache.store import BlobWriter, CacheDir
 from layerkeep.core.engine import Engine, connect, describe_host
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.settings import Settings
@@ -71,15 +70,18 @@ class Hashing:
     def __init__(self) -> None:
         self.stored: dict[str, str] = {}
 
-    def known(self, name: str) -> str | None:
-        return None
+    def cached(self, name: str, size: int) -> Collection[str]:
+        return ()
 
-    def store(self, name: str, content: Readable) -> str:
+    def has(self, digest: str) -> bool:
+        return False
+
+    def store(self, name: str, pieces: Iterable[bytes]) -> Callable[[], str]:
         digest = hashlib.sha256()
-        while chunk := content.read(1 << 20):
-            digest.update(chunk)
+        for piece in pieces:
+            digest.update(piece)
         self.stored[name] = "sha256:" + digest.hexdigest()
-        return self.stored[name]
+        return lambda: self.stored[name]
 
 
 def build_on(
@@ -109,7 +111,7 @@ def check_restored(engine: Engine, environ: dict[str, str], settings: Settings) 
     assert out.stdout == "hello\n"
     # A load that left a layer out would give an image whose save lacks that layer.
     hashing = Hashing()
-    saved = read_saved(reader_over(engine.save_image(app)), hashing, image=app)
+    saved = read_saved(engine.save_image(app), hashing, image=app)
     cached = CacheDir(settings.cache_dir).read_manifest().images[app]
     assert saved[0].layers == cached.layers
     assert saved[0].config == cached.config
@@ -215,7 +217,7 @@ def test_reads_the_legacy_layout_of_20_10(engine: Engine) -> None:
     assert "oci-layout" not in names
     hashing = Hashing()
 
-    saved = read_saved(reader_over(engine.save_image(BASE)), hashing, image=BASE)
+    saved = read_saved(engine.save_image(BASE), hashing, image=BASE)
 
     assert [name.endswith("/layer.tar") for name in hashing.stored] == [True]
     assert saved[0].layers == tuple(hashing.stored.values())
@@ -225,14 +227,18 @@ def test_reads_the_legacy_layout_of_20_10(engine: Engine) -> None:
 class IntoCache:
     """A layer store that writes into a real cache folder."""
 
-    def __init__(self, cache: CacheDir) -> None:
-        self.cache = cache
+    def __init__(self, writer: BlobWriter) -> None:
+        self.writer = writer
 
-    def known(self, name: str) -> str | None:
-        return None
+    def cached(self, name: str, size: int) -> Collection[str]:
+        return ()
 
-    def store(self, name: str, content: Readable) -> str:
-        return self.cache.store_blob(content, level=1)[0]
+    def has(self, digest: str) -> bool:
+        return False
+
+    def store(self, name: str, pieces: Iterable[bytes]) -> Callable[[], str]:
+        stored = self.writer.write(pieces)
+        return lambda: stored()[0]
 
 
 def test_a_broken_compressed_layer_is_the_engines_fault_in_one_line(tmp_path: Path) -> None:
@@ -247,8 +253,11 @@ def test_a_broken_compressed_layer_is_the_engines_fault_in_one_line(tmp_path: Pa
             archive.addfile(info, io.BytesIO(content))
     data.seek(0)
 
-    with pytest.raises(DockerOperationError) as caught:
-        read_saved(data, IntoCache(CacheDir(tmp_path / "cache")), image="app:1")
+    with (
+        pytest.raises(DockerOperationError) as caught,
+        BlobWriter(CacheDir(tmp_path / "cache"), level=1, threads=1) as writer,
+    ):
+        read_saved([data.getvalue()], IntoCache(writer), image="app:1")
 
     assert caught.value.one_line().startswith("docker save app:1 gave an unreadable archive")
     assert not list((tmp_path / "cache" / "blobs").iterdir())

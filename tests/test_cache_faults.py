@@ -8,7 +8,6 @@ the test's folder, which needs root, as the engine does.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from sample_project import build, make_project
 
 from layerkeep.build.image import images_to_cache
 from layerkeep.cache.layers import cache_reference, cache_sources, load_images, save_images
-from layerkeep.cache.store import CacheDir, CacheUnavailable, Manifest
+from layerkeep.cache.store import Blob, BlobWriter, CacheDir, CacheUnavailable, Manifest
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import LayerkeepError
 from layerkeep.core.settings import Settings
@@ -76,9 +75,15 @@ def grow_app(settings: Settings, megabytes: int) -> None:
 # --- the store alone ---------------------------------------------------------------------
 
 
+def store(cache: CacheDir, content: bytes) -> tuple[str, Blob]:
+    """Write one layer into the cache the way a save does."""
+    with BlobWriter(cache, level=3, threads=1) as writer:
+        return writer.write([content[:60_000], content[60_000:]])()
+
+
 def test_a_blob_with_its_size_but_other_bytes_fails_the_check(tmp_path: Path) -> None:
     cache = CacheDir(tmp_path)
-    digest, blob = cache.store_blob(io.BytesIO(os.urandom(200_000)), level=3)
+    digest, blob = store(cache, os.urandom(200_000))
     manifest = Manifest(blobs={digest: blob})
     assert cache.has_blob(manifest, digest)
     path = cache.blob_path(blob)
@@ -93,10 +98,10 @@ def test_a_blob_with_its_size_but_other_bytes_fails_the_check(tmp_path: Path) ->
 def test_storing_again_replaces_a_damaged_file(tmp_path: Path) -> None:
     cache = CacheDir(tmp_path)
     content = os.urandom(100_000)
-    digest, blob = cache.store_blob(io.BytesIO(content), level=3)
+    digest, blob = store(cache, content)
     cache.blob_path(blob).write_bytes(b"truncated")
 
-    again, fresh = cache.store_blob(io.BytesIO(content), level=3)
+    again, fresh = store(cache, content)
 
     assert again == digest
     assert cache.has_blob(Manifest(blobs={digest: fresh}), digest)

@@ -16,20 +16,27 @@ uncompressed digest, the diff id the config lists, so one cache serves both layo
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import IO, Protocol
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import zstandard
 
-from layerkeep.cache.store import Readable, config_layers
-from layerkeep.cache.tarstream import Entry, resolve_link, write_tar
+from layerkeep.cache.store import CHUNK, config_layers
+from layerkeep.cache.tarstream import (
+    BLOCK,
+    ChunkStream,
+    Entry,
+    Member,
+    read_members,
+    reader_over,
+    resolve_link,
+    write_tar,
+)
 from layerkeep.core.errors import DockerOperationError
 
 # Configs, manifests and index files are far smaller; a larger member is a layer or foreign.
@@ -37,58 +44,164 @@ SMALL = 4 << 20
 _GZIP = b"\x1f\x8b"
 _ZSTD = b"\x28\xb5\x2f\xfd"
 _TAR_MAGIC = slice(257, 262)
-_HEAD = 512
+_HEAD = BLOCK
 
 
 class LayerStore(Protocol):
     """Where the layers of an archive go."""
 
-    def known(self, name: str) -> str | None:
-        """The diff id of the archive member ``name`` if it is stored and sound already."""
+    def cached(self, name: str, size: int) -> Collection[str]:
+        """The cached diff ids the member ``name`` of ``size`` bytes may be, so that it can
+        stream past unread (the archive's manifest settles which); empty: read it."""
 
-    def store(self, name: str, content: Readable) -> str:
-        """Store an uncompressed layer read from ``content``; return its sha256 digest."""
+    def has(self, digest: str) -> bool:
+        """Whether the layer ``digest`` is stored and sound already."""
+
+    def store(self, name: str, pieces: Iterable[bytes]) -> Callable[[], str]:
+        """Store an uncompressed layer; the returned call waits for its sha256 digest."""
+
+
+class SkippedWrongly(DockerOperationError):
+    """A member left unread turned out to be a layer the cache lacks: read it again."""
 
 
 @dataclass(frozen=True)
 class SavedImage:
-    """One image of an archive: its tags, exact config text and diff ids."""
+    """One image of an archive: its tags, exact config text, diff ids and member paths."""
 
     repo_tags: tuple[str, ...]
     config: str
     layers: tuple[str, ...]
+    paths: tuple[str, ...] = ()
 
 
-def read_saved(stream: IO[bytes], layers: LayerStore, *, image: str) -> list[SavedImage]:
-    """Read a `docker save` archive of ``image``, storing its layers as they pass."""
-    digests: dict[str, str] = {}
-    links: dict[str, str] = {}
-    small: dict[str, bytes] = {}
+def read_saved(
+    chunks: Iterable[bytes],
+    layers: LayerStore,
+    *,
+    image: str,
+    advance: Callable[[int], None] = lambda _: None,
+) -> list[SavedImage]:
+    """Read a `docker save` archive of ``image``, storing its new layers as they pass.
+
+    ``advance`` is told how many bytes were read from the engine, as they are.
+    """
+    reading = _Reading(layers)
+    stream = ChunkStream(_counted(chunks, advance))
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
-            for member in archive:
-                if member.issym():
-                    links[member.name] = resolve_link(member)
-                elif member.islnk():
-                    links[member.name] = member.linkname
-                elif member.isfile():
-                    content = archive.extractfile(member)
-                    if content is None:
-                        continue
-                    head = content.peek(_HEAD) if isinstance(content, io.BufferedReader) else b""
-                    kind = _kind(member.name, head[:_HEAD])
-                    if kind:
-                        known = layers.known(member.name)
-                        digests[member.name] = known or layers.store(
-                            member.name, _decompressed(content, kind)
-                        )
-                    elif member.size <= SMALL:
-                        small[member.name] = content.read()
-    except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError) as error:
+        for member in read_members(stream):
+            if member.kind == "symlink":
+                reading.links[member.name] = resolve_link(member.name, member.linkname)
+            elif member.kind == "hardlink":
+                reading.links[member.name] = member.linkname
+            elif member.kind == "file":
+                reading.take(stream, member)
+        found = {path: pending() for path, pending in reading.pending.items()}
+    except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError) as error:
         raise DockerOperationError(
             f"docker save {image} gave an unreadable archive: {error}", image=image
         ) from None
-    return _images(small, links, digests, layers, image)
+    return reading.images(found, image)
+
+
+def _counted(chunks: Iterable[bytes], advance: Callable[[int], None]) -> Iterator[bytes]:
+    for chunk in chunks:
+        advance(len(chunk))
+        yield chunk
+
+
+@dataclass
+class _Reading:
+    """What streamed past so far: layers stored or skipped, links, small files."""
+
+    layers: LayerStore
+    pending: dict[str, Callable[[], str]] = field(default_factory=dict)
+    skipped: dict[str, Collection[str]] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    small: dict[str, bytes] = field(default_factory=dict)
+
+    def take(self, stream: ChunkStream, member: Member) -> None:
+        """Store, skip or keep one regular file of the archive."""
+        kind = _kind(member.name, stream.peek(_HEAD) if member.size >= _HEAD else b"")
+        if member.size <= SMALL:
+            data = _whole(stream, member)
+            if kind == "tar":
+                # A small layer is hashed first: a known one is neither compressed nor written.
+                digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                if self.layers.has(digest):
+                    self.pending[member.name] = lambda: digest
+                else:
+                    self.pending[member.name] = self.layers.store(member.name, [data])
+            elif kind:
+                self.pending[member.name] = self.layers.store(
+                    member.name, _decompressed([data], kind)
+                )
+            else:
+                self.small[member.name] = data
+            return
+        if not kind:
+            return  # neither a layer nor anything a manifest names: left unread
+        candidates = self.layers.cached(member.name, member.size) if kind == "tar" else ()
+        if candidates:
+            self.skipped[member.name] = candidates
+            return
+        pieces = _exact(stream.pieces(member.size), member)
+        self.pending[member.name] = self.layers.store(member.name, _decompressed(pieces, kind))
+
+    def images(self, digests: dict[str, str], image: str) -> list[SavedImage]:
+        """Match the archive's manifest.json against what streamed past."""
+
+        def refuse(problem: str) -> DockerOperationError:
+            return DockerOperationError(f"docker save {image}: {problem}", image=image)
+
+        small, links = self.small, self.links
+        if "manifest.json" not in small:
+            raise refuse("the archive has no manifest.json (neither layout docker save writes)")
+        try:
+            listing = json.loads(small["manifest.json"])
+            found: list[SavedImage] = []
+            for entry in listing:
+                config_name = links.get(entry["Config"], entry["Config"])
+                if config_name not in small:
+                    raise refuse(f"the archive lacks the config {config_name}")
+                config = small[config_name].decode()
+                expected = config_layers(json.loads(config))
+                paths = [links.get(path, path) for path in entry["Layers"]]
+                if len(paths) != len(expected):
+                    raise refuse(f"{len(paths)} layers listed but the config has {len(expected)}")
+                for path, digest in zip(paths, expected, strict=True):
+                    if path in self.skipped:
+                        if digest not in self.skipped[path]:
+                            raise SkippedWrongly(
+                                f"docker save {image}: {path} was left unread but the cache "
+                                "lacks it",
+                                image=image,
+                            )
+                        digests[path] = digest
+                    if digests.get(path) != digest:
+                        raise refuse(f"layer {expected.index(digest)} does not match its config")
+                tags = tuple(entry.get("RepoTags") or ())
+                found.append(SavedImage(tags, config, tuple(expected), tuple(paths)))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise refuse(f"unexpected manifest.json ({error})") from None
+        return found
+
+
+def _whole(stream: ChunkStream, member: Member) -> bytes:
+    data = stream.read(member.size)
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"unexpected end of archive in {member.name}")
+    return data
+
+
+def _exact(pieces: Iterable[bytes], member: Member) -> Iterator[bytes]:
+    """The pieces, raising (before the layer is committed) if the stream ends short."""
+    total = 0
+    for piece in pieces:
+        total += len(piece)
+        yield piece
+    if total != member.size:
+        raise tarfile.ReadError(f"unexpected end of archive in {member.name}")
 
 
 def _kind(name: str, head: bytes) -> str:
@@ -103,53 +216,30 @@ def _kind(name: str, head: bytes) -> str:
     return ""
 
 
-def _decompressed(content: IO[bytes], kind: str) -> Readable:
+def _decompressed(pieces: Iterable[bytes], kind: str) -> Iterator[bytes]:
+    """A compressed layer's pieces, decompressed a MB at a time (a tar's as they are)."""
+    if kind == "tar":
+        yield from pieces
+        return
     if kind == "gzip":
-        return gzip.GzipFile(fileobj=content, mode="rb")
-    if kind == "zstd":
-        reader = zstandard.ZstdDecompressor().stream_reader(
-            content, read_across_frames=True, closefd=False
-        )
-        return io.BufferedReader(reader, buffer_size=1 << 20)
-    return content
-
-
-def _images(
-    small: dict[str, bytes],
-    links: dict[str, str],
-    digests: dict[str, str],
-    layers: LayerStore,
-    image: str,
-) -> list[SavedImage]:
-    """Match the archive's manifest.json against what streamed past."""
-
-    def refuse(problem: str) -> DockerOperationError:
-        return DockerOperationError(f"docker save {image}: {problem}", image=image)
-
-    if "manifest.json" not in small:
-        raise refuse("the archive has no manifest.json (neither layout docker save writes)")
-    try:
-        listing = json.loads(small["manifest.json"])
-        found: list[SavedImage] = []
-        for entry in listing:
-            config_name = links.get(entry["Config"], entry["Config"])
-            if config_name not in small:
-                raise refuse(f"the archive lacks the config {config_name}")
-            config = small[config_name].decode()
-            expected = config_layers(json.loads(config))
-            paths = [links.get(path, path) for path in entry["Layers"]]
-            if len(paths) != len(expected):
-                raise refuse(f"{len(paths)} layers listed but the config has {len(expected)}")
-            for index, path in enumerate(paths):
-                if path not in digests and path in small:
-                    # A layer whose start did not look like one (never seen, but cheap).
-                    digests[path] = layers.store(path, io.BytesIO(small[path]))
-                if digests.get(path) != expected[index]:
-                    raise refuse(f"layer {index} does not match its config")
-            found.append(SavedImage(tuple(entry.get("RepoTags") or ()), config, tuple(expected)))
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise refuse(f"unexpected manifest.json ({error})") from None
-    return found
+        gunzip = zlib.decompressobj(wbits=31)
+        for piece in pieces:
+            data = piece
+            while data:
+                yield gunzip.decompress(data, CHUNK)
+                data = gunzip.unconsumed_tail
+                if gunzip.eof and gunzip.unused_data:
+                    # Concatenated gzip members: each starts a new decompressor.
+                    data = gunzip.unused_data
+                    gunzip = zlib.decompressobj(wbits=31)
+        if not gunzip.eof:
+            raise zlib.error("the gzip stream ends early")
+        return
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        reader_over(pieces), read_across_frames=True
+    )
+    while chunk := reader.read(CHUNK):
+        yield chunk
 
 
 @dataclass(frozen=True)

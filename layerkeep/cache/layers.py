@@ -13,28 +13,45 @@ for the build to use as ``--cache-from``.
 from __future__ import annotations
 
 import hashlib
+import json
+import queue
 import re
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerkeep.cache.archive import LayerSource, image_id_of, legacy_archive, read_saved
+from layerkeep.cache.archive import (
+    LayerSource,
+    SavedImage,
+    SkippedWrongly,
+    image_id_of,
+    legacy_archive,
+    read_saved,
+)
 from layerkeep.cache.store import (
+    Blob,
+    BlobWriter,
     CachedImage,
     CacheDir,
     CacheUnavailable,
     CorruptCache,
     Manifest,
-    Readable,
+    compression_threads,
 )
-from layerkeep.cache.tarstream import reader_over
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.progress import MeterFactory, silent
 
 Log = Callable[[str], None]
 CACHE_REPOSITORY = "layerkeep-cache"
 _NOT_IN_TAG = re.compile(r"[^a-z0-9_.-]+")
+# BuildKit's inline cache: a config key (and a label on some builders) that changes on
+# every rebuild, even one that reused every step.
+BUILDKIT_CACHE_KEY = "moby.buildkit.cache.v0"
+# Chunks of a load archive prepared ahead of the engine (about a MB each).
+LOAD_READ_AHEAD = 8
 
 
 @dataclass
@@ -42,7 +59,9 @@ class SaveReport:
     """What ``save_images`` did.
 
     ``repaired`` lists images re-read although unchanged, because a blob of theirs was
-    missing or had been found damaged (they are in ``saved`` too).
+    missing or had been found damaged (they are in ``saved`` too). ``engine_reads`` counts
+    the `docker save` calls (one for all changed images, a second only when a layer left
+    unread by its size turned out to be new).
     """
 
     saved: list[str] = field(default_factory=list)
@@ -54,6 +73,8 @@ class SaveReport:
     layers_verified: int = 0
     bytes_written: int = 0
     bytes_freed: int = 0
+    engine_reads: int = 0
+    bytes_read: int = 0
     seconds: float = 0.0
 
     @property
@@ -98,38 +119,50 @@ def cache_sources(engine: Engine, images: Sequence[str]) -> list[str]:
 
 
 def save_images(
-    engine: Engine, cache: CacheDir, images: Sequence[str], *, level: int = 3, log: Log = print
+    engine: Engine,
+    cache: CacheDir,
+    images: Sequence[str],
+    *,
+    level: int = 3,
+    threads: int = 0,
+    log: Log = print,
+    progress: MeterFactory = silent,
 ) -> SaveReport:
     """Make the cache hold exactly ``images`` as the engine has them now.
 
-    Unchanged images cost one inspect and a stat per layer; a changed image (or one with
-    a missing or damaged blob) is read with `docker save`, every layer the cache already
-    has is checked (size and CRC-32) before it is reused, and the others are compressed
-    and written. Layers no kept image needs are removed afterwards.
+    An unchanged image (see :func:`unchanged`) costs one inspect and a stat per layer.
+    All changed images (and those with a missing or damaged blob) are read with one
+    `docker save`; a layer the cache has streams past unread, and the new ones are
+    hashed and compressed (``threads`` zstd workers, 0 for one per core) on another
+    thread while the stream is read on. Layers no kept image needs are removed
+    afterwards. ``progress`` shows the bytes read from the engine.
     """
     started = time.monotonic()
     report = SaveReport()
     with cache.locked():
         cache.remove_leftovers()
         manifest = _read_or_empty(cache, log)
-        current = {image: engine.image_id(image) for image in images}
-        report.missing = [image for image, image_id in current.items() if image_id is None]
+        current = {image: engine.image_attrs(image) for image in images}
+        report.missing = [image for image, attrs in current.items() if attrs is None]
         # An image the engine lacks this time keeps its cached copy rather than being lost.
         for tag in sorted(set(manifest.images) - set(images)):
             del manifest.images[tag]
             report.dropped.append(tag)
-        saver = _Saver(engine, cache, manifest, level, report)
-        for tag, image_id in current.items():
+        changed: dict[str, Mapping[str, Any]] = {}
+        for tag, attrs in current.items():
             cached = manifest.images.get(tag)
-            if image_id is None:
+            if attrs is None:
                 continue
-            if cached is not None and image_id in (cached.id, cached.engine_id):
+            if cached is not None and unchanged(attrs, cached):
                 if all(cache.blob_present(manifest, digest) for digest in cached.layers):
                     report.unchanged.append(tag)
                     continue
                 report.repaired.append(tag)
-            saver.save(tag, image_id)
-            report.saved.append(tag)
+            changed[tag] = attrs
+        if changed:
+            saver = _Saver(engine, cache, manifest, level, compression_threads(threads), report)
+            saver.save(changed, progress)
+            report.saved = list(changed)
         if not report.skipped:
             manifest.prune()
             cache.write_manifest(manifest)
@@ -137,6 +170,41 @@ def save_images(
     report.seconds = time.monotonic() - started
     _log_save(report, log)
     return report
+
+
+def unchanged(attrs: Mapping[str, Any], cached: CachedImage) -> bool:
+    """Whether the engine's image (its inspect record) is the cached one for the cache.
+
+    The same id, or the same layers and the same config apart from builder cache
+    metadata: BuildKit's inline cache (a config key that changes on every rebuild, even
+    a fully cached one) and the history, which inspect does not show.
+    """
+    if attrs.get("Id") in (cached.id, cached.engine_id):
+        return True
+    layers = (attrs.get("RootFS") or {}).get("Layers") or []
+    if tuple(layers) != cached.layers:
+        return False
+    config = json.loads(cached.config)
+    pairs = (
+        ("Created", "created"), ("Architecture", "architecture"), ("Os", "os"),
+        ("Variant", "variant"), ("Author", "author"),
+    )
+    if any((attrs.get(ours) or "") != (config.get(theirs) or "") for ours, theirs in pairs):
+        return False
+    return _run_config(attrs.get("Config")) == _run_config(config.get("config"))
+
+
+def _run_config(config: Any) -> dict[str, Any]:
+    """An image's run config without empty fields (inspect lists every field, configs
+    only those set) and without BuildKit's cache label."""
+    if not isinstance(config, Mapping):
+        return {}
+    kept = {key: value for key, value in config.items() if value not in (None, "", [], {}, False)}
+    labels = {k: v for k, v in (kept.get("Labels") or {}).items() if k != BUILDKIT_CACHE_KEY}
+    kept.pop("Labels", None)
+    if labels:
+        kept["Labels"] = labels
+    return kept
 
 
 def _log_save(report: SaveReport, log: Log) -> None:
@@ -155,11 +223,15 @@ def _log_save(report: SaveReport, log: Log) -> None:
         )
 
 
-def load_images(engine: Engine, cache: CacheDir, *, log: Log = print) -> LoadReport:
+def load_images(
+    engine: Engine, cache: CacheDir, *, log: Log = print, progress: MeterFactory = silent
+) -> LoadReport:
     """Restore every cached image the engine lacks; damaged entries are skipped with a warning.
 
-    A damaged blob is dropped from the manifest (when the folder is writable), so the
-    next save writes it again.
+    Only the layers the engine lacks travel: they are checked and decompressed on a
+    thread of their own, ahead of the engine reading them. ``progress`` shows the bytes
+    read from the cache. A damaged blob is dropped from the manifest (when the folder
+    is writable), so the next save writes it again.
     """
     started = time.monotonic()
     report = LoadReport()
@@ -169,7 +241,7 @@ def load_images(engine: Engine, cache: CacheDir, *, log: Log = print) -> LoadRep
         return report
     with cache.locked(write=False):
         manifest = _read_or_empty(cache, log)
-        loader = _Loader(engine, cache, manifest, report, log)
+        loader = _Loader(engine, cache, manifest, report, log, progress)
         for tag, image in sorted(manifest.images.items()):
             loader.restore(tag, image)
         if report.damaged:
@@ -207,46 +279,108 @@ class _Saver:
     cache: CacheDir
     manifest: Manifest
     level: int
+    threads: int
     report: SaveReport
     verified: set[str] = field(default_factory=set)
+    # Cached layers of the images being saved, by uncompressed size: what a member of
+    # that size may be (the archive's manifest settles it).
+    by_size: dict[int, list[str]] = field(default_factory=dict)
+    strict: bool = False
+    writer: BlobWriter | None = None
 
-    def save(self, tag: str, engine_id: str) -> None:
-        """Read one image with `docker save` and store its config and new layers."""
-        saved = read_saved(reader_over(self.engine.save_image(tag)), self, image=tag)
-        mine = [image for image in saved if tag in image.repo_tags] or saved
-        if not mine:
-            raise DockerOperationError(f"docker save {tag} gave no image", image=tag)
-        image = mine[0]
-        self.manifest.images[tag] = CachedImage(
-            image_id_of(image.config), image.config, image.layers, engine_id
-        )
+    def save(self, changed: Mapping[str, Mapping[str, Any]], progress: MeterFactory) -> None:
+        """Read every changed image with one `docker save`; store configs and new layers."""
+        for attrs in changed.values():
+            for digest in (attrs.get("RootFS") or {}).get("Layers") or []:
+                blob = self.manifest.blobs.get(str(digest))
+                if blob is not None and str(digest) not in self.by_size.get(blob.size, []):
+                    self.by_size.setdefault(blob.size, []).append(str(digest))
+        tags = list(changed)
+        try:
+            saved = self._read(tags, progress)
+        except SkippedWrongly:
+            # A new layer had the size of a cached one (never seen): read them all.
+            self.strict = True
+            saved = self._read(tags, progress)
+        for tag, attrs in changed.items():
+            image = _image_for(saved, tag, str(attrs["Id"]))
+            self.manifest.images[tag] = CachedImage(
+                image_id_of(image.config), image.config, image.layers, str(attrs["Id"])
+            )
+            self.manifest.names.update(zip(image.paths, image.layers, strict=True))
 
-    def known(self, name: str) -> str | None:
-        """The diff id of an archive member already stored, if its blob passes the check."""
+    def _read(self, tags: Sequence[str], progress: MeterFactory) -> list[SavedImage]:
+        label = ", ".join(tags)
+        meter = progress(f"saving {label}", None, "B")
+
+        def advance(amount: int) -> None:
+            self.report.bytes_read += amount
+            meter.advance(amount)
+
+        self.report.engine_reads += 1
+        try:
+            with BlobWriter(
+                self.cache, level=self.level, threads=self.threads, sound=self.verified
+            ) as self.writer:
+                return read_saved(
+                    self.engine.save_images(tags), self, image=label, advance=advance
+                )
+        finally:
+            self.writer = None
+            meter.close()
+
+    def cached(self, name: str, size: int) -> Collection[str]:
+        """The sound cached layers the archive member ``name`` may be, by name or size."""
         digest = self.manifest.names.get(name)
         if digest is None and name.startswith("blobs/sha256/"):
             # OCI blobs are named by their digest: an uncompressed layer's is its diff id.
             digest = "sha256:" + name.rpartition("/")[2]
-        if digest is None or digest not in self.manifest.blobs:
-            return None
-        if digest not in self.verified:
-            if not self.cache.has_blob(self.manifest, digest):
-                self.manifest.forget([digest])
-                return None
-            self.verified.add(digest)
-            self.report.layers_verified += 1
+        if digest is not None and self.has(digest):
+            return [digest]
+        if self.strict:
+            return []
+        return [d for d in self.by_size.get(size, []) if self.has(d)]
+
+    def has(self, digest: str) -> bool:
+        """Whether a layer is stored and passes its check (once per save)."""
+        if digest in self.verified:
+            return True
+        if digest not in self.manifest.blobs:
+            return False
+        if not self.cache.has_blob(self.manifest, digest):
+            self.manifest.forget([digest])
+            return False
+        self.verified.add(digest)
+        self.report.layers_verified += 1
+        return True
+
+    def store(self, name: str, pieces: Iterable[bytes]) -> Callable[[], str]:
+        """Hand a new layer to the compressing thread; the call returned waits for it."""
+        assert self.writer is not None
+        stored = self.writer.write(pieces)
+
+        def digest() -> str:
+            found, blob = stored()
+            if found not in self.verified:
+                self.manifest.blobs[found] = blob
+                self.verified.add(found)
+                self.report.layers_written += 1
+                self.report.bytes_written += blob.stored
+            return found
+
         return digest
 
-    def store(self, name: str, content: Readable) -> str:
-        """Compress a layer into the cache; it was hashed and checksummed as it was written."""
-        digest, blob = self.cache.store_blob(content, level=self.level, sound=self.verified)
-        self.manifest.names[name] = digest
-        if digest not in self.verified:
-            self.manifest.blobs[digest] = blob
-            self.verified.add(digest)
-            self.report.layers_written += 1
-            self.report.bytes_written += blob.stored
-        return digest
+
+def _image_for(saved: Sequence[SavedImage], tag: str, engine_id: str) -> SavedImage:
+    """The archive's image for ``tag``: by its tag, or by its id (an id or digest given)."""
+    wanted = {tag, f"{tag}:latest"}
+    for image in saved:
+        if wanted & set(image.repo_tags):
+            return image
+    for image in saved:
+        if image_id_of(image.config) == engine_id:
+            return image
+    raise DockerOperationError(f"docker save {tag} gave no image for it", image=tag)
 
 
 @dataclass
@@ -258,6 +392,7 @@ class _Loader:
     manifest: Manifest
     report: LoadReport
     log: Log
+    progress: MeterFactory = silent
     containerd: bool = False
     present_chains: set[str] = field(default_factory=set)
     # (layers, created) -> id of each local image: how the containerd store's images,
@@ -324,12 +459,16 @@ class _Loader:
         return target
 
     def _load(self, tag: str, image: CachedImage, name: str) -> int:
-        """Stream one image into `docker load` as ``name``; returns the compressed bytes read."""
-        sources: list[LayerSource] = []
-        read = 0
+        """Stream one image into `docker load` as ``name``; returns the compressed bytes read.
+
+        Each blob's size and CRC-32 are checked as it is read (and its zstd checksum as
+        it is decompressed): a damaged one ends the stream early, so the engine loads
+        nothing, and raises CorruptCache.
+        """
+        travel: list[tuple[str, Blob | None]] = []
         for digest, chain in zip(image.layers, _chain_ids(image.layers), strict=True):
             if not self.containerd and chain in self.present_chains:
-                sources.append(LayerSource(digest, 0, None))
+                travel.append((digest, None))
                 continue
             blob = self.manifest.blobs.get(digest)
             if blob is None:
@@ -337,17 +476,65 @@ class _Loader:
                     f"layer {digest[:19]} is not in the cache (found damaged earlier)",
                     path=self.cache.root,
                 )
-            if not self.cache.has_blob(self.manifest, digest):
-                path = self.cache.blob_path(blob)
-                raise CorruptCache(
-                    f"{path} is damaged (its size or CRC-32 differs from the manifest's)",
-                    path=path,
-                    digest=digest,
-                )
-            read += blob.stored
-            sources.append(LayerSource(digest, blob.size, self.cache.read_blob(digest, blob)))
-        self.engine.load_archive(legacy_archive(image.config, sources, [name]), image=tag)
-        return read
+            travel.append((digest, blob))
+        total = sum(blob.stored for _, blob in travel if blob is not None)
+        meter = self.progress(f"loading {tag}", total, "B")
+        sources = [
+            LayerSource(digest, 0, None)
+            if blob is None
+            else LayerSource(
+                digest, blob.size, self.cache.read_blob(digest, blob, advance=meter.advance)
+            )
+            for digest, blob in travel
+        ]
+        try:
+            archive = legacy_archive(image.config, sources, [name])
+            self.engine.load_archive(read_ahead(archive, LOAD_READ_AHEAD), image=tag)
+        finally:
+            meter.close()
+        return total
+
+
+def read_ahead(chunks: Iterable[bytes], depth: int) -> Iterator[bytes]:
+    """``chunks``, produced on a thread of their own up to ``depth`` ahead of the reader.
+
+    What the producer raises is raised here, in order; a reader that stops early stops
+    the producer.
+    """
+    ready: queue.Queue[tuple[bytes | None, BaseException | None]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def offer(item: tuple[bytes | None, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not offer((chunk, None)):
+                    return
+            offer((None, None))
+        except BaseException as error:  # handed to the reading thread, which raises it
+            offer((None, error))
+
+    thread = threading.Thread(target=produce, name="layerkeep-load", daemon=True)
+    thread.start()
+    try:
+        while True:
+            chunk, error = ready.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                return
+            yield chunk
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _same(attrs: dict[str, Any], image: CachedImage) -> bool:

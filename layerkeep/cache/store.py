@@ -27,11 +27,14 @@ import fcntl
 import hashlib
 import json
 import os
+import queue
+import threading
 import zlib
-from collections.abc import Container, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, cast
 
 import zstandard
 
@@ -43,6 +46,12 @@ BLOBS = "blobs"
 LOCK = ".lock"
 TEMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
+# Pieces (about a MB each) waiting for the compressing thread: the save's read-ahead.
+QUEUE_DEPTH = 8
+# zstd's multi-threaded jobs: smaller than its default (4x the window, 8 MB at level 3)
+# so that each thread holds a few MB (peak RSS stays under 100 MB with four threads).
+JOB_SIZE = 2 << 20
+MAX_AUTO_THREADS = 4
 _DIR_HINT = "set LAYERKEEP_CACHE_DIR to a folder of its own, or remove what is in the way"
 
 
@@ -210,13 +219,6 @@ class Manifest:
         return cls(images, blobs, names)
 
 
-class Readable(Protocol):
-    """Anything with ``read``: a file, a decompressing reader, a tar member."""
-
-    def read(self, size: int = -1, /) -> bytes:
-        """Up to ``size`` bytes; empty at the end."""
-
-
 @dataclass(frozen=True)
 class CacheDir:
     """A cache folder on disk."""
@@ -314,55 +316,50 @@ class CacheDir:
         except OSError:
             return False
 
-    def store_blob(
-        self, stream: Readable, *, level: int, sound: Container[str] = ()
-    ) -> tuple[str, Blob]:
-        """Compress a layer from ``stream`` into the store; returns (digest, blob).
+    def read_blob(
+        self, digest: str, blob: Blob, *, advance: Callable[[int], None] = lambda _: None
+    ) -> Iterator[bytes]:
+        """The uncompressed layer, in chunks, its file checked as it is read.
 
-        The digest is that of the uncompressed bytes, which for a layer tar is its diff
-        id. A file already there under that name is replaced (it is only written when the
-        manifest lacks it or it failed its check) unless its digest is in ``sound``. The
-        CRC-32 the manifest records is read back from the file once it is on disk.
+        The file's size and CRC-32 must be the manifest's, and its zstd checksum and
+        length right: else CorruptCache, raised before the last chunk is given out.
+        ``advance`` is told the compressed bytes read.
         """
-        blobs = self.root / BLOBS
-        with _faults(blobs):
-            blobs.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
-            size = 0
-            compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
-            with _temporary(blobs) as (temp_path, raw):
-                with compressor.stream_writer(raw, closefd=False) as writer:
-                    while chunk := stream.read(CHUNK):
-                        digest.update(chunk)
-                        size += len(chunk)
-                        writer.write(chunk)
-                raw.flush()
-                os.fsync(raw.fileno())
-                name = f"sha256:{digest.hexdigest()}"
-                final = blobs / f"{digest.hexdigest()}.zst"
-                if not (name in sound and final.is_file()):
-                    temp_path.replace(final)
-                stored, check = _crc32(final)
-        return name, Blob(f"{BLOBS}/{final.name}", size, stored, check)
-
-    def read_blob(self, digest: str, blob: Blob) -> Iterator[bytes]:
-        """The uncompressed layer, in chunks; CorruptCache when the file is damaged."""
         path = self.blob_path(blob)
         total = 0
         try:
-            with path.open("rb") as raw:
-                reader = zstandard.ZstdDecompressor().stream_reader(raw)
+            with path.open("rb", buffering=0) as raw:
+                checked = _CheckedReader(raw, advance)
+                # Anything with read() will do: zstandard only calls that.
+                reader = zstandard.ZstdDecompressor().stream_reader(
+                    cast(IO[bytes], checked), read_size=CHUNK
+                )
+                held = b""
                 while chunk := reader.read(CHUNK):
                     total += len(chunk)
-                    yield chunk
+                    if held:
+                        yield held
+                    held = chunk
+                # Whatever follows the frame is read too: it belongs to the CRC-32.
+                while checked.read(CHUNK):
+                    pass
+                if (checked.size, checked.check) != (blob.stored, blob.check):
+                    raise CorruptCache(
+                        f"{path} is damaged (its size or CRC-32 differs from the manifest's)",
+                        path=path,
+                        digest=digest,
+                    )
+                if total != blob.size:
+                    raise CorruptCache(
+                        f"{path} is truncated ({total} of {blob.size} bytes, "
+                        f"layer {digest[:19]})",
+                        path=path,
+                        digest=digest,
+                    )
+                if held:
+                    yield held
         except (OSError, zstandard.ZstdError) as error:
             raise CorruptCache(f"{path} is damaged: {error}", path=path, digest=digest) from None
-        if total != blob.size:
-            raise CorruptCache(
-                f"{path} is truncated ({total} of {blob.size} bytes, layer {digest[:19]})",
-                path=path,
-                digest=digest,
-            )
 
     def remove_leftovers(self) -> None:
         """Delete what an interrupted save left behind, and check ``blobs/`` holds only files.
@@ -416,6 +413,23 @@ def _temporary(folder: Path) -> Iterator[tuple[Path, IO[bytes]]]:
         path.unlink(missing_ok=True)
 
 
+class _CheckedReader:
+    """A raw file's reads, counted and CRC-32'd on the way (for the zstd reader)."""
+
+    def __init__(self, raw: IO[bytes], advance: Callable[[int], None]) -> None:
+        self.raw = raw
+        self.advance = advance
+        self.size = 0
+        self.check = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.size += len(data)
+        self.check = zlib.crc32(data, self.check)
+        self.advance(len(data))
+        return data
+
+
 def _crc32(path: Path) -> tuple[int, int]:
     """A file's size and CRC-32, read in large chunks (about 7 GB/s from the page cache)."""
     check = 0
@@ -438,3 +452,127 @@ def _fsync_folder(folder: Path) -> None:
 def config_layers(config: Mapping[str, Any]) -> list[str]:
     """The diff ids an image config lists, in order."""
     return [str(d) for d in config.get("rootfs", {}).get("diff_ids", [])]
+
+
+def compression_threads(wanted: int) -> int:
+    """zstd worker threads: ``wanted``, or for 0 one per core (at most four)."""
+    if wanted > 0:
+        return wanted
+    return max(1, min(os.cpu_count() or 1, MAX_AUTO_THREADS))
+
+
+def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
+    """The cache's zstd compressor: frame checksums, ``threads`` workers, bounded jobs."""
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, threads=threads, job_size=JOB_SIZE if threads > 1 else 0, write_checksum=True
+    )
+    return zstandard.ZstdCompressor(compression_params=params)
+
+
+Stored = Callable[[], tuple[str, Blob]]
+_END = object()
+
+
+class BlobWriter:
+    """Compresses layers into ``blobs/`` on a thread of its own while the caller reads on.
+
+    :meth:`write` hands a layer's pieces over through a bounded queue (so memory stays
+    bounded whatever the layer's size) and returns at once a function that waits for the
+    layer's (digest, blob). The thread hashes and compresses (zstd's own workers do the
+    compressing), fsyncs, records the CRC-32 of the file and renames it to its digest.
+    A layer whose digest is in ``sound`` is not renamed over the file already there.
+    Use it as a context manager: leaving it stops the thread and removes temporary files.
+    """
+
+    def __init__(
+        self, cache: CacheDir, *, level: int, threads: int, sound: Container[str] = ()
+    ) -> None:
+        self.cache = cache
+        self.sound = sound
+        self._compressor = compressor(level, threads)
+        self._queue: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+        self._failed: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="layerkeep-blobs", daemon=True)
+        self._thread.start()
+
+    def write(self, pieces: Iterable[bytes]) -> Stored:
+        """Queue one layer's uncompressed pieces; the returned call waits for its blob."""
+        done: Future[tuple[str, Blob]] = Future()
+        self._put(done)
+        for piece in pieces:
+            self._put(piece)
+        self._put(_END)
+
+        def result() -> tuple[str, Blob]:
+            return done.result()
+
+        return result
+
+    def _put(self, item: object) -> None:
+        if self._failed is not None:
+            # The thread stopped on a filesystem fault: stop reading the engine too.
+            raise self._failed
+        self._queue.put(item)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            assert isinstance(item, Future)
+            try:
+                item.set_result(self._store())
+            except BaseException as error:  # handed to the reading thread, which raises it
+                self._failed = error
+                item.set_exception(error)
+                self._drain()
+
+    def _drain(self) -> None:
+        """Drop queued pieces after a fault until the reader stops or the layer ends."""
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self._queue.put(None)
+                return
+            if isinstance(item, Future):
+                item.set_exception(self._failed or RuntimeError("stopped"))
+
+    def _store(self) -> tuple[str, Blob]:
+        blobs = self.cache.root / BLOBS
+        with _faults(blobs):
+            blobs.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            size = 0
+            with _temporary(blobs) as (temp_path, raw):
+                with self._compressor.stream_writer(raw, closefd=False) as writer:
+                    while (piece := self._queue.get()) is not _END:
+                        if piece is None:
+                            self._queue.put(None)
+                            raise _Stopped
+                        assert isinstance(piece, bytes)
+                        digest.update(piece)
+                        size += len(piece)
+                        writer.write(piece)
+                raw.flush()
+                os.fsync(raw.fileno())
+                name = f"sha256:{digest.hexdigest()}"
+                final = blobs / f"{digest.hexdigest()}.zst"
+                if not (name in self.sound and final.is_file()):
+                    temp_path.replace(final)
+                stored, check = _crc32(final)
+        return name, Blob(f"{BLOBS}/{final.name}", size, stored, check)
+
+    def close(self) -> None:
+        """Stop the thread once it has finished what was queued."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class _Stopped(Exception):
+    """The reader stopped in the middle of a layer (its own error is what the user sees)."""
