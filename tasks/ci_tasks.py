@@ -21,9 +21,11 @@ from .testing_tasks import run
 
 @step("ci", pre=[touch, load, build, save, up, init, run, push], role="group")
 def ci(c: Context) -> Note:
-    """The whole CI job, in order; cleanup always runs; a summary at the end.
+    """The whole CI job: every task, in the graph's order; cleanup always runs.
 
-    `inv --dry ci` prints the plan and what each task would do, and changes nothing.
+    In order: git.touch, cache.load, image.build, cache.save, services.up, db.init,
+    test.run, services.down, release.push. A summary ends it. `inv --dry ci` prints the plan and what each
+    task would do, and changes nothing.
     """
     return None
 

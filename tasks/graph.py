@@ -112,7 +112,11 @@ def step(
         def run(c: Context, *args: Any, **kwargs: Any) -> str | None:
             return Run.of(c).perform(made, c, lambda: body(c, *args, **kwargs))
 
-        run.__doc__ = f"{inspect.cleandoc(body.__doc__ or '')}\n\n{SETTINGS_POINTER}"
+        run.__doc__ = "\n\n".join(
+            part
+            for part in (inspect.cleandoc(body.__doc__ or ""), _graph_line(pre, post))
+            if part
+        ) + f"\n\n{SETTINGS_POINTER}"
 
         made = LayerkeepTask(
             run,
@@ -128,6 +132,16 @@ def step(
         return made
 
     return make
+
+
+def _graph_line(pre: Sequence[Task[Any] | Call], post: Sequence[Task[Any] | Call]) -> str:
+    """Where a task sits in the graph, for `inv --help`."""
+    parts = []
+    if pre:
+        parts.append("Runs after: " + ", ".join(title_of(_call_task(i)) for i in pre) + ".")
+    if post:
+        parts.append("Then: " + ", ".join(title_of(_call_task(i)) for i in post) + ".")
+    return " ".join(parts)
 
 
 class _Entry:
