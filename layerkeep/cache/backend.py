@@ -18,30 +18,42 @@ from layerkeep.cache.registry_backend import (
 )
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.engine import Engine
+from layerkeep.core.progress import MeterFactory, silent
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
 
 
-def load_cache(engine: Engine, settings: Settings, *, log: Log) -> LoadReport:
-    """Restore the cached images the engine lacks."""
+def load_cache(
+    engine: Engine, settings: Settings, *, log: Log, progress: MeterFactory = silent
+) -> LoadReport:
+    """Restore the cached images the engine lacks; ``progress`` shows the bytes read."""
     if settings.cache_backend == "registry":
         loaded = load_from_registry(engine, settings, log=log)
         if not loaded.unreachable:
             pull_build_records(engine, settings, log=log)
         return loaded
-    return load_images(engine, CacheDir(settings.cache_dir), log=log)
+    return load_images(engine, CacheDir(settings.cache_dir), log=log, progress=progress)
 
 
-def save_cache(engine: Engine, settings: Settings, *, log: Log) -> SaveReport:
-    """Save the app image, its stages and LAYERKEEP_CACHE_IMAGES."""
+def save_cache(
+    engine: Engine, settings: Settings, *, log: Log, progress: MeterFactory = silent
+) -> SaveReport:
+    """Save the app image, its stages and LAYERKEEP_CACHE_IMAGES (one `docker save` for
+    the changed ones); ``progress`` shows the bytes read from the engine."""
     images = images_to_cache(settings)
     if settings.cache_backend == "registry":
         saved = save_to_registry(engine, settings, images, log=log)
         push_build_records(engine, settings, log=log)
         return saved
     saved = save_images(
-        engine, CacheDir(settings.cache_dir), images, level=settings.cache_level, log=log
+        engine,
+        CacheDir(settings.cache_dir),
+        images,
+        level=settings.cache_level,
+        threads=settings.cache_threads,
+        log=log,
+        progress=progress,
     )
     write_records_file(engine, settings, log=log)
     return saved

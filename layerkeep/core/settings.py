@@ -302,6 +302,13 @@ class Settings:
         tuple[str, ...], setting("", "More images to cache, comma-separated.", _images)
     ]
     cache_level: Annotated[int, setting("3", "zstd level of cached layers.", _whole_number(1, 19))]
+    cache_threads: Annotated[
+        int,
+        setting(
+            "0", "zstd threads compressing cached layers; 0: one per core, at most 4.",
+            _whole_number(0, 64),
+        ),
+    ]
     build_id: Annotated[
         str,
         setting(
