@@ -87,6 +87,8 @@ class BuildReport:
     tally: StepTally = field(compare=False)
     reuse: str = field(default="", compare=False)
     miss_reasons: tuple[str, ...] = field(default=(), compare=False)
+    # Disk the engine got back by removing the images this build replaced.
+    bytes_freed: int = field(default=0, compare=False)
 
 
 def stage_image(image: ImageRef, stage: str) -> ImageRef:
@@ -224,10 +226,11 @@ def build_image(
         engine, settings, dockerfile=plan.dockerfile, builder=builder.kind, excludes=excludes,
         before=before, tally=tally, log=log,
     )
-    for image, old in before.items():
-        if old is not None and engine.image_id(image) != old:
-            _remove_if_unused(engine, old, log)
-    return BuildReport(builder, plan.images, cache_from, seconds, tally, line, reasons)
+    replaced = [old for image, old in before.items() if old and engine.image_id(image) != old]
+    freed = _remove_replaced(engine, replaced, log) if replaced else 0
+    return BuildReport(
+        builder, plan.images, cache_from, seconds, tally, line, reasons, bytes_freed=freed
+    )
 
 
 def _cache_sources(
@@ -317,16 +320,32 @@ def _shortest_first(chains: Sequence[Sequence[str]]) -> list[str]:
     return sorted(depth, key=depth.__getitem__)
 
 
-def _remove_if_unused(engine: Engine, image_id: str, log: Log) -> None:
-    """Remove an image a build untagged (a restored cache image it did not reuse)."""
+def _remove_replaced(engine: Engine, replaced: Sequence[str], log: Log) -> int:
+    """Remove the images this build untagged (the app's and stages' previous ones) that
+    nothing else names or uses; the bytes of layers the engine freed."""
+    before = engine.layers_size()
+    removed = 0
+    for image_id in dict.fromkeys(replaced):
+        if _remove_if_unused(engine, image_id):
+            removed += 1
+            log(f"removed {image_id[:19]}, which this build replaced")
+    if not removed:
+        return 0
+    # Another job's build may add layers meanwhile: never report less than nothing.
+    freed = max(before - engine.layers_size(), 0)
+    log(f"{removed} replaced image(s) removed, {freed / 1e6:.1f} MB freed")
+    return freed
+
+
+def _remove_if_unused(engine: Engine, image_id: str) -> bool:
+    """Remove an image a build untagged, unless a tag, a container or a child uses it."""
     attrs = engine.image_attrs(image_id)
     if attrs is None or attrs.get("RepoTags"):
-        return
+        return False
     try:
-        engine.remove_image(image_id)
+        return engine.remove_image(image_id)
     except ResourceConflict:
-        return  # a container or a child image still uses it: the engine keeps it
-    log(f"removed {image_id[:19]}, which this build replaced")
+        return False  # a container or a child image still uses it: the engine keeps it
 
 
 @dataclass(frozen=True)
