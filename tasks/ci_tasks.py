@@ -24,8 +24,8 @@ def ci(c: Context) -> Note:
     """The whole CI job: every task, in the graph's order; cleanup always runs.
 
     In order: git.touch, cache.load, image.build, cache.save, services.up, db.init,
-    test.run, services.down, release.push. A summary ends it. `inv --dry ci` prints the plan and what each
-    task would do, and changes nothing.
+    test.run, services.down, release.push. A summary ends it. `inv --dry ci` prints the
+    plan and what each task would do, and changes nothing.
     """
     return None
 

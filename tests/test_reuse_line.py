@@ -47,3 +47,10 @@ def test_cached_images_that_matched_nothing_are_a_warning() -> None:
     legacy = ReuseSource("legacy", 1, 0).warning(tally(0, 4))
     assert legacy is not None
     assert "classic builder" in legacy
+
+
+def test_an_engine_that_cannot_tell_its_cache_size_still_gets_an_honest_line() -> None:
+    line = ReuseSource("buildkit", images=2, engine_entries=None).describe(tally(9, 9))
+    assert line.endswith(
+        "from the inline cache of 2 cached image(s) or this engine's own build cache"
+    )

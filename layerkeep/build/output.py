@@ -50,7 +50,7 @@ class ReuseSource:
 
     builder: str
     images: int
-    engine_entries: int
+    engine_entries: int | None
     via: str = ""
 
     def describe(self, tally: StepTally) -> str:
@@ -64,10 +64,10 @@ class ReuseSource:
             return f"{line}, from this engine's own build cache: no cached image was used"
         if self.engine_entries == 0:
             return f"{line}, from the {what} of {cached}"
-        return (
-            f"{line}, from the {what} of {cached} or this engine's "
-            f"own build cache ({self.engine_entries} entries before this build)"
+        held = "" if self.engine_entries is None else (
+            f" ({self.engine_entries} entries before this build)"
         )
+        return f"{line}, from the {what} of {cached} or this engine's own build cache{held}"
 
     def warning(self, tally: StepTally) -> str | None:
         """Why cached images gave no hit at all, when that is worth a warning."""

@@ -408,12 +408,19 @@ class Engine:
             found = list(pool.map(self.image_attrs, [str(s["Id"]) for s in summaries]))
         return [attrs for attrs in found if attrs is not None]
 
-    def build_cache_entries(self) -> int:
+    def build_cache_entries(self) -> int | None:
         """What the engine could reuse without any cached image: BuildKit's cache records
-        plus images the classic builder made here (they have a parent)."""
-        with _translated("ask the engine about its build cache"):
-            usage = self.api.df()
-            summaries = self.api.images(all=True)
+        plus images the classic builder made here (they have a parent).
+
+        None when the engine cannot tell right now (it answers one disk-usage query at a
+        time: another build's asks first): a figure for the build line, never a failure.
+        """
+        try:
+            with _translated("ask the engine about its build cache"):
+                usage = self.api.df()
+                summaries = self.api.images(all=True)
+        except DockerOperationError:
+            return None
         built_here = sum(1 for summary in summaries if summary.get("ParentId"))
         return len(usage.get("BuildCache") or []) + built_here
 
