@@ -6,13 +6,15 @@ Run alone, a failure exits non-zero with one line.
 
 from invoke.context import Context
 
+from layerkeep.build.image import choose_builder
 from layerkeep.cache.backend import save_cache
+from layerkeep.cache.mounts import describe_mounts, save_cache_mounts
 from layerkeep.dryrun import save_plan
 
 from .graph import Done, Note, engine, is_dry, settings, step
 from .image_tasks import build
 from .restore_tasks import CACHE_HELP
-from .taskkit import masked_log, say
+from .taskkit import environ, masked_log, say
 
 
 @step("cache.save", pre=[build], help=CACHE_HELP, role="cache")
@@ -23,15 +25,22 @@ def save(c: Context, cache_dir: str | None = None, backend: str | None = None) -
         for line in save_plan(current):
             say(line)
         return "dry run"
-    report = save_cache(engine(c, current), current, log=masked_log(current))
+    connected, log = engine(c, current), masked_log(current)
+    report = save_cache(connected, current, log=log)
+    builder = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=connected)
+    mounts = save_cache_mounts(connected, current, builder, environ(), log=log)
     figures = {
         "saved": list(report.saved),
         "unchanged": list(report.unchanged),
         "layers_written": report.layers_written,
         "bytes_written": report.bytes_written,
+        "cache_mounts_saved": list(mounts.saved),
     }
-    if report.skipped:
-        return Done("up to date", figures)
-    return Done(
-        f"{report.layers_written} layers, {report.bytes_written / 1e6:.1f} MB written", figures
+    note = (
+        "up to date"
+        if report.skipped
+        else f"{report.layers_written} layers, {report.bytes_written / 1e6:.1f} MB written"
     )
+    if not mounts.skipped:
+        note += f"; {describe_mounts(mounts)}"
+    return Done(note, figures)

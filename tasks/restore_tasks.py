@@ -6,11 +6,13 @@ goes on: the cache is an optimisation. Run alone, a failure exits non-zero.
 
 from invoke.context import Context
 
+from layerkeep.build.image import choose_builder
 from layerkeep.cache.backend import describe_load, load_cache
+from layerkeep.cache.mounts import describe_mounts, restore_cache_mounts
 from layerkeep.dryrun import load_plan
 
 from .graph import Done, Note, engine, is_dry, settings, step
-from .taskkit import masked_log, say
+from .taskkit import environ, masked_log, say
 
 CACHE_HELP = {
     "cache_dir": "cache folder (default: LAYERKEEP_CACHE_DIR)",
@@ -26,11 +28,18 @@ def load(c: Context, cache_dir: str | None = None, backend: str | None = None) -
         for line in load_plan(current):
             say(line)
         return "dry run"
-    report = load_cache(engine(c, current), current, log=masked_log(current))
+    connected, log = engine(c, current), masked_log(current)
+    report = load_cache(connected, current, log=log)
+    builder = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=connected)
+    mounts = restore_cache_mounts(connected, current, builder, environ(), log=log)
     figures = {
         "restored": list(report.restored),
         "present": list(report.present),
         "failed": list(report.failed),
         "bytes_read": report.bytes_read,
+        "cache_mounts_restored": list(mounts.restored),
     }
-    return Done(describe_load(report), figures)
+    note = describe_load(report)
+    if not mounts.skipped:
+        note += f"; {describe_mounts(mounts)}"
+    return Done(note, figures)
