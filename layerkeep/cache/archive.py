@@ -96,6 +96,7 @@ def read_saved(
                 reading.links[member.name] = member.linkname
             elif member.kind == "file":
                 reading.take(stream, member)
+        stream.drain()
         found = {path: pending() for path, pending in reading.pending.items()}
     except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError) as error:
         raise DockerOperationError(

@@ -131,6 +131,13 @@ class ChunkStream:
         if batch:
             yield b"".join(batch)
 
+    def drain(self) -> None:
+        """Read to the end (what follows a tar's end marker), so the response completes."""
+        self.consumed += len(self._pending)
+        self._pending = memoryview(b"")
+        for chunk in self._chunks:
+            self.consumed += len(chunk)
+
     def skip(self, size: int) -> int:
         """Drop the next ``size`` bytes; returns how many there were."""
         left = size
