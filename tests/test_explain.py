@@ -30,7 +30,7 @@ from layerkeep.build.explain import (
 from layerkeep.build.image import BuildReport, build_image, choose_builder, images_to_cache
 from layerkeep.build.output import StepTally
 from layerkeep.cache.backend import load_cache, save_cache
-from layerkeep.cache.registry_backend import cache_location
+from layerkeep.cache.registry_backend import cache_location, cache_scope
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Settings, load_settings
@@ -239,7 +239,8 @@ def test_records_travel_with_a_registry_cache(
             restored(engine, project, "legacy")
             path = repository.removeprefix(f"{registry.address}/")
             _, listing, _ = registry.get(f"/v2/{path}/tags/list")
-            assert "latest-build-record" in listing["tags"]
+            # In the branch's scope, like the cache tags beside it.
+            assert cache_scope(settings).tag("latest-build-record") in listing["tags"]
             assert not (project.root / "cache").exists()  # nothing written into the context
             (project.root / "lib" / "lib.txt").write_text("changed\n")
 

@@ -4,7 +4,9 @@
   folder had) into ``build-records.json`` in the cache folder, after a save succeeded,
   atomically: a failed save leaves the folder as it was.
 - registry backend: the record image ``<image>:<tag>-build-record`` is pushed as
-  ``<cache repository>:<tag>-build-record``, next to the cache tags, and pulled back.
+  ``<cache repository>:<scope>--<tag>-build-record``, next to the cache tags, in the
+  branch's scope (never by a read-only build), and pulled back from the branch's scope,
+  else the fallback branch's.
 
 The records only sharpen the reasons a later build gives for a miss, so a record that
 cannot be written, pushed or pulled is a warning.
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from layerkeep.build.explain import RECORDS_FILE, kept_records, record_image, records_text
-from layerkeep.cache.registry_backend import cache_location
+from layerkeep.cache.registry_backend import cache_location, cache_scope
 from layerkeep.cache.store import TEMP_PREFIX, CacheDir
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
@@ -57,12 +59,14 @@ def write_records_file(engine: Engine, settings: Settings, *, log: Log) -> bool:
 def push_build_records(
     engine: Engine, settings: Settings, *, log: Log, sleep: Sleep = time.sleep
 ) -> bool:
-    """Push the local record image beside the cache tags; whether it was pushed."""
+    """Push the local record image beside the cache tags, in this branch's scope (none for
+    a read-only cache); whether it was pushed."""
     local = record_image(settings)
-    if local is None or engine.image_id(str(local)) is None:
+    scope = cache_scope(settings)
+    if local is None or scope.read_only or engine.image_id(str(local)) is None:
         return False
     location = cache_location(settings)
-    target = ImageRef(location.repository, local.tag)
+    target = ImageRef(location.repository, scope.tag(local.tag))
     try:
         engine.tag_image(str(local), str(target))
         push_tag(
@@ -86,26 +90,29 @@ def push_build_records(
 def pull_build_records(
     engine: Engine, settings: Settings, *, log: Log, sleep: Sleep = time.sleep
 ) -> bool:
-    """Pull the record image and name it where build.explain reads it; whether it came."""
+    """Pull the record image (this branch's scope, else the fallback branch's) and name it
+    where build.explain reads it; whether it came."""
     local = record_image(settings)
     if local is None:
         return False
     location = cache_location(settings)
-    source = ImageRef(location.repository, local.tag)
-    try:
-        pull_tag(
-            engine,
-            source,
-            location.credentials,
-            attempts=settings.push_retries,
-            time_limit=settings.push_timeout,
-            log=log,
-            sleep=sleep,
-        )
+    for tag in cache_scope(settings).sources(local.tag):
+        source = ImageRef(location.repository, tag)
+        try:
+            pull_tag(
+                engine,
+                source,
+                location.credentials,
+                attempts=settings.push_retries,
+                time_limit=settings.push_timeout,
+                log=log,
+                sleep=sleep,
+            )
+        except TagNotFound:
+            continue  # not saved in this scope (or before records existed)
+        except DockerOperationError as error:
+            log(f"warning: build records not pulled, misses may be unexplained: {error.one_line()}")
+            return False
         engine.tag_image(str(source), str(local))
-    except TagNotFound:
-        return False  # a cache saved before records existed
-    except DockerOperationError as error:
-        log(f"warning: build records not pulled, misses may be unexplained: {error.one_line()}")
-        return False
-    return True
+        return True
+    return False
