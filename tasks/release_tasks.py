@@ -6,7 +6,7 @@ from layerkeep.dryrun import release_plan
 from layerkeep.release.push import push_release
 
 from .graph import Done, Note, Skipped, engine, is_dry, settings, step
-from .taskkit import masked_log, say
+from .taskkit import masked_log, meters, say
 from .testing_tasks import run as run_tests
 
 
@@ -24,7 +24,10 @@ def push(c: Context, dry_run: bool = False) -> Note:
         for line in release_plan(current):
             say(line)
         return "dry run"
-    report = push_release(engine(c, current), current, dry_run=dry_run, log=masked_log(current))
+    report = push_release(
+        engine(c, current), current, dry_run=dry_run, log=masked_log(current),
+        progress=meters(),
+    )
     if not report.plan.pushes:
         return Skipped(report.plan.reason)
     if dry_run:

@@ -9,7 +9,7 @@ from layerkeep.services.containers import sweep as sweep_leftovers
 
 from .graph import Done, Note, Run, Skipped, engine, is_dry, settings, step
 from .restore_tasks import load
-from .taskkit import masked_log, say
+from .taskkit import masked_log, meters, say
 
 
 @step("services.down", role="cleanup")
@@ -38,7 +38,9 @@ def up(c: Context) -> Note:
         return Skipped("no services configured")
     # Whatever happens next in this run, what starts here is removed if the run fails.
     Run.of(c).register_cleanup(down)
-    running = services_up(engine(c, current), current, log=masked_log(current))
+    running = services_up(
+        engine(c, current), current, log=masked_log(current), progress=meters()
+    )
     names = [service.spec.name for service in running]
     return Done(", ".join(names) + " ready", {"services": names})
 

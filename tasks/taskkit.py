@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from invoke.context import Context
 from layerkeep.core.engine import Engine
 from layerkeep.core.engine_start import connect_or_start
 from layerkeep.core.job import Job
+from layerkeep.core.progress import MeterFactory, for_stream
 from layerkeep.core.settings import Settings, load_settings
 
 
@@ -44,6 +46,11 @@ def engine_for(settings: Settings) -> Engine:
 def say(message: str) -> None:
     """One line of task output."""
     print(message, flush=True)
+
+
+def meters() -> MeterFactory:
+    """Progress of long transfers: a bar on a terminal, a line every few seconds in logs."""
+    return for_stream(sys.stdout)
 
 
 def masked_log(settings: Settings) -> Callable[[str], None]:

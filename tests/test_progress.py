@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from layerkeep.core.progress import PlainMeter, for_stream
+from layerkeep.core.registry import TransferProgress
 
 # 2 s of work in 200 pieces of 1 MB; the plain form prints every 0.5 s.
 WORK = """
@@ -76,7 +77,35 @@ def test_plain_lines_wait_for_the_interval() -> None:
     ]
 
 
+def test_quick_work_prints_nothing() -> None:
+    stream = io.StringIO()
+    with PlainMeter("pushing", 10, "B", stream=stream, interval=5, clock=lambda: 1.0) as meter:
+        meter.advance(10)
+    assert stream.getvalue() == ""
+
+
 def test_factory_picks_plain_lines_for_a_file() -> None:
     stream = io.StringIO()
     meter = for_stream(stream)("pulling", 10, "B")
     assert isinstance(meter, PlainMeter)
+
+
+def test_a_push_counts_each_layers_bytes_once() -> None:
+    """The engine repeats each layer's running total; the meter gets what moved since."""
+    stream = io.StringIO()
+    now = [0.0]
+    meter = PlainMeter("push app", None, "B", stream=stream, interval=1, clock=lambda: now[0])
+    moved = TransferProgress(meter)
+    records = [
+        {"id": "a", "status": "Pushing", "progressDetail": {"current": 1_000_000}},
+        {"id": "b", "status": "Pushing", "progressDetail": {"current": 500_000}},
+        {"id": "a", "status": "Pushing", "progressDetail": {"current": 3_000_000}},
+        {"id": "a", "status": "Pushed", "progressDetail": {}},
+        {"status": "latest: digest: sha256:00 size: 1"},
+    ]
+    for record in records:
+        now[0] += 0.5
+        moved.note(record)
+    moved.close()
+    assert meter.done == 3_500_000
+    assert stream.getvalue().splitlines()[-1].startswith("push app: 3.5 MB, ")

@@ -45,6 +45,7 @@ from layerkeep.cache.layers import LoadReport, SaveReport
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef, parse_image_ref
+from layerkeep.core.progress import MeterFactory, silent
 from layerkeep.core.registry import (
     TAG_MAX,
     Credentials,
@@ -190,6 +191,7 @@ def save_to_registry(
     *,
     log: Log = print,
     sleep: Sleep = time.sleep,
+    progress: MeterFactory = silent,
 ) -> SaveReport:
     """Push ``images`` (the app, its stages, extras) as cache tags in this branch's scope."""
     started = time.monotonic()
@@ -218,7 +220,7 @@ def save_to_registry(
         pushed = push_tag(
             engine, target, location.credentials,
             attempts=settings.push_retries, time_limit=settings.push_timeout,
-            log=log, sleep=sleep,
+            log=log, sleep=sleep, progress=progress,
         )
         report.saved.append(image)
         report.layers_written += pushed.layers_pushed
@@ -242,7 +244,12 @@ def save_to_registry(
 
 
 def load_from_registry(
-    engine: Engine, settings: Settings, *, log: Log = print, sleep: Sleep = time.sleep
+    engine: Engine,
+    settings: Settings,
+    *,
+    log: Log = print,
+    sleep: Sleep = time.sleep,
+    progress: MeterFactory = silent,
 ) -> RegistryLoadReport:
     """Pull the cache tags (own scope, else the fallback's) and give them the names
     image.build passes as --cache-from."""
@@ -252,8 +259,10 @@ def load_from_registry(
     report = RegistryLoadReport()
     for image, tag in cache_tags(settings, images_to_cache(settings)).items():
         try:
-            source, pulled = _pull_first(engine, settings, location, scope.sources(tag),
-                                         log=log, sleep=sleep)
+            source, pulled = _pull_first(
+                engine, settings, location, scope.sources(tag),
+                log=log, sleep=sleep, progress=progress,
+            )
         except TagNotFound:
             report.missing.append(image)
             continue
@@ -291,6 +300,7 @@ def _pull_first(
     *,
     log: Log,
     sleep: Sleep,
+    progress: MeterFactory,
 ) -> tuple[ImageRef, Pulled]:
     """Pull the first of ``tags`` the cache repository has; TagNotFound when none."""
     for index, tag in enumerate(tags):
@@ -299,7 +309,7 @@ def _pull_first(
             return source, pull_tag(
                 engine, source, location.credentials,
                 attempts=settings.push_retries, time_limit=settings.push_timeout,
-                log=log, sleep=sleep,
+                log=log, sleep=sleep, progress=progress,
             )
         except TagNotFound:
             if index == len(tags) - 1:

@@ -53,7 +53,8 @@ def _amount(value: float, unit: Unit) -> str:
 
 
 class PlainMeter:
-    """A line every ``interval`` seconds, then one at the end."""
+    """A line every ``interval`` seconds and, when there was one, a last one at the end:
+    work done within ``interval`` prints nothing (its caller says what it did)."""
 
     def __init__(
         self,
@@ -70,6 +71,7 @@ class PlainMeter:
         self.done = 0
         self.started = self.last = clock()
         self.closed = False
+        self.lines = 0
 
     def advance(self, amount: int = 1) -> None:
         """Count ``amount``; print a line when ``interval`` has passed since the last."""
@@ -80,10 +82,10 @@ class PlainMeter:
             self._line(now)
 
     def close(self) -> None:
-        """Print the final line once."""
-        if not self.closed:
-            self.closed = True
+        """Print the final line once, if a line came before it."""
+        if not self.closed and self.lines:
             self._line(self.clock(), final=True)
+        self.closed = True
 
     def _line(self, now: float, *, final: bool = False) -> None:
         elapsed = max(now - self.started, 1e-9)
@@ -94,6 +96,7 @@ class PlainMeter:
             text += f", {self.done / elapsed / 1e6:.1f} MB/s"
         if final:
             text += f", done in {elapsed:.1f} s"
+        self.lines += 1
         print(text, file=self.stream, flush=True)
 
     def __enter__(self) -> PlainMeter:

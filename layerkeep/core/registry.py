@@ -40,6 +40,7 @@ from layerkeep.core.engine import Engine, TimeLimitReached
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef, is_valid_tag
 from layerkeep.core.job import Masker
+from layerkeep.core.progress import Meter, MeterFactory, silent
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
@@ -204,10 +205,12 @@ def push_tag(
     time_limit: float | None = None,
     log: Log,
     sleep: Sleep = time.sleep,
+    progress: MeterFactory = silent,
 ) -> Pushed:
     """Push one local tag; return the digest its stream reports (``aux`` or status line).
 
-    ``time_limit`` bounds the whole push, retries included (see the module's notes).
+    ``time_limit`` bounds the whole push, retries included (see the module's notes);
+    ``progress`` shows the bytes sent.
     """
     started = time.monotonic()
     engine_retries = _EngineRetries("push", str(reference), attempts, log)
@@ -217,9 +220,11 @@ def push_tag(
         totals: dict[str, int] = {}
         pushed: set[str] = set()
         engine_retries.next_attempt()
+        sent = TransferProgress(progress(f"push {reference}", None, "B"))
         for chunk in engine.push(
             str(reference), auth=credentials.auth_config(), deadline=deadline
         ):
+            sent.note(chunk)
             aux = chunk.get("aux")
             if isinstance(aux, dict) and aux.get("Digest"):
                 digest = str(aux["Digest"])
@@ -233,6 +238,7 @@ def push_tag(
             if layer and status == "Pushed":
                 pushed.add(layer)
             engine_retries.note(status)
+        sent.close()
         if not digest:
             raise DockerOperationError(
                 f"push {reference} ended without a digest", image=str(reference)
@@ -255,10 +261,12 @@ def pull_tag(
     time_limit: float | None = None,
     log: Log,
     sleep: Sleep = time.sleep,
+    progress: MeterFactory = silent,
 ) -> Pulled:
     """Pull one tag; a tag the registry lacks raises TagNotFound.
 
-    ``time_limit`` bounds the whole pull, retries included (see the module's notes).
+    ``time_limit`` bounds the whole pull, retries included (see the module's notes);
+    ``progress`` shows the bytes received.
     """
     started = time.monotonic()
     engine_retries = _EngineRetries("pull", str(reference), attempts, log)
@@ -267,9 +275,11 @@ def pull_tag(
         digest, downloaded = "", False
         totals: dict[str, int] = {}
         engine_retries.next_attempt()
+        received = TransferProgress(progress(f"pull {reference}", None, "B"))
         for chunk in engine.pull(
             str(reference), auth=credentials.auth_config(), deadline=deadline
         ):
+            received.note(chunk)
             status = str(chunk.get("status", ""))
             engine_retries.note(status)
             if status.startswith("Digest: "):
@@ -280,6 +290,7 @@ def pull_tag(
             if status == "Downloading" and isinstance(total, int):
                 layer = str(chunk.get("id", ""))
                 totals[layer] = max(total, totals.get(layer, 0))
+        received.close()
         return digest, downloaded, sum(totals.values())
 
     (digest, downloaded, size), tries = with_retries(
@@ -287,6 +298,29 @@ def pull_tag(
         attempts=attempts, time_limit=time_limit, log=log, sleep=sleep,
     )
     return Pulled(str(reference), digest, downloaded, time.monotonic() - started, tries, size)
+
+
+class TransferProgress:
+    """Bytes moved by a push or pull, from the engine's per-layer progress records."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.layers: dict[str, int] = {}
+
+    def note(self, chunk: Mapping[str, Any]) -> None:
+        """Advance the meter by what this record says a layer moved since the last."""
+        current = (chunk.get("progressDetail") or {}).get("current")
+        layer = str(chunk.get("id", ""))
+        if not layer or not isinstance(current, int):
+            return
+        moved = current - self.layers.get(layer, 0)
+        if moved > 0:
+            self.layers[layer] = current
+            self.meter.advance(moved)
+
+    def close(self) -> None:
+        """The transfer ended."""
+        self.meter.close()
 
 
 def remote_digest(

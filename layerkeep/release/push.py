@@ -30,6 +30,7 @@ from pathlib import Path
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef, is_valid_tag
+from layerkeep.core.progress import MeterFactory, silent
 from layerkeep.core.registry import (
     Credentials,
     Pushed,
@@ -187,6 +188,7 @@ def push_release(
     log: Log = print,
     git_tag: GitTag = head_git_tag,
     sleep: Sleep = time.sleep,
+    progress: MeterFactory = silent,
 ) -> ReleaseReport:
     """Tag the app image, push every tag, and check each resolves to the pushed digest."""
     started = time.monotonic()
@@ -216,7 +218,7 @@ def push_release(
             pushed = push_tag(
                 engine, reference, credentials,
                 attempts=settings.push_retries, time_limit=settings.push_timeout,
-                log=log, sleep=sleep,
+                log=log, sleep=sleep, progress=progress,
             )
             _record(report, pushed)
             log(

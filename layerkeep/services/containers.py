@@ -24,6 +24,7 @@ from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import parse_image_ref
 from layerkeep.core.job import BUILD_ID_LABEL, PROJECT_LABEL, Job
+from layerkeep.core.progress import MeterFactory, silent
 from layerkeep.core.registry import (
     OFFLINE_HINT,
     credentials_for,
@@ -112,7 +113,9 @@ def container_env(settings: Settings, spec: ServiceSpec) -> dict[str, str]:
 # --- images ------------------------------------------------------------------------------
 
 
-def ensure_image(engine: Engine, settings: Settings, image: str, *, log: Log) -> str:
+def ensure_image(
+    engine: Engine, settings: Settings, image: str, *, log: Log, progress: MeterFactory = silent
+) -> str:
     """The id of ``image``: present in the engine, or pulled; else a one-line error.
 
     Pulls go through the registry module: transient failures are retried, and the
@@ -134,6 +137,7 @@ def ensure_image(engine: Engine, settings: Settings, image: str, *, log: Log) ->
                 attempts=settings.push_retries,
                 time_limit=settings.push_timeout,
                 log=log,
+                progress=progress,
             )
             reason = "the engine reports success but has no such image"
         except DockerOperationError as error:
@@ -230,7 +234,9 @@ def _start(
     return _Started(spec, name, container_id, False, time.monotonic())
 
 
-def services_up(engine: Engine, settings: Settings, *, log: Log) -> list[RunningService]:
+def services_up(
+    engine: Engine, settings: Settings, *, log: Log, progress: MeterFactory = silent
+) -> list[RunningService]:
     """Start the job's services on its network and wait until each is ready.
 
     Idempotent: running containers of this job with unchanged settings are reused; an
@@ -239,7 +245,10 @@ def services_up(engine: Engine, settings: Settings, *, log: Log) -> list[Running
     """
     # Every image first: a missing one fails before anything is created.
     job = engine.job_for(settings)
-    images = [ensure_image(engine, settings, spec.image, log=log) for spec in settings.services]
+    images = [
+        ensure_image(engine, settings, spec.image, log=log, progress=progress)
+        for spec in settings.services
+    ]
     network_id = engine.ensure_network(job.network)
     network = engine.inspect_network(network_id) or {}
     _check_owner(network.get("Labels"), job, f"network {job.network}")
