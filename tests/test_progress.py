@@ -7,6 +7,7 @@ import os
 import pty
 import subprocess
 import sys
+from typing import Any
 
 from layerkeep.core.progress import PlainMeter, for_stream
 from layerkeep.core.registry import TransferProgress
@@ -96,7 +97,7 @@ def test_a_push_counts_each_layers_bytes_once() -> None:
     now = [0.0]
     meter = PlainMeter("push app", None, "B", stream=stream, interval=1, clock=lambda: now[0])
     moved = TransferProgress(meter)
-    records = [
+    records: list[dict[str, Any]] = [
         {"id": "a", "status": "Pushing", "progressDetail": {"current": 1_000_000}},
         {"id": "b", "status": "Pushing", "progressDetail": {"current": 500_000}},
         {"id": "a", "status": "Pushing", "progressDetail": {"current": 3_000_000}},
