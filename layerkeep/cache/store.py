@@ -46,8 +46,8 @@ BLOBS = "blobs"
 LOCK = ".lock"
 TEMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
-# Pieces (about a MB each) waiting for the compressing thread: the save's read-ahead.
-QUEUE_DEPTH = 8
+# Pieces (up to 96 KB each) waiting for the compressing thread: the save's read-ahead.
+QUEUE_DEPTH = 64
 # zstd's multi-threaded jobs: smaller than its default (4x the window, 8 MB at level 3)
 # so that each thread holds a few MB (peak RSS stays under 100 MB with four threads).
 JOB_SIZE = 2 << 20
@@ -470,7 +470,6 @@ def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
 
 
 Stored = Callable[[], tuple[str, Blob]]
-_END = object()
 
 
 class BlobWriter:
@@ -478,8 +477,10 @@ class BlobWriter:
 
     :meth:`write` hands a layer's pieces over through a bounded queue (so memory stays
     bounded whatever the layer's size) and returns at once a function that waits for the
-    layer's (digest, blob). The thread hashes and compresses (zstd's own workers do the
-    compressing), fsyncs, records the CRC-32 of the file and renames it to its digest.
+    layer's (digest, blob). The caller's thread hashes each piece as it hands it over
+    (hashlib lets go of the GIL, so this overlaps the compressing); the writer's thread
+    feeds zstd's own workers, fsyncs, records the CRC-32 of the file and renames it to
+    its digest.
     A layer whose digest is in ``sound`` is not renamed over the file already there.
     Use it as a context manager: leaving it stops the thread and removes temporary files.
     """
@@ -498,10 +499,12 @@ class BlobWriter:
     def write(self, pieces: Iterable[bytes]) -> Stored:
         """Queue one layer's uncompressed pieces; the returned call waits for its blob."""
         done: Future[tuple[str, Blob]] = Future()
+        digest = hashlib.sha256()
         self._put(done)
         for piece in pieces:
+            digest.update(piece)
             self._put(piece)
-        self._put(_END)
+        self._put(digest)
 
         def result() -> tuple[str, Blob]:
             return done.result()
@@ -541,18 +544,17 @@ class BlobWriter:
         blobs = self.cache.root / BLOBS
         with _faults(blobs):
             blobs.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.sha256()
             size = 0
             with _temporary(blobs) as (temp_path, raw):
                 with self._compressor.stream_writer(raw, closefd=False) as writer:
-                    while (piece := self._queue.get()) is not _END:
-                        if piece is None:
-                            self._queue.put(None)
-                            raise _Stopped
-                        assert isinstance(piece, bytes)
-                        digest.update(piece)
+                    # Pieces, then the layer's hash (its end), or None: the reader stopped.
+                    while isinstance(piece := self._queue.get(), bytes):
                         size += len(piece)
                         writer.write(piece)
+                if piece is None:
+                    self._queue.put(None)
+                    raise _Stopped
+                digest = cast("hashlib._Hash", piece)
                 raw.flush()
                 os.fsync(raw.fileno())
                 name = f"sha256:{digest.hexdigest()}"
