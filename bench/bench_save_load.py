@@ -108,6 +108,12 @@ def remove(engine: Engine, *tags: str) -> None:
         engine.remove_image(tag, force=True)
 
 
+def remove_repository(engine: Engine, repository: str) -> None:
+    """Every tag of ``repository``: the build's images and the record image beside them."""
+    for image in engine.api.images(name=repository):
+        remove(engine, *(image.get("RepoTags") or []))
+
+
 def full_save_round(
     engine: Engine, images: list[str], work: Path, opts: Options, figures: Figures
 ) -> None:
@@ -299,7 +305,7 @@ def bench_example(engine: Engine, opts: Options) -> None:
                         ["docker save | zstd -T0 -3", "raw docker save -o"],
                     )
             finally:
-                remove(engine, *images)
+                remove_repository(engine, image)
                 shutil.rmtree(settings.cache_dir, ignore_errors=True)
 
 
