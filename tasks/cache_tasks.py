@@ -14,7 +14,7 @@ from layerkeep.dryrun import save_plan
 from .graph import Done, Note, engine, is_dry, settings, step
 from .image_tasks import build
 from .restore_tasks import CACHE_HELP
-from .taskkit import environ, masked_log, say
+from .taskkit import environ, masked_log, meters, say
 
 
 @step("cache.save", pre=[build], help=CACHE_HELP, role="cache")
@@ -26,7 +26,7 @@ def save(c: Context, cache_dir: str | None = None, backend: str | None = None) -
             say(line)
         return "dry run"
     connected, log = engine(c, current), masked_log(current)
-    report = save_cache(connected, current, log=log)
+    report = save_cache(connected, current, log=log, progress=meters())
     builder = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=connected)
     mounts = save_cache_mounts(connected, current, builder, environ(), log=log)
     figures = {
@@ -34,6 +34,8 @@ def save(c: Context, cache_dir: str | None = None, backend: str | None = None) -
         "unchanged": list(report.unchanged),
         "layers_written": report.layers_written,
         "bytes_written": report.bytes_written,
+        "bytes_read": report.bytes_read,
+        "engine_reads": report.engine_reads,
         "cache_mounts_saved": list(mounts.saved),
     }
     note = (

@@ -41,6 +41,10 @@ def build(c: Context, builder: str | None = None, image: str | None = None) -> N
         "images": [str(image) for image in report.images],
         "cache_from": list(report.cache_from),
         "reuse": report.reuse,
+        "bytes_freed": report.bytes_freed,
         "miss_reasons": list(report.miss_reasons),
     }
-    return Done(f"{report.tally.reused}/{report.tally.total} steps reused ({chosen.kind})", figures)
+    note = f"{report.tally.reused}/{report.tally.total} steps reused ({chosen.kind})"
+    if report.bytes_freed:
+        note += f", {report.bytes_freed / 1e6:.0f} MB freed"
+    return Done(note, figures)

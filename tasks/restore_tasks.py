@@ -12,7 +12,7 @@ from layerkeep.cache.mounts import describe_mounts, restore_cache_mounts
 from layerkeep.dryrun import load_plan
 
 from .graph import Done, Note, engine, is_dry, settings, step
-from .taskkit import environ, masked_log, say
+from .taskkit import environ, masked_log, meters, say
 
 CACHE_HELP = {
     "cache_dir": "cache folder (default: LAYERKEEP_CACHE_DIR)",
@@ -29,7 +29,7 @@ def load(c: Context, cache_dir: str | None = None, backend: str | None = None) -
             say(line)
         return "dry run"
     connected, log = engine(c, current), masked_log(current)
-    report = load_cache(connected, current, log=log)
+    report = load_cache(connected, current, log=log, progress=meters())
     builder = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=connected)
     mounts = restore_cache_mounts(connected, current, builder, environ(), log=log)
     figures = {

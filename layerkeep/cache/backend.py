@@ -29,7 +29,7 @@ def load_cache(
 ) -> LoadReport:
     """Restore the cached images the engine lacks; ``progress`` shows the bytes read."""
     if settings.cache_backend == "registry":
-        loaded = load_from_registry(engine, settings, log=log)
+        loaded = load_from_registry(engine, settings, log=log, progress=progress)
         if not loaded.unreachable:
             pull_build_records(engine, settings, log=log)
         return loaded
@@ -43,7 +43,7 @@ def save_cache(
     the changed ones); ``progress`` shows the bytes read from the engine."""
     images = images_to_cache(settings)
     if settings.cache_backend == "registry":
-        saved = save_to_registry(engine, settings, images, log=log)
+        saved = save_to_registry(engine, settings, images, log=log, progress=progress)
         push_build_records(engine, settings, log=log)
         return saved
     saved = save_images(
