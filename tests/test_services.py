@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from registry_setup import running_registry
 
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
@@ -389,12 +390,15 @@ def test_a_container_that_exits_fails_at_once_with_its_code_and_logs(
 
 
 def test_a_missing_image_that_cannot_be_pulled_is_one_line_naming_it(
-    job: Callable[..., CiJob],
+    job: Callable[..., CiJob], tmp_path: Path
 ) -> None:
-    image = "layerkeep-test/no-such-image:1"
-    current = job(LAYERKEEP_SERVICES="redis,ghost", LAYERKEEP_GHOST_IMAGE=image)
-    with pytest.raises(DockerOperationError) as caught:
-        services_up(current.engine, current.settings, log=current.log)
+    # A registry that answers, without the image: the same on every machine, online or not
+    # (an unreachable registry is the other line, tested in test_fresh_machine.py).
+    with running_registry(tmp_path / "registry") as registry:
+        image = f"{registry.address}/no-such-image:1"
+        current = job(LAYERKEEP_SERVICES="redis,ghost", LAYERKEEP_GHOST_IMAGE=image)
+        with pytest.raises(DockerOperationError) as caught:
+            services_up(current.engine, current.settings, log=current.log)
     assert left_over(current) == ([], [])  # checked before anything was created
     line = caught.value.one_line()
     assert "\n" not in line
