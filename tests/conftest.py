@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from engine_setup import ensure_engine, sweep
@@ -20,14 +23,18 @@ SESSION_LABEL = ("io.layerkeep.test-session", SESSION)
 TEST_REPOSITORY = f"layerkeep-test/{SESSION}"
 # Leftovers of a killed session are swept once they are this old (seconds).
 STALE_AFTER = 6 * 3600
+SETUP_LOCK = Path(tempfile.gettempdir()) / "layerkeep-test-setup.lock"
 
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
     """The real engine (started when missing), with every stand-in image present."""
-    ensure_engine(os.environ)
-    connected = connect(os.environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
-    ensure_standins(connected)
+    # pytest-xdist workers (and suites run side by side) start or build these once.
+    with SETUP_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_engine(os.environ)
+        connected = connect(os.environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
+        ensure_standins(connected)
     sweep(connected, *TEST_LABEL, older_than=STALE_AFTER)
     yield connected
     sweep(connected, *SESSION_LABEL)
