@@ -17,7 +17,12 @@ from pathlib import Path
 
 import pytest
 from conftest import SESSION_LABEL, TEST_LABEL
-from second_engine import SecondEngineUnavailable, second_engine, transfer_images
+from second_engine import (
+    SecondEngineUnavailable,
+    ensure_docker26,
+    second_engine,
+    transfer_images,
+)
 
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.job import BUILD_ID_LABEL
@@ -126,12 +131,17 @@ def summary_tasks(output: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def fresh_machine(folder: Path) -> Iterator[tuple[Engine, dict[str, str]]]:
+def fresh_machine(folder: Path, kind: str = "20.10") -> Iterator[tuple[Engine, dict[str, str]]]:
     """Another machine: a second engine with only the base images; the cache folder is
     all that travels. Its own builder cache starts empty, so a hit can only come from
-    the restored images (and the shared engine's builder cache is never pruned)."""
+    the restored images (and the shared engine's builder cache is never pruned).
+
+    ``kind``: Debian's 20.10, or Docker 26 with buildx on the classic image store
+    ("26-classic") or the containerd image store ("26-containerd")."""
     try:
-        with second_engine(folder) as second:
+        docker26 = ensure_docker26() if kind.startswith("26") else None
+        containerd = kind == "26-containerd"
+        with second_engine(folder, docker26=docker26, containerd_store=containerd) as second:
             transfer_images(dict(os.environ), second.environ, list(BASE_IMAGES))
             environ = dict(second.environ)
             connected = connect(environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
@@ -166,6 +176,31 @@ def test_cold_then_restored_run(example: ExampleProject, engine: Engine) -> None
     assert warm.returncode == 0, warm.stdout[-3000:] + warm.stderr
     build_line = summary_line(warm.stdout, "image.build")
     reused, total = build_line.split()[4].split("/")
+    assert reused == total
+    assert int(total) >= 5
+    assert summary_line(warm.stdout, "cache.load").split()[4:6] == ["2", "restored"]
+    assert set(junit_cases(example.root / "reports" / build_id).values()) == {"passed"}
+
+
+@pytest.mark.parametrize("kind", ["26-classic", "26-containerd"])
+def test_inv_ci_on_docker_26_cold_then_on_another_fresh_machine(
+    example: ExampleProject, kind: str
+) -> None:
+    """The whole job on the engines users run: Docker 26 with buildx, both image stores."""
+    build_id = f"t{uuid.uuid4().hex[:8]}"
+    with fresh_machine(example.root.parent / "first", kind) as (first, environ):
+        cold = example.ci(build_id, **environ)
+        assert leftovers(first, build_id) == []
+    assert cold.returncode == 0, cold.stdout[-3000:] + cold.stderr
+    assert "(buildkit)" in summary_line(cold.stdout, "image.build")
+    assert set(junit_cases(example.root / "reports" / build_id).values()) == {"passed"}
+
+    with fresh_machine(example.root.parent / "second", kind) as (second, environ):
+        warm = example.ci(build_id, **environ)
+        assert leftovers(second, build_id) == []
+
+    assert warm.returncode == 0, warm.stdout[-3000:] + warm.stderr
+    reused, total = summary_line(warm.stdout, "image.build").split()[4].split("/")
     assert reused == total
     assert int(total) >= 5
     assert summary_line(warm.stdout, "cache.load").split()[4:6] == ["2", "restored"]
