@@ -6,6 +6,7 @@ In another project's tasks.py, the one line::
 
 or, with the project's own steps inside `inv ci` (after test.run unless named)::
 
+    from invoke import Collection
     from layerkeep.tasks import collection
     import project_tasks
     ns = collection(steps=[project_tasks.lint, (project_tasks.smoke, "image.build")])
