@@ -6,15 +6,14 @@ Run alone, a failure exits non-zero with one line.
 
 from invoke.context import Context
 
-from layerkeep.build.image import choose_builder
 from layerkeep.cache.backend import save_cache
 from layerkeep.cache.mounts import describe_mounts, save_cache_mounts
 from layerkeep.dryrun import save_plan
 
-from .graph import Done, Note, engine, is_dry, settings, step
+from .graph import Done, Note, engine, is_dry, resolved_builder, say_plan, settings, step
 from .image_tasks import build
 from .restore_tasks import CACHE_HELP
-from .taskkit import environ, masked_log, meters, say
+from .taskkit import environ, masked_log, meters
 
 
 @step("cache.save", pre=[build], help=CACHE_HELP, role="cache")
@@ -22,13 +21,11 @@ def save(c: Context, cache_dir: str | None = None, backend: str | None = None) -
     """Build, then save the app image, its stages and LAYERKEEP_CACHE_IMAGES."""
     current = settings(c, cache_dir=cache_dir, cache_backend=backend)
     if is_dry(c):
-        for line in save_plan(current):
-            say(line)
-        return "dry run"
+        return say_plan(save_plan(current))
     connected, log = engine(c, current), masked_log(current)
     report = save_cache(connected, current, log=log, progress=meters())
-    builder = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=connected)
-    mounts = save_cache_mounts(connected, current, builder, environ(), log=log)
+    chosen = resolved_builder(c, current)
+    mounts = save_cache_mounts(connected, current, chosen, environ(), log=log)
     figures = {
         "saved": list(report.saved),
         "unchanged": list(report.unchanged),

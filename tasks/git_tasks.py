@@ -5,7 +5,7 @@ from invoke.context import Context
 from layerkeep.dryrun import touch_plan
 from layerkeep.git.touch import touch as touch_files
 
-from .graph import Done, Note, is_dry, settings, step
+from .graph import Done, Note, is_dry, say_plan, settings, step
 from .taskkit import say
 
 
@@ -14,9 +14,7 @@ def touch(c: Context, author_time: bool = False) -> Note:
     """Set every tracked file's mtime to its last commit's time."""
     current = settings(c)
     if is_dry(c):
-        for line in touch_plan(current):
-            say(line)
-        return "dry run"
+        return say_plan(touch_plan(current))
     report = touch_files(current.project_dir, author_time=author_time)
     for path in report.skipped_dirty:
         say(f"left alone (modified): {path}")

@@ -36,6 +36,7 @@ from invoke.exceptions import Exit, UnexpectedExit
 from invoke.executor import Executor
 from invoke.tasks import Call, Task, call
 
+from layerkeep.build.image import Builder, choose_builder
 from layerkeep.core.engine import ENGINE_ERRORS, Engine, translate
 from layerkeep.core.errors import LayerkeepError
 from layerkeep.core.joblock import JobLock, hold_build_id
@@ -193,6 +194,18 @@ def engine(c: Context, settings: Settings) -> Engine:
     return Run.of(c).engine(settings)
 
 
+def resolved_builder(c: Context, settings: Settings) -> Builder:
+    """The run's builder (see :meth:`Run.builder`) for ``settings``."""
+    return Run.of(c).builder(settings)
+
+
+def say_plan(lines: Iterable[str]) -> Note:
+    """A dry run's part of a task: say what it would do, do nothing."""
+    for line in lines:
+        say(line)
+    return None
+
+
 def is_dry(c: Context) -> bool:
     """Whether `inv --dry` asked for a plan instead of changes."""
     return bool(c.config.run.dry)
@@ -247,6 +260,7 @@ class Run:
         self.dry_announced = False
         self._settings: Settings | None = None
         self._engines: dict[tuple[str, str], Engine] = {}
+        self._builders: dict[tuple[str, str, str, str], Builder] = {}
         self._lock: JobLock | None = None
         self._context: Context | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -328,6 +342,17 @@ class Run:
         if key not in self._engines:
             self._engines[key] = engine_for(settings)
         return self._engines[key]
+
+    def builder(self, settings: Settings) -> Builder:
+        """The builder the settings resolve to, found once per run (probing the docker
+        CLIs takes a few subprocesses) and shared by cache.load, image.build and
+        cache.save."""
+        key = (settings.project, settings.build_id, settings.builder, settings.docker_cli)
+        if key not in self._builders:
+            self._builders[key] = choose_builder(
+                settings.builder, environ(), cli=settings.docker_cli, engine=self.engine(settings)
+            )
+        return self._builders[key]
 
     def keep_flags(self, c: Context, **flags: str | None) -> None:
         """Apply ``flags`` to the settings of every task after this one in the run."""
@@ -486,6 +511,7 @@ class Run:
         for connected in self._engines.values():
             connected.close()
         self._engines = {}
+        self._builders = {}
         if self._lock is not None:
             self._lock.release()
             self._lock = None

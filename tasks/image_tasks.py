@@ -2,14 +2,14 @@
 
 from invoke.context import Context
 
-from layerkeep.build.image import build_image, choose_builder, images_to_cache
+from layerkeep.build.image import build_image, images_to_cache
 from layerkeep.cache.layers import cache_sources
 from layerkeep.dryrun import build_plan
 
 from .git_tasks import touch
-from .graph import Done, Note, engine, is_dry, settings, step
+from .graph import Done, Note, engine, is_dry, resolved_builder, say_plan, settings, step
 from .restore_tasks import load
-from .taskkit import environ, masked_log, say
+from .taskkit import environ, masked_log
 
 
 @step(
@@ -24,11 +24,9 @@ def build(c: Context, builder: str | None = None, image: str | None = None) -> N
     """Build the app image and its named stages, reusing cached layers."""
     current = settings(c, builder=builder, image=image)
     if is_dry(c):
-        for line in build_plan(current):
-            say(line)
-        return "dry run"
+        return say_plan(build_plan(current))
     connected = engine(c, current)
-    chosen = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=connected)
+    chosen = resolved_builder(c, current)
     # Cached images restored under an internal name (a tag of yours named another image).
     internal = cache_sources(connected, images_to_cache(current))
     report = build_image(

@@ -5,8 +5,8 @@ from invoke.context import Context
 from layerkeep.dryrun import release_plan
 from layerkeep.release.push import push_release
 
-from .graph import Done, Note, Skipped, engine, is_dry, settings, step
-from .taskkit import masked_log, meters, say
+from .graph import Done, Note, Skipped, engine, is_dry, say_plan, settings, step
+from .taskkit import masked_log, meters
 from .testing_tasks import run as run_tests
 
 
@@ -21,9 +21,7 @@ def push(c: Context, dry_run: bool = False) -> Note:
     if not current.registry:
         return Skipped("no LAYERKEEP_REGISTRY")
     if is_dry(c):
-        for line in release_plan(current):
-            say(line)
-        return "dry run"
+        return say_plan(release_plan(current))
     report = push_release(
         engine(c, current), current, dry_run=dry_run, log=masked_log(current),
         progress=meters(),

@@ -6,13 +6,12 @@ goes on: the cache is an optimisation. Run alone, a failure exits non-zero.
 
 from invoke.context import Context
 
-from layerkeep.build.image import choose_builder
 from layerkeep.cache.backend import describe_load, load_cache
 from layerkeep.cache.mounts import describe_mounts, restore_cache_mounts
 from layerkeep.dryrun import load_plan
 
-from .graph import Done, Note, engine, is_dry, settings, step
-from .taskkit import environ, masked_log, meters, say
+from .graph import Done, Note, engine, is_dry, resolved_builder, say_plan, settings, step
+from .taskkit import environ, masked_log, meters
 
 CACHE_HELP = {
     "cache_dir": "cache folder (default: LAYERKEEP_CACHE_DIR)",
@@ -25,13 +24,11 @@ def load(c: Context, cache_dir: str | None = None, backend: str | None = None) -
     """Restore cached images the engine lacks (damaged entries are skipped)."""
     current = settings(c, cache_dir=cache_dir, cache_backend=backend)
     if is_dry(c):
-        for line in load_plan(current):
-            say(line)
-        return "dry run"
+        return say_plan(load_plan(current))
     connected, log = engine(c, current), masked_log(current)
     report = load_cache(connected, current, log=log, progress=meters())
-    builder = choose_builder(current.builder, environ(), cli=current.docker_cli, engine=connected)
-    mounts = restore_cache_mounts(connected, current, builder, environ(), log=log)
+    chosen = resolved_builder(c, current)
+    mounts = restore_cache_mounts(connected, current, chosen, environ(), log=log)
     figures = {
         "restored": list(report.restored),
         "present": list(report.present),

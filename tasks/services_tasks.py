@@ -7,7 +7,7 @@ from layerkeep.dryrun import down_plan, services_plan
 from layerkeep.services.containers import services_down, services_up
 from layerkeep.services.containers import sweep as sweep_leftovers
 
-from .graph import Done, Note, Run, Skipped, engine, is_dry, settings, step
+from .graph import Done, Note, Run, Skipped, engine, is_dry, say_plan, settings, step
 from .restore_tasks import load
 from .taskkit import masked_log, meters, say
 
@@ -17,9 +17,7 @@ def down(c: Context) -> Note:
     """Remove this job's service containers (with their volumes) and its network."""
     current = settings(c)
     if is_dry(c):
-        for line in down_plan(current):
-            say(line)
-        return "dry run"
+        return say_plan(down_plan(current))
     if current.keep_services:
         say("services kept (LAYERKEEP_KEEP_SERVICES or --keep-services)")
         return Skipped("kept on purpose")
@@ -31,9 +29,7 @@ def up(c: Context) -> Note:
     """Start LAYERKEEP_SERVICES on the job's network and wait until each is ready."""
     current = settings(c)
     if is_dry(c):
-        for line in services_plan(current):
-            say(line)
-        return "dry run"
+        return say_plan(services_plan(current))
     if not current.services:
         return Skipped("no services configured")
     # Whatever happens next in this run, what starts here is removed if the run fails.
@@ -65,8 +61,7 @@ def sweep(c: Context, older_than: str | None = None, all_projects: bool = False)
             )
         seconds = int(older_than)
     if is_dry(c):
-        say(f"would remove layerkeep containers and networks older than {seconds} s")
-        return "dry run"
+        return say_plan([f"would remove layerkeep containers and networks older than {seconds} s"])
     removed = sweep_leftovers(
         engine(c, current),
         older_than=seconds,

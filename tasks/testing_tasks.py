@@ -7,10 +7,10 @@ from layerkeep.dryrun import tests_plan
 from layerkeep.testing.testrun import run_tests
 
 from .db_tasks import init
-from .graph import Done, Note, Run, engine, is_dry, settings, step
+from .graph import Done, Note, Run, engine, is_dry, say_plan, settings, step
 from .image_tasks import build
 from .services_tasks import down, up
-from .taskkit import masked_log, say
+from .taskkit import masked_log
 
 
 @step(
@@ -30,9 +30,7 @@ def run(c: Context, keep_services: bool = False) -> Note:
         Run.of(c).keep_flags(c, keep_services="yes")
     current = settings(c)
     if is_dry(c):
-        for line in tests_plan(current):
-            say(line)
-        return "dry run"
+        return say_plan(tests_plan(current))
     result = run_tests(engine(c, current), current, log=masked_log(current))
     if not result.passed:
         raise CommandFailed(
