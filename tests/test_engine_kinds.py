@@ -182,8 +182,6 @@ def kind(request: pytest.FixtureRequest, pool: Pool) -> str:
 def test_a_wiped_engine_reuses_every_step_after_restoring(
     pool: Pool, kind: str, backend: str, request: pytest.FixtureRequest
 ) -> None:
-    if (kind, backend) == ("26-containerd", "registry"):
-        known_pull_gap(request)
     cold = pool.cold(kind, backend)
     assert cold.report.builder.kind == ("legacy" if kind.startswith("legacy") else "buildkit")
     assert cold.report.tally.reused == 0, cold.report.tally.reused_by_key
@@ -219,18 +217,6 @@ def test_hits_from_the_engines_own_cache_are_not_credited_to_a_restore(
     assert "cached image(s)" not in again.reuse
 
 
-def known_pull_gap(request: pytest.FixtureRequest) -> None:
-    """Images pulled into Docker 26's containerd store give no hits through their OCI
-    exports yet (loaded ones do): not yet understood. Strict: this fails once it is fixed."""
-    request.applymarker(
-        pytest.mark.xfail(
-            strict=True, raises=AssertionError,
-            reason="images pulled into the containerd store give no hits through their "
-            "OCI exports yet (loaded ones do): not yet understood",
-        )
-    )
-
-
 CROSSINGS = [
     ("buildkit-20.10", "26-classic"),
     ("buildkit-20.10", "26-containerd"),
@@ -250,8 +236,6 @@ def test_a_cache_saved_on_one_engine_version_restores_on_another(
     backend: str,
     request: pytest.FixtureRequest,
 ) -> None:
-    if (target, backend) == ("26-containerd", "registry") and source.startswith("26"):
-        known_pull_gap(request)
     try:
         cold = pool.cold(source, backend)
         pool.engine(target)

@@ -108,6 +108,24 @@ def test_buildkit_tally() -> None:
     assert (tally.reused, tally.total) == (1, 3)
 
 
+def test_buildkit_parser_counts_a_step_skipped_for_a_later_cached_one_as_reused() -> None:
+    # Seen on Docker 26 with a registry cache: BuildKit starts the first steps, then
+    # finds a later step in the cache and cancels them: nothing of theirs was run.
+    tally = StepTally()
+    parser = BuildkitParser(tally)
+    for line in [
+        "#6 [builder 1/3] FROM docker.io/library/python:3.11-slim@sha256:a32e",
+        "#6 CANCELED",
+        "#8 [builder 2/3] RUN python3 -m venv /venv",
+        "#8 CANCELED",
+        "#9 [builder 3/3] COPY requirements.txt /tmp/requirements.txt",
+        "#9 CACHED",
+    ]:
+        parser.feed(line)
+    parser.finish()
+    assert (tally.reused, tally.total) == (2, 2)
+
+
 def test_write_tar_round_trips_through_tarfile() -> None:
     entries = [
         Entry("manifest.json", 2, [b"[]"]),

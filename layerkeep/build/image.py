@@ -17,13 +17,10 @@ gets as ``--cache-from`` depends on the builder:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import subprocess
-import tarfile
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,11 +30,12 @@ from pathlib import Path
 from layerkeep.build.context import context_excludes, dockerfile_with_excludes
 from layerkeep.build.dockerfile import read_stages
 from layerkeep.build.explain import explain_misses
+from layerkeep.build.oci_cache import containerd_cache_sources
 from layerkeep.build.output import BuildkitParser, LegacyParser, ReuseSource, StepTally
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag
-from layerkeep.core.registry import OFFLINE_HINT, unreachable_registry
+from layerkeep.core.registry import OFFLINE_HINT, credentials_for, unreachable_registry
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
@@ -185,20 +183,25 @@ def build_image(
     present = [image for image, image_id in before.items() if image_id is not None]
     cache_from = tuple(present + [i for i in also_cache_from if i not in present])
     tally = StepTally()
-    exported = builder.kind == "buildkit" and bool(cache_from) and engine.uses_containerd_store()
-    reuse = ReuseSource(
-        builder.kind, len(cache_from), engine.build_cache_entries(),
-        via=" (their OCI exports: the containerd store's --cache-from)" if exported else "",
-    )
+    containerd = builder.kind == "buildkit" and bool(cache_from) and engine.uses_containerd_store()
     started = time.monotonic()
     chains: list[list[str]] = []
     with contextlib.ExitStack() as stack:
-        # BuildKit on the containerd store ignores a local image's inline cache when
-        # given its name, but reads it from the image's own OCI export (type=local).
-        oci = _oci_cache_sources(engine, cache_from, stack) if exported else []
+        special = (
+            containerd_cache_sources(
+                engine, cache_from, stack, environ=environ, log=log,
+                credentials_for=lambda host: credentials_for(settings, host),
+            )
+            if containerd else None
+        )
+        reuse = ReuseSource(
+            builder.kind, len(special.sources) if special else len(cache_from),
+            engine.build_cache_entries(), via=special.via() if special else "",
+        )
+        cli_environ = {**environ, **special.environ} if special else environ
         for target in plan.targets:
             own = str(target.image)
-            sources = oci or _cache_sources(
+            sources = special.sources if special else _cache_sources(
                 engine, plan, builder, own=own, chains=chains, also=also_cache_from
             )
             log(
@@ -209,7 +212,7 @@ def build_image(
             job = _Job(plan, target, tuple(sources), settings.build_args, excludes, tally, log)
             try:
                 if builder.kind == "buildkit":
-                    _build_with_cli(builder.cli, job, environ)
+                    _build_with_cli(builder.cli, job, cli_environ)
                 else:
                     _build_with_api(engine, job)
             except BuildFailed as error:
@@ -273,28 +276,6 @@ def _explained(error: BuildFailed, engine: Engine, plan: BuildPlan) -> BuildFail
     )
     explained.hint = OFFLINE_HINT
     return explained
-
-
-def _oci_cache_sources(
-    engine: Engine, images: Sequence[str], stack: contextlib.ExitStack
-) -> list[str]:
-    """``--cache-from type=local`` values: each image saved as an OCI layout in a temp
-    folder (what ``docker save`` writes on the containerd store), picked by its tag."""
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="layerkeep-oci-")))
-    sources = []
-    for number, image in enumerate(images):
-        layout = folder / str(number)
-        archive = folder / f"{number}.tar"
-        with archive.open("wb") as output:
-            for chunk in engine.save_image(image):
-                output.write(chunk)
-        with tarfile.open(archive) as saved:
-            saved.extractall(layout, filter="data")
-        archive.unlink()
-        index = json.loads((layout / "index.json").read_text())
-        tag = index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
-        sources.append(f"type=local,src={layout},tag={tag}")
-    return sources
 
 
 def _parent_chain(engine: Engine, image: str) -> list[str]:

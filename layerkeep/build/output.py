@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 _LEGACY_STEP = re.compile(r"^Step \d+/\d+ : (?P<instruction>.*)$")
 _BUILDKIT_VERTEX = re.compile(r"^#(?P<id>\d+) \[(?P<step>[^\]]*\d+/\d+)\] (?P<instruction>.*)$")
-_BUILDKIT_CACHED = re.compile(r"^#(?P<id>\d+) CACHED\s*$")
+# CANCELED: started, then skipped because a later step came from the cache.
+_BUILDKIT_CACHED = re.compile(r"^#(?P<id>\d+) (?:CACHED|CANCELED)\s*$")
 
 
 @dataclass
