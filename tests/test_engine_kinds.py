@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -93,8 +94,18 @@ class Pool:
             self.engines[name] = (second, connected)
         return self.engines[name]
 
-    def settings(self, kind: str, image: str, backend: str, cache_dir: Path) -> Settings:
-        """The example's settings for ``kind``'s engine, through ``load_settings``."""
+    def settings(
+        self,
+        kind: str,
+        image: str,
+        backend: str,
+        cache_dir: Path,
+        *,
+        registry: Registry | None = None,
+    ) -> Settings:
+        """The example's settings for ``kind``'s engine, through ``load_settings`` (the
+        session's registry unless another is given, with its login if it has one)."""
+        registry = registry or self.registry
         second, _ = self.engine(kind)
         project = self.folder / "project"
         if not project.exists():
@@ -107,7 +118,9 @@ class Pool:
             "LAYERKEEP_BUILDER": BUILDER_OF.get(kind, "auto"),
             "LAYERKEEP_CACHE_BACKEND": backend,
             "LAYERKEEP_CACHE_DIR": str(cache_dir),
-            "LAYERKEEP_REGISTRY": self.registry.address,
+            "LAYERKEEP_REGISTRY": registry.address,
+            "LAYERKEEP_REGISTRY_USER": registry.user,
+            "LAYERKEEP_REGISTRY_PASSWORD": registry.password,
         }
         return load_settings(project, environ, git_facts=lambda _: GitFacts("", ""))
 
@@ -261,6 +274,43 @@ def test_a_cache_saved_on_one_engine_version_restores_on_another(
         )
     for image in images_to_cache(settings):
         connected.remove_image(image, force=True)
+
+
+def test_a_registry_cache_behind_a_login_hits_on_the_containerd_store(
+    pool: Pool, tmp_path: Path
+) -> None:
+    # Images pushed from the classic store pull into the containerd store incomplete
+    # (their base layers are there unpacked), so BuildKit reads them from the registry:
+    # with layerkeep's login, as the registry refuses anyone else.
+    try:
+        cold = pool.cold("26-classic", "dir")
+        pool.engine("26-containerd")
+    except SecondEngineUnavailable as error:
+        pytest.skip(str(error))
+    password = secrets.token_hex(8)
+    with running_registry(tmp_path / "registry", user="ci", password=password) as locked:
+        _, source = pool.engine("26-classic")
+        saving = pool.settings(
+            "26-classic", cold.image, "registry", cold.cache_dir, registry=locked
+        )
+        save_cache(source, saving, log=print)
+        settings = pool.settings(
+            "26-containerd", cold.image, "registry", cold.cache_dir, registry=locked
+        )
+        second, target = pool.engine("26-containerd")
+        config = Path(second.environ["DOCKER_CONFIG"]) / "config.json"
+        before = config.read_bytes() if config.exists() else None
+        assert len(pool.restore("26-containerd", settings).restored) == 2
+        lines: list[str] = []
+        builder = choose_builder("auto", second.environ, engine=target)
+        warm = build_image(target, settings, builder, second.environ, log=lines.append)
+    assert "2 from their registry" in warm.reuse
+    assert warm.tally.reused == warm.tally.total == cold.report.tally.total, lines
+    assert not any(password in line for line in lines)
+    # The user's own docker config is left as it was.
+    assert (config.read_bytes() if config.exists() else None) == before
+    for image in images_to_cache(settings):
+        target.remove_image(image, force=True)
 
 
 def test_each_kind_builds_with_the_builder_it_should(pool: Pool, kind: str) -> None:
