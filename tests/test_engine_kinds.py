@@ -49,8 +49,10 @@ ENGINE_OF = {
     "buildkit-20.10": "20.10-buildkit",
     "26-classic": "26-classic",
     "26-containerd": "26-containerd",
+    # Not in KINDS: dockerd 26.1's classic builder cannot use cached images on this store.
+    "legacy-26-containerd": "26-containerd",
 }
-BUILDER_OF = {"legacy-20.10": "legacy"}
+BUILDER_OF = {"legacy-20.10": "legacy", "legacy-26-containerd": "legacy"}
 
 
 @dataclass
@@ -311,6 +313,29 @@ def test_a_registry_cache_behind_a_login_hits_on_the_containerd_store(
     assert (config.read_bytes() if config.exists() else None) == before
     for image in images_to_cache(settings):
         target.remove_image(image, force=True)
+
+
+def test_the_classic_builder_on_the_containerd_store_builds_without_a_cache_it_cannot_use(
+    pool: Pool,
+) -> None:
+    kind = "legacy-26-containerd"
+    try:
+        cold = pool.cold(kind, "dir")
+    except SecondEngineUnavailable as error:
+        pytest.skip(str(error))
+    settings = pool.settings(kind, cold.image, "dir", cold.cache_dir)
+    assert len(pool.restore(kind, settings).restored) == 2
+    second, connected = pool.engine(kind)
+    lines: list[str] = []
+    builder = choose_builder("legacy", second.environ, engine=connected)
+    # dockerd 26.1 fails such a build ("failed to restore cached image"); layerkeep
+    # says so and builds again without the cache.
+    warm = build_image(connected, settings, builder, second.environ, log=lines.append)
+    assert any("the classic builder could not use the cached images" in line for line in lines)
+    assert warm.tally.total == cold.report.tally.total
+    for image in images_to_cache(settings):
+        assert connected.image_id(image) is not None
+        connected.remove_image(image, force=True)
 
 
 def test_each_kind_builds_with_the_builder_it_should(pool: Pool, kind: str) -> None:

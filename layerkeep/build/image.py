@@ -343,7 +343,25 @@ class _Job:
 
 
 def _build_with_api(engine: Engine, job: _Job) -> None:
-    parser = LegacyParser(job.tally)
+    try:
+        _api_build(engine, job, job.cache_from)
+    except BuildFailed as error:
+        if not job.cache_from or "failed to restore cached image" not in error.message:
+            raise
+        # dockerd 26.1's classic builder on the containerd image store fails on any
+        # cached image it matches; the cache is an optimisation, so build without it.
+        job.log(
+            f"warning: the classic builder could not use the cached images here "
+            f"({error.message.split(': ', 1)[-1][:160]}); building {job.target.image} "
+            "without them (LAYERKEEP_BUILDER=auto uses BuildKit, which can)"
+        )
+        _api_build(engine, job, ())
+
+
+def _api_build(engine: Engine, job: _Job, cache_from: Sequence[str]) -> None:
+    """One classic build through the engine API; its steps count only if it succeeds."""
+    steps = StepTally()
+    parser = LegacyParser(steps)
 
     def on_line(line: str) -> None:
         parser.feed(line)
@@ -358,12 +376,14 @@ def _build_with_api(engine: Engine, job: _Job) -> None:
         if dockerfile.is_relative_to(plan.context)
         else str(dockerfile),
         target=job.target.stage,
-        cache_from=job.cache_from,
+        cache_from=cache_from,
         build_args=job.build_args,
         exclude=job.excludes,
         on_line=on_line,
     )
     parser.finish()
+    for key, reused in steps.reused_by_key.items():
+        job.tally.record(key, reused)
 
 
 def _build_with_cli(cli: str, job: _Job, environ: Mapping[str, str]) -> None:
