@@ -51,6 +51,8 @@ ENGINE_OF = {
     "26-containerd": "26-containerd",
     # Not in KINDS: dockerd 26.1's classic builder cannot use cached images on this store.
     "legacy-26-containerd": "26-containerd",
+    # A store that never pulled those images before, whatever ran first.
+    "fresh-26-containerd": "26-containerd-fresh",
 }
 BUILDER_OF = {"legacy-20.10": "legacy", "legacy-26-containerd": "legacy"}
 
@@ -86,13 +88,13 @@ class Pool:
                 second_engine(
                     self.folder / name,
                     docker26=docker26,
-                    containerd_store=name == "26-containerd",
+                    containerd_store=name.startswith("26-containerd"),
                 )
             )
             transfer_images(os.environ, second.environ, [BASE])
             connected = connect(second.environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
             self.stack.callback(connected.close)
-            assert connected.uses_containerd_store() == (name == "26-containerd")
+            assert connected.uses_containerd_store() == name.startswith("26-containerd")
             self.engines[name] = (second, connected)
         return self.engines[name]
 
@@ -286,7 +288,7 @@ def test_a_registry_cache_behind_a_login_hits_on_the_containerd_store(
     # with layerkeep's login, as the registry refuses anyone else.
     try:
         cold = pool.cold("26-classic", "dir")
-        pool.engine("26-containerd")
+        pool.engine("fresh-26-containerd")
     except SecondEngineUnavailable as error:
         pytest.skip(str(error))
     password = secrets.token_hex(8)
@@ -297,12 +299,12 @@ def test_a_registry_cache_behind_a_login_hits_on_the_containerd_store(
         )
         save_cache(source, saving, log=print)
         settings = pool.settings(
-            "26-containerd", cold.image, "registry", cold.cache_dir, registry=locked
+            "fresh-26-containerd", cold.image, "registry", cold.cache_dir, registry=locked
         )
-        second, target = pool.engine("26-containerd")
+        second, target = pool.engine("fresh-26-containerd")
         config = Path(second.environ["DOCKER_CONFIG"]) / "config.json"
         before = config.read_bytes() if config.exists() else None
-        assert len(pool.restore("26-containerd", settings).restored) == 2
+        assert len(pool.restore("fresh-26-containerd", settings).restored) == 2
         lines: list[str] = []
         builder = choose_builder("auto", second.environ, engine=target)
         warm = build_image(target, settings, builder, second.environ, log=lines.append)
