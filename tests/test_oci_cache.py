@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from layerkeep.build.oci_cache import docker_config_with, point_at_platform_image
+from layerkeep.build.oci_cache import docker_config_with, full_name, platform_manifests
 from layerkeep.core.registry import Credentials
 
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -30,56 +30,67 @@ def blob(layout: Path, content: bytes, media_type: str, **extra: Any) -> dict[st
     return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(content), **extra}
 
 
-def image_manifest(layout: Path, *, layer_present: bool = True) -> dict[str, Any]:
+def image_manifest(layout: Path) -> tuple[dict[str, Any], str]:
+    """A manifest and its config in the layout; its descriptor, and its layer's digest
+    (left out of the layout, as export_layout leaves layers out)."""
     config = blob(layout, b'{"rootfs": {}}', "application/vnd.oci.image.config.v1+json")
-    layer = blob(layout, b"layer", "application/vnd.oci.image.layer.v1.tar")
-    if not layer_present:
-        (layout / "blobs" / "sha256" / layer["digest"].split(":")[1]).unlink()
+    digest = "sha256:" + hashlib.sha256(b"layer").hexdigest()
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": 5}
     body = {"schemaVersion": 2, "mediaType": MANIFEST, "config": config, "layers": [layer]}
-    return blob(layout, json.dumps(body).encode(), MANIFEST)
+    return blob(layout, json.dumps(body).encode(), MANIFEST), digest
 
 
-def pulled_buildx_index(layout: Path, *, layer_present: bool = True) -> None:
+def pulled_buildx_index(layout: Path, name: str) -> set[str]:
     """What `docker save` writes for an image buildx pushed and the engine pulled: an
-    index naming this platform's image and an attestation manifest it did not fetch."""
-    image = {**image_manifest(layout, layer_present=layer_present),
-             "platform": {"architecture": "amd64", "os": "linux"}}
+    index naming this platform's image and an attestation manifest it did not fetch.
+    The digests the export named."""
+    manifest, layer = image_manifest(layout)
+    image = {**manifest, "platform": {"architecture": "amd64", "os": "linux"}}
     attestation = {
         "mediaType": MANIFEST, "digest": "sha256:" + "0" * 64, "size": 566,
         "platform": {"architecture": "unknown", "os": "unknown"},
         "annotations": {"vnd.docker.reference.type": "attestation-manifest"},
     }
-    other = {**image_manifest(layout / "elsewhere"), "platform": {"architecture": "arm64",
-                                                                   "os": "linux"}}
+    other, _ = image_manifest(layout / "elsewhere")
+    other["platform"] = {"architecture": "arm64", "os": "linux"}
     inner = {"schemaVersion": 2, "mediaType": INDEX, "manifests": [other, image, attestation]}
     top = blob(layout, json.dumps(inner).encode(), INDEX,
-               annotations={"org.opencontainers.image.ref.name": "main--latest"})
+               annotations={"io.containerd.image.name": name,
+                            "org.opencontainers.image.ref.name": "latest"})
     (layout / "index.json").write_text(
         json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": [top]})
     )
+    return {f"sha256:{path.name}" for path in (layout / "blobs" / "sha256").iterdir()} | {layer}
 
 
-def test_a_pulled_index_is_pointed_at_this_platforms_image(tmp_path: Path) -> None:
-    pulled_buildx_index(tmp_path)
-    assert point_at_platform_image(tmp_path, AMD64) == "main--latest"
-    entry = json.loads((tmp_path / "index.json").read_text())["manifests"]
-    assert len(entry) == 1
-    assert entry[0]["mediaType"] == MANIFEST
-    assert entry[0]["annotations"]["org.opencontainers.image.ref.name"] == "main--latest"
-    manifest = tmp_path / "blobs" / "sha256" / entry[0]["digest"].split(":")[1]
-    assert json.loads(manifest.read_text())["layers"][0]["digest"].startswith("sha256:")
+def test_a_pulled_index_leads_to_this_platforms_image(tmp_path: Path) -> None:
+    name = "docker.io/myorg/app:latest"
+    exported = pulled_buildx_index(tmp_path, name)
+    found = platform_manifests(tmp_path, exported, AMD64)
+    assert list(found) == [name]
+    assert found[name]["mediaType"] == MANIFEST
+    assert found[name]["platform"] == {"architecture": "amd64", "os": "linux"}
 
 
-def test_a_layout_missing_a_layer_is_not_used(tmp_path: Path) -> None:
-    pulled_buildx_index(tmp_path, layer_present=False)
-    before = (tmp_path / "index.json").read_text()
-    assert point_at_platform_image(tmp_path, AMD64) is None
-    assert (tmp_path / "index.json").read_text() == before
+def test_an_image_whose_layer_the_engine_did_not_export_is_not_used(tmp_path: Path) -> None:
+    exported = pulled_buildx_index(tmp_path, "docker.io/myorg/app:latest")
+    layer = next(digest for digest in exported
+                 if not (tmp_path / "blobs" / "sha256" / digest.split(":")[1]).exists())
+    assert platform_manifests(tmp_path, exported - {layer}, AMD64) == {}
 
 
-def test_a_layout_without_this_platform_is_not_used(tmp_path: Path) -> None:
-    pulled_buildx_index(tmp_path)
-    assert point_at_platform_image(tmp_path, ("linux", "s390x")) is None
+def test_an_image_without_this_platform_is_not_used(tmp_path: Path) -> None:
+    exported = pulled_buildx_index(tmp_path, "docker.io/myorg/app:latest")
+    assert platform_manifests(tmp_path, exported, ("linux", "s390x")) == {}
+
+
+def test_image_names_are_matched_in_the_containerd_stores_spelling() -> None:
+    assert full_name("app") == "docker.io/library/app:latest"
+    assert full_name("myorg/app:v1") == "docker.io/myorg/app:v1"
+    assert full_name("docker.io/myorg/app:v1") == "docker.io/myorg/app:v1"
+    assert full_name("127.0.0.1:5000/app-cache:main--latest") == (
+        "127.0.0.1:5000/app-cache:main--latest"
+    )
 
 
 def test_the_build_clis_login_keeps_the_users_config_and_plugins(tmp_path: Path) -> None:

@@ -14,6 +14,11 @@ can stand in the way, both for images pulled from a registry:
   layers altogether. Such an image is read from the registry it was pulled from instead
   (``type=registry`` at its digest), with layerkeep's credentials for that registry when
   it has some.
+
+All cached images come out of one ``docker save`` (shared layers once), read as a
+stream: only the small blobs (indexes, manifests, configs) are written to the layout.
+BuildKit needs no layer from it: the layers it reuses are the engine's own, and a layer
+the export named is one the engine has.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import tarfile
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -31,14 +37,22 @@ from typing import Any
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import LayerkeepError
-from layerkeep.core.registry import Credentials, local_digests, registry_host
+from layerkeep.core.imageref import parse_image_ref
+from layerkeep.core.registry import DOCKER_HUB, Credentials, local_digests, registry_host
+from layerkeep.core.tarstream import ChunkStream, read_members
 
 Log = Callable[[str], None]
 CredentialsFor = Callable[[str], Credentials]
 
+SMALL_BLOB = 4 << 20  # indexes, manifests and configs are far smaller; layers rarely
 _REF_NAME = "org.opencontainers.image.ref.name"
+_IMAGE_NAME = "io.containerd.image.name"
+_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+_LAYOUT_FILE = re.compile(
+    r"blobs/(?P<algorithm>[a-z0-9]+)/(?P<encoded>[a-f0-9]{32,128})|index\.json|oci-layout"
+)
 _INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
+    _OCI_INDEX,
     "application/vnd.docker.distribution.manifest.list.v2+json",
 }
 
@@ -74,25 +88,29 @@ def containerd_cache_sources(
     credentials_for: CredentialsFor,
     log: Log,
 ) -> ContainerdSources:
-    """Each cached image as a BuildKit cache source (see the module docstring); temp
-    folders live as long as ``stack``. An image that cannot serve is left out with a
+    """Each cached image as a BuildKit cache source (see the module docstring); the temp
+    folder lives as long as ``stack``. An image that cannot serve is left out with a
     warning: the build goes on without it."""
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="layerkeep-oci-")))
+    layout = folder / "layout"
     version = engine.server_version()
     platform = (str(version.get("Os", "linux")), str(version.get("Arch", "amd64")))
     found = ContainerdSources()
+    try:
+        exported = export_layout(engine, images, layout)
+        manifests = platform_manifests(layout, exported, platform)
+    except (LayerkeepError, OSError, tarfile.TarError, ValueError) as error:
+        reason = error.one_line() if isinstance(error, LayerkeepError) else str(error)
+        log(f"warning: cached images left out of the build: docker save failed: {reason}")
+        return found
     logins: dict[str, Credentials] = {}
-    for number, image in enumerate(images):
-        layout = folder / str(number)
-        try:
-            _export(engine, image, layout)
-            tag = point_at_platform_image(layout, platform)
-            if tag is not None:
-                found.local.append(f"type=local,src={layout},tag={tag}")
-                continue
-        except (LayerkeepError, OSError, tarfile.TarError, ValueError) as error:
-            reason = error.one_line() if isinstance(error, LayerkeepError) else str(error)
-            log(f"warning: {image} is left out of the build's cache: {reason}")
+    entries: list[dict[str, Any]] = []
+    for image in images:
+        manifest = manifests.get(full_name(image))
+        if manifest is not None:
+            tag = f"layerkeep-{len(entries)}"
+            entries.append({**manifest, "annotations": {_REF_NAME: tag}})
+            found.local.append(f"type=local,src={layout},tag={tag}")
             continue
         origin = next(iter(local_digests(engine, image)), None)
         if origin is None:
@@ -106,27 +124,60 @@ def containerd_cache_sources(
         credentials = credentials_for(host)
         if credentials.user:
             logins[host] = credentials
+    index = {"schemaVersion": 2, "mediaType": _OCI_INDEX, "manifests": entries}
+    (layout / "index.json").write_text(json.dumps(index), "utf-8")
     if logins:
         found.environ = docker_config_with(logins, environ, folder / "docker-config")
     return found
 
 
-def point_at_platform_image(layout: Path, platform: tuple[str, str]) -> str | None:
-    """Make ``layout``'s index name the image manifest for ``platform`` directly; the tag
-    it is named by, or None when the layout lacks that image's config or a layer."""
-    index_file = layout / "index.json"
-    index = json.loads(index_file.read_text("utf-8"))
-    entry = (index.get("manifests") or [{}])[0]
-    tag = str(entry.get("annotations", {}).get(_REF_NAME, ""))
-    if not tag:
-        raise LayerkeepError(f"its OCI export's {index_file.name} names no tag")
-    manifest = _platform_manifest(layout, entry, platform)
-    if manifest is None or not _complete(layout, manifest):
-        return None
-    if manifest is not entry:
-        index["manifests"] = [{**manifest, "annotations": entry["annotations"]}]
-        index_file.write_text(json.dumps(index), "utf-8")
-    return tag
+def export_layout(engine: Engine, images: Sequence[str], layout: Path) -> set[str]:
+    """One ``docker save`` of ``images`` into the folder ``layout``, keeping the index
+    and the blobs of at most ``SMALL_BLOB`` bytes; the digests of every blob exported."""
+    stream = ChunkStream(engine.save_images(images))
+    exported: set[str] = set()
+    for member in read_members(stream):
+        match = _LAYOUT_FILE.fullmatch(member.name)
+        if member.kind != "file" or match is None:
+            continue
+        if match["algorithm"]:
+            exported.add(f"{match['algorithm']}:{match['encoded']}")
+            if member.size > SMALL_BLOB:
+                continue  # a layer: read past, never written
+        target = layout / member.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("wb") as output:
+            for piece in stream.pieces(member.size):
+                output.write(piece)
+    stream.drain()
+    return exported
+
+
+def platform_manifests(
+    layout: Path, exported: set[str], platform: tuple[str, str]
+) -> dict[str, dict[str, Any]]:
+    """Full image name -> the descriptor of its image manifest for ``platform``, for each
+    image of the exported index whose config the layout holds and whose every layer the
+    engine exported."""
+    index = json.loads((layout / "index.json").read_text("utf-8"))
+    found = {}
+    for entry in index.get("manifests", []):
+        name = str(entry.get("annotations", {}).get(_IMAGE_NAME, ""))
+        manifest = _platform_manifest(layout, entry, platform)
+        if name and manifest is not None and _complete(layout, manifest, exported):
+            found[name] = manifest
+    return found
+
+
+def full_name(image: str) -> str:
+    """``image`` as the containerd store names it: ``app`` -> ``docker.io/library/app:latest``."""
+    reference = parse_image_ref(image)
+    if reference is None:
+        return image
+    repository = reference.repository
+    if registry_host(repository) == DOCKER_HUB and not repository.startswith(DOCKER_HUB + "/"):
+        repository = f"{DOCKER_HUB}/{'' if '/' in repository else 'library/'}{repository}"
+    return f"{repository}:{reference.tag}"
 
 
 def docker_config_with(
@@ -155,17 +206,6 @@ def docker_config_with(
     return {"DOCKER_CONFIG": str(folder)}
 
 
-def _export(engine: Engine, image: str, layout: Path) -> None:
-    """``docker save`` of ``image``, unpacked into the folder ``layout``."""
-    archive = layout.with_suffix(".tar")
-    with archive.open("wb") as output:
-        for chunk in engine.save_image(image):
-            output.write(chunk)
-    with tarfile.open(archive) as saved:
-        saved.extractall(layout, filter="data")
-    archive.unlink()
-
-
 def _platform_manifest(
     layout: Path, descriptor: dict[str, Any], platform: tuple[str, str]
 ) -> dict[str, Any] | None:
@@ -186,14 +226,17 @@ def _platform_manifest(
     return None
 
 
-def _complete(layout: Path, manifest: dict[str, Any]) -> bool:
-    """Whether the layout holds the manifest, its config and every layer."""
+def _complete(layout: Path, manifest: dict[str, Any], exported: set[str]) -> bool:
+    """Whether the layout holds the manifest and its config, and the engine exported
+    every layer (so has them all)."""
     blob = _blob(layout, manifest)
     if blob is None:
         return False
     content = json.loads(blob.read_text("utf-8"))
-    needed = [content.get("config", {}), *content.get("layers", [])]
-    return all(_blob(layout, descriptor) is not None for descriptor in needed)
+    layers = content.get("layers", [])
+    return _blob(layout, content.get("config", {})) is not None and all(
+        str(layer.get("digest")) in exported for layer in layers
+    )
 
 
 def _blob(layout: Path, descriptor: dict[str, Any]) -> Path | None:

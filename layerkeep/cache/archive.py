@@ -27,7 +27,8 @@ from typing import Protocol
 import zstandard
 
 from layerkeep.cache.store import CHUNK, config_layers
-from layerkeep.cache.tarstream import (
+from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.tarstream import (
     BLOCK,
     ChunkStream,
     Entry,
@@ -37,7 +38,6 @@ from layerkeep.cache.tarstream import (
     resolve_link,
     write_tar,
 )
-from layerkeep.core.errors import DockerOperationError
 
 # Configs, manifests and index files are far smaller; a larger member is a layer or foreign.
 SMALL = 4 << 20
