@@ -1,24 +1,23 @@
 """Cached images as BuildKit cache sources on the containerd image store.
 
 There, BuildKit ignores a local image's inline cache when given its name, but reads it
-from the image's own OCI export (``--cache-from type=local``). ``docker save`` on that
-store writes an OCI layout, whose ``index.json`` names the image by its tag. Two things
-can stand in the way, both for images pulled from a registry:
+from the image's own OCI export (``--cache-from type=local``). All cached images come
+out of one ``docker save`` (shared layers once), read as a stream: only the small blobs
+(indexes, manifests, configs) are written to the layout, whose index then names each
+image's manifest under a tag of ours. BuildKit needs no layer from it: the layers it
+reuses are the engine's own, and a layer the export named is one the engine has.
+
+Two things stand in the way for images pulled from a registry:
 
 - An image that buildx pushed is an *index* (the image for each platform, plus
   attestation manifests). The engine pulled, and so saves, only this platform's image,
-  and BuildKit gives up on a source when a manifest its index names is missing: each
-  layout is pointed straight at the image manifest for the engine's platform.
+  and BuildKit gives up on a source when a manifest its index names is missing: the
+  layout's index names the image manifest for the engine's platform directly.
 - The engine skips downloading a layer whose unpacked form it already has (a shared
   base image), and then ``docker save`` (dockerd 26) leaves out the image's config and
   layers altogether. Such an image is read from the registry it was pulled from instead
   (``type=registry`` at its digest), with layerkeep's credentials for that registry when
   it has some.
-
-All cached images come out of one ``docker save`` (shared layers once), read as a
-stream: only the small blobs (indexes, manifests, configs) are written to the layout.
-BuildKit needs no layer from it: the layers it reuses are the engine's own, and a layer
-the export named is one the engine has.
 """
 
 from __future__ import annotations
@@ -48,6 +47,7 @@ SMALL_BLOB = 4 << 20  # indexes, manifests and configs are far smaller; layers r
 _REF_NAME = "org.opencontainers.image.ref.name"
 _IMAGE_NAME = "io.containerd.image.name"
 _OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+_DIGEST = re.compile(r"(?P<algorithm>[a-z0-9]+):(?P<encoded>[a-f0-9]{32,128})")
 _LAYOUT_FILE = re.compile(
     r"blobs/(?P<algorithm>[a-z0-9]+)/(?P<encoded>[a-f0-9]{32,128})|index\.json|oci-layout"
 )
@@ -241,6 +241,8 @@ def _complete(layout: Path, manifest: dict[str, Any], exported: set[str]) -> boo
 
 def _blob(layout: Path, descriptor: dict[str, Any]) -> Path | None:
     """Where the layout keeps ``descriptor``'s blob, if it has it."""
-    algorithm, _, encoded = str(descriptor.get("digest", "")).partition(":")
-    path = layout / "blobs" / algorithm / encoded
-    return path if encoded and path.is_file() else None
+    match = _DIGEST.fullmatch(str(descriptor.get("digest", "")))
+    if match is None:
+        return None
+    path = layout / "blobs" / match["algorithm"] / match["encoded"]
+    return path if path.is_file() else None
