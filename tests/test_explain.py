@@ -20,6 +20,7 @@ from registry_setup import running_registry
 
 from layerkeep.build.explain import (
     RECORDS_FILE,
+    Maker,
     StageInputs,
     first_misses,
     kept_records,
@@ -327,3 +328,17 @@ def test_first_misses_follow_each_builders_numbering(tmp_path: Path) -> None:
                         ("stage-1 3/3:COPY --from=deps /a /a", False)]:
         buildkit.record(key, reused)
     assert first_misses(buildkit, "buildkit", stages) == {1: 3}
+
+
+def test_a_record_made_by_another_docker_generation_or_builder_says_so() -> None:
+    old = Maker("20.10.24+dfsg1", "buildkit")
+    new = Maker("26.1.5+dfsg1", "buildkit")
+    reason = new.unlike(old)
+    assert reason is not None
+    assert "Docker 20.10.24+dfsg1's BuildKit" in reason
+    assert "Docker 26.1.5+dfsg1's BuildKit" in reason
+    assert "keep one Docker generation per cache" in reason
+    assert "never share steps" in str(Maker("26.1.5", "legacy").unlike(new))
+    assert "can differ" in str(Maker("27.0.1", "buildkit").unlike(new))
+    assert new.unlike(new) is None
+    assert new.unlike(Maker("", "")) is None  # a record from an older layerkeep

@@ -86,11 +86,46 @@ class StageInputs:
 
 
 @dataclass(frozen=True)
+class Maker:
+    """The Docker engine version and the builder (``legacy``/``buildkit``) of a build."""
+
+    engine: str
+    builder: str
+
+    def describe(self) -> str:
+        """``Docker 26.1.5's BuildKit``, ``Docker 20.10.24's classic builder``."""
+        builder = "BuildKit" if self.builder == "buildkit" else "classic builder"
+        return f"Docker {self.engine}'s {builder}"
+
+    def unlike(self, other: Maker) -> str | None:
+        """Why steps made by ``other`` may not match steps this one makes; None when
+        nothing here says so (or ``other`` is not known)."""
+        if not (other.engine and other.builder) or other == self:
+            return None
+        said = f"the cached image was made by {other.describe()}, this build by {self.describe()}"
+        if other.builder != self.builder:
+            return f"{said}: the two builders never share steps"
+        if self.builder == "buildkit" and (_major(other.engine) < 23) != (_major(self.engine) < 23):
+            return (
+                f"{said}: BuildKit before and since Docker 23 computes different keys for "
+                "RUN steps; keep one Docker generation per cache"
+            )
+        return f"{said}: step keys can differ between Docker versions"
+
+
+def _major(version: str) -> int:
+    head = version.partition(".")[0]
+    return int(head) if head.isdigit() else 0
+
+
+@dataclass(frozen=True)
 class BuildRecord:
-    """What one build read, and the ids of the images it made."""
+    """What one build read, the ids of the images it made, and what made them (the
+    engine's version and the builder, empty in records of older layerkeeps)."""
 
     images: Mapping[str, str]
     stages: tuple[StageInputs, ...]
+    made_by: Maker = field(default_factory=lambda: Maker("", ""))
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values."""
@@ -100,6 +135,8 @@ class BuildRecord:
                 {"name": s.name, "steps": [[x.text, dict(x.inputs)] for x in s.steps]}
                 for s in self.stages
             ],
+            "engine": self.made_by.engine,
+            "builder": self.made_by.builder,
         }
 
     @classmethod
@@ -115,7 +152,8 @@ class BuildRecord:
             )
             for stage in data["stages"]
         )
-        return cls({str(k): str(v) for k, v in data["images"].items()}, stages)
+        made_by = Maker(str(data.get("engine", "")), str(data.get("builder", "")))
+        return cls({str(k): str(v) for k, v in data["images"].items()}, stages, made_by)
 
 
 def explain_misses(
@@ -142,6 +180,7 @@ def explain_misses(
         image_id=engine.image_id,
     )
     records = kept_records(engine, settings, log=log)
+    maker = Maker(str(engine.server_version().get("Version", "")), builder)
     cached = {image: image_id for image, image_id in before.items() if image_id}
     missed = first_misses(tally, builder, stages)
     if not missed:
@@ -151,13 +190,13 @@ def explain_misses(
     else:
         old = next((r for r in records if set(cached.items()) & set(r.images.items())), None)
         lines = [
-            _line(stages, index, step, old=old, rebuilt=set(missed), cached=cached)
+            _line(stages, index, step, old=old, rebuilt=set(missed), cached=cached, maker=maker)
             for index, step in sorted(missed.items())
         ]
     for line in lines:
         log(line)
     made = {image: engine.image_id(image) for image in before}
-    record = BuildRecord({k: v for k, v in made.items() if v}, tuple(stages))
+    record = BuildRecord({k: v for k, v in made.items() if v}, tuple(stages), maker)
     kept = [record, *(r for r in records if r.images != record.images)][:_KEEP]
     if kept != records[:_KEEP]:  # a build that changed nothing skips the image write
         _keep(engine, settings, kept, log)
@@ -278,6 +317,7 @@ def _line(
     old: BuildRecord | None,
     rebuilt: set[int],
     cached: Mapping[str, str],
+    maker: Maker,
 ) -> str:
     stage = stages[index]
     where = (
@@ -297,6 +337,9 @@ def _line(
     reason = _first_difference(previous.steps, stage.steps, missed, others)
     if reason:
         return f"{where}: {reason}"
+    other_maker = maker.unlike(old.made_by)
+    if other_maker:
+        return f"{where}: {other_maker}"
     compared = stage.steps[: missed + 1]
     args = {k for s in compared for k in s.inputs if k.startswith("arg:")}
     files = {k for s in compared for k in s.inputs if k.startswith("file:")}
