@@ -191,6 +191,7 @@ def build_image(
             containerd_cache_sources(
                 engine, cache_from, stack, environ=environ, log=log,
                 credentials_for=lambda host: credentials_for(settings, host),
+                registry_first=settings.cache_backend == "registry",
             )
             if containerd else None
         )

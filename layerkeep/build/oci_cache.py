@@ -87,32 +87,41 @@ def containerd_cache_sources(
     environ: Mapping[str, str],
     credentials_for: CredentialsFor,
     log: Log,
+    registry_first: bool = False,
 ) -> ContainerdSources:
     """Each cached image as a BuildKit cache source (see the module docstring); the temp
     folder lives as long as ``stack``. An image that cannot serve is left out with a
-    warning: the build goes on without it."""
+    warning: the build goes on without it.
+
+    ``registry_first`` (the registry cache backend, which just pulled them) reads every
+    image that came from a registry from there, without an export: 0.4 s instead of the
+    engine's export time.
+    """
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="layerkeep-oci-")))
     layout = folder / "layout"
-    version = engine.server_version()
-    platform = (str(version.get("Os", "linux")), str(version.get("Arch", "amd64")))
+    origins = {image: next(iter(local_digests(engine, image)), None) for image in images}
+    exporting = [i for i in images if not (registry_first and origins[i])]
     found = ContainerdSources()
-    try:
-        exported = export_layout(engine, images, layout)
-        manifests = platform_manifests(layout, exported, platform)
-    except (LayerkeepError, OSError, tarfile.TarError, ValueError) as error:
-        reason = error.one_line() if isinstance(error, LayerkeepError) else str(error)
-        log(f"warning: cached images left out of the build: docker save failed: {reason}")
-        return found
+    manifests: dict[str, dict[str, Any]] = {}
+    if exporting:
+        version = engine.server_version()
+        platform = (str(version.get("Os", "linux")), str(version.get("Arch", "amd64")))
+        try:
+            exported = export_layout(engine, exporting, layout)
+            manifests = platform_manifests(layout, exported, platform)
+        except (LayerkeepError, OSError, tarfile.TarError, ValueError) as error:
+            reason = error.one_line() if isinstance(error, LayerkeepError) else str(error)
+            log(f"warning: cached images not exported for the build: docker save failed: {reason}")
     logins: dict[str, Credentials] = {}
     entries: list[dict[str, Any]] = []
     for image in images:
-        manifest = manifests.get(full_name(image))
+        manifest = manifests.get(full_name(image)) if image in exporting else None
         if manifest is not None:
             tag = f"layerkeep-{len(entries)}"
             entries.append({**manifest, "annotations": {_REF_NAME: tag}})
             found.local.append(f"type=local,src={layout},tag={tag}")
             continue
-        origin = next(iter(local_digests(engine, image)), None)
+        origin = origins[image]
         if origin is None:
             log(
                 f"warning: {image} is left out of the build's cache: the engine's export "
@@ -124,8 +133,9 @@ def containerd_cache_sources(
         credentials = credentials_for(host)
         if credentials.user:
             logins[host] = credentials
-    index = {"schemaVersion": 2, "mediaType": _OCI_INDEX, "manifests": entries}
-    (layout / "index.json").write_text(json.dumps(index), "utf-8")
+    if entries:
+        index = {"schemaVersion": 2, "mediaType": _OCI_INDEX, "manifests": entries}
+        (layout / "index.json").write_text(json.dumps(index), "utf-8")
     if logins:
         found.environ = docker_config_with(logins, environ, folder / "docker-config")
     return found
