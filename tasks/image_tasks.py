@@ -4,6 +4,7 @@ from invoke.context import Context
 
 from layerkeep.build.image import build_image, images_to_cache
 from layerkeep.cache.layers import cache_sources
+from layerkeep.cache.registry_backend import registry_cache
 from layerkeep.dryrun import build_plan
 
 from .git_tasks import touch
@@ -30,7 +31,8 @@ def build(c: Context, builder: str | None = None, image: str | None = None) -> N
     # Cached images restored under an internal name (a tag of yours named another image).
     internal = cache_sources(connected, images_to_cache(current))
     report = build_image(
-        connected, current, chosen, environ(), log=masked_log(current), also_cache_from=internal
+        connected, current, chosen, environ(), log=masked_log(current),
+        also_cache_from=internal, registry_cache=registry_cache(current),
     )
     figures = {
         "builder": chosen.kind,

@@ -182,10 +182,7 @@ def test_save_wipe_load_and_build_again(kind: Kind, tmp_path: Path) -> None:
     assert again.layers_written == 0
     assert kind.name == "containerd26" or again.skipped
     warm, _ = build_on(kind.engine, kind.environ, settings, "buildkit")
-    if kind.name == "classic26":
-        assert warm == cold_total
-    # The containerd store's BuildKit does not reuse the loaded images yet (issue 8,
-    # item 2: the build's part); the load itself is checked above.
+    assert warm == cold_total
 
 
 @pytest.mark.parametrize("direction", ["from-20.10", "to-20.10"])

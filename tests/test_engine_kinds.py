@@ -10,6 +10,7 @@ project is the bundled example; both cache backends (folder, and a real registry
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -30,10 +31,13 @@ from second_engine import (
 )
 
 from layerkeep.build.image import BuildReport, build_image, choose_builder, images_to_cache
+from layerkeep.build.oci_cache import containerd_cache_sources
 from layerkeep.cache.backend import load_cache, save_cache
 from layerkeep.cache.layers import LoadReport
+from layerkeep.cache.registry_backend import registry_cache
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
+from layerkeep.core.registry import Credentials
 from layerkeep.core.settings import Settings, load_settings
 
 pytestmark = pytest.mark.docker
@@ -133,7 +137,10 @@ class Pool:
         second, connected = self.engine(kind)
         builder = choose_builder(settings.builder, second.environ, engine=connected)
         lines: list[str] = []
-        report = build_image(connected, settings, builder, second.environ, log=lines.append)
+        report = build_image(
+            connected, settings, builder, second.environ, log=lines.append,
+            registry_cache=registry_cache(settings),
+        )
         print(f"{kind}: {next(line for line in lines if line.startswith('cache: '))}")
         return report
 
@@ -269,7 +276,10 @@ def test_a_cache_saved_on_one_engine_version_restores_on_another(
     lines: list[str] = []
     second, connected = pool.engine(target)
     builder = choose_builder("auto", second.environ, engine=connected)
-    warm = build_image(connected, settings, builder, second.environ, log=lines.append)
+    warm = build_image(
+        connected, settings, builder, second.environ, log=lines.append,
+        registry_cache=registry_cache(settings),
+    )
     same_buildkit = ENGINE_OF[source].split("-")[0] == ENGINE_OF[target].split("-")[0]
     print(f"{source} -> {target} ({backend}): {warm.reuse}")
     if same_buildkit:
@@ -318,7 +328,10 @@ def test_a_registry_cache_behind_a_login_hits_on_the_containerd_store(
         assert len(pool.restore("fresh-26-containerd", settings).restored) == 2
         lines: list[str] = []
         builder = choose_builder("auto", second.environ, engine=target)
-        warm = build_image(target, settings, builder, second.environ, log=lines.append)
+        warm = build_image(
+            target, settings, builder, second.environ, log=lines.append,
+            registry_cache=registry_cache(settings),
+        )
     assert "2 from their registry" in warm.reuse
     assert warm.tally.reused == warm.tally.total == cold.report.tally.total, lines
     assert not any(password in line for line in lines)
@@ -349,6 +362,36 @@ def test_the_classic_builder_on_the_containerd_store_builds_without_a_cache_it_c
     for image in images_to_cache(settings):
         assert connected.image_id(image) is not None
         connected.remove_image(image, force=True)
+
+
+def test_an_image_the_engine_cannot_export_is_left_out_and_the_others_serve(
+    pool: Pool,
+) -> None:
+    try:
+        second, connected = pool.engine("26-containerd")
+    except SecondEngineUnavailable as error:
+        pytest.skip(str(error))
+    absent = f"layerkeep-test/{SESSION}/never-built:latest"
+    lines: list[str] = []
+    with contextlib.ExitStack() as stack:
+        # The engine refuses the one `docker save` of both: each is then saved alone.
+        # BASE has "repo digests" (every tag does, on this store) but none in the
+        # registry cache, so it is exported, not read from a registry.
+        found = containerd_cache_sources(
+            connected, [absent, BASE], stack, environ=second.environ, log=lines.append,
+            credentials_for=Credentials,
+            cache_repository=f"{pool.registry.address}/never-pushed-cache",
+        )
+        assert len(found.local) == 1
+        assert found.registry == []
+        layout = Path(found.local[0].split("src=", 1)[1].split(",", 1)[0])
+        index = json.loads((layout / "index.json").read_text())
+        assert len(index["manifests"]) == 1
+        assert (layout / "oci-layout").is_file()
+    assert any(line.startswith(f"warning: {absent} not exported") for line in lines), lines
+    assert any(f"{absent} is left out of the build's cache" in line for line in lines)
+    assert (connected.image_attrs(BASE) or {}).get("RepoDigests")
+    assert not any(BASE in line for line in lines), lines
 
 
 def test_each_kind_builds_with_the_builder_it_should(pool: Pool, kind: str) -> None:

@@ -13,7 +13,12 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from layerkeep.build.oci_cache import docker_config_with, full_name, platform_manifests
+from layerkeep.build.oci_cache import (
+    Export,
+    docker_config_with,
+    full_name,
+    platform_manifests,
+)
 from layerkeep.core.registry import Credentials
 
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -40,10 +45,10 @@ def image_manifest(layout: Path) -> tuple[dict[str, Any], str]:
     return blob(layout, json.dumps(body).encode(), MANIFEST), digest
 
 
-def pulled_buildx_index(layout: Path, name: str) -> set[str]:
-    """What `docker save` writes for an image buildx pushed and the engine pulled: an
-    index naming this platform's image and an attestation manifest it did not fetch.
-    The digests the export named."""
+def pulled_buildx_index(layout: Path, name: str) -> Export:
+    """What export_layout makes of `docker save` for an image buildx pushed and the
+    engine pulled: an index naming this platform's image and an attestation manifest
+    it did not fetch."""
     manifest, layer = image_manifest(layout)
     image = {**manifest, "platform": {"architecture": "amd64", "os": "linux"}}
     attestation = {
@@ -57,10 +62,8 @@ def pulled_buildx_index(layout: Path, name: str) -> set[str]:
     top = blob(layout, json.dumps(inner).encode(), INDEX,
                annotations={"io.containerd.image.name": name,
                             "org.opencontainers.image.ref.name": "latest"})
-    (layout / "index.json").write_text(
-        json.dumps({"schemaVersion": 2, "mediaType": INDEX, "manifests": [top]})
-    )
-    return {f"sha256:{path.name}" for path in (layout / "blobs" / "sha256").iterdir()} | {layer}
+    written = {f"sha256:{path.name}" for path in (layout / "blobs" / "sha256").iterdir()}
+    return Export([top], written | {layer})
 
 
 def test_a_pulled_index_leads_to_this_platforms_image(tmp_path: Path) -> None:
@@ -74,9 +77,10 @@ def test_a_pulled_index_leads_to_this_platforms_image(tmp_path: Path) -> None:
 
 def test_an_image_whose_layer_the_engine_did_not_export_is_not_used(tmp_path: Path) -> None:
     exported = pulled_buildx_index(tmp_path, "docker.io/myorg/app:latest")
-    layer = next(digest for digest in exported
+    layer = next(digest for digest in exported.digests
                  if not (tmp_path / "blobs" / "sha256" / digest.split(":")[1]).exists())
-    assert platform_manifests(tmp_path, exported - {layer}, AMD64) == {}
+    exported.digests.remove(layer)
+    assert platform_manifests(tmp_path, exported, AMD64) == {}
 
 
 def test_an_image_without_this_platform_is_not_used(tmp_path: Path) -> None:

@@ -164,11 +164,14 @@ def build_image(
     *,
     log: Log = print,
     also_cache_from: Sequence[str] = (),
+    registry_cache: str | None = None,
 ) -> BuildReport:
     """Build every stage and then the app image, reusing every cached image present.
 
     ``also_cache_from`` are more cached images to reuse: those cache.load restored under
-    an internal name because the user's own tag named another image.
+    an internal name because the user's own tag named another image. ``registry_cache``
+    is the registry cache backend's repository (None for the folder backend): on the
+    containerd image store, images pulled from it are read from there (see oci_cache).
     layerkeep's own folders inside the context are left out of it (see build.context);
     an image a build replaced is removed once nothing tags or uses it.
     """
@@ -191,7 +194,7 @@ def build_image(
             containerd_cache_sources(
                 engine, cache_from, stack, environ=environ, log=log,
                 credentials_for=lambda host: credentials_for(settings, host),
-                registry_first=settings.cache_backend == "registry",
+                cache_repository=registry_cache,
             )
             if containerd else None
         )

@@ -7,17 +7,18 @@ out of one ``docker save`` (shared layers once), read as a stream: only the smal
 image's manifest under a tag of ours. BuildKit needs no layer from it: the layers it
 reuses are the engine's own, and a layer the export named is one the engine has.
 
-Two things stand in the way for images pulled from a registry:
+Images pulled from the registry cache are not exported at all: BuildKit reads each
+from that repository (``type=registry`` at the digest that was pulled), logged in with
+layerkeep's credentials for it when there are some. That is faster (no export) and
+steps around two things that make exports of pulled images useless to BuildKit:
 
 - An image that buildx pushed is an *index* (the image for each platform, plus
   attestation manifests). The engine pulled, and so saves, only this platform's image,
-  and BuildKit gives up on a source when a manifest its index names is missing: the
-  layout's index names the image manifest for the engine's platform directly.
+  and BuildKit gives up on a source when a manifest its index names is missing. (So
+  the layout's index always names the image manifest for the engine's platform.)
 - The engine skips downloading a layer whose unpacked form it already has (a shared
   base image), and then ``docker save`` (dockerd 26) leaves out the image's config and
-  layers altogether. Such an image is read from the registry it was pulled from instead
-  (``type=registry`` at its digest), with layerkeep's credentials for that registry when
-  it has some.
+  layers altogether. Such an export is incomplete, and its image is left out.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ _IMAGE_NAME = "io.containerd.image.name"
 _OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _DIGEST = re.compile(r"(?P<algorithm>[a-z0-9]+):(?P<encoded>[a-f0-9]{32,128})")
 _LAYOUT_FILE = re.compile(
-    r"blobs/(?P<algorithm>[a-z0-9]+)/(?P<encoded>[a-f0-9]{32,128})|index\.json|oci-layout"
+    r"blobs/(?P<algorithm>[a-z0-9]+)/(?P<encoded>[a-f0-9]{32,128})|index\.json"
 )
+_EXPORT_ERRORS = (LayerkeepError, OSError, tarfile.TarError, ValueError)
 _INDEX_TYPES = {
     _OCI_INDEX,
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -87,35 +89,31 @@ def containerd_cache_sources(
     environ: Mapping[str, str],
     credentials_for: CredentialsFor,
     log: Log,
-    registry_first: bool = False,
+    cache_repository: str | None = None,
 ) -> ContainerdSources:
     """Each cached image as a BuildKit cache source (see the module docstring); the temp
     folder lives as long as ``stack``. An image that cannot serve is left out with a
     warning: the build goes on without it.
 
-    ``registry_first`` (the registry cache backend, which just pulled them) reads every
-    image that came from a registry from there, without an export: 0.4 s instead of the
-    engine's export time.
+    ``cache_repository`` is the registry cache backend's repository: an image pulled
+    from there is read from there, without an export (0.4 s instead of the engine's
+    export time). Other images are exported.
     """
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="layerkeep-oci-")))
     layout = folder / "layout"
-    origins = {image: next(iter(local_digests(engine, image)), None) for image in images}
-    exporting = [i for i in images if not (registry_first and origins[i])]
+    origins = {image: _pulled_from(engine, image, cache_repository) for image in images}
+    exporting = [image for image in images if origins[image] is None]
     found = ContainerdSources()
     manifests: dict[str, dict[str, Any]] = {}
     if exporting:
         version = engine.server_version()
         platform = (str(version.get("Os", "linux")), str(version.get("Arch", "amd64")))
-        try:
-            exported = export_layout(engine, exporting, layout)
-            manifests = platform_manifests(layout, exported, platform)
-        except (LayerkeepError, OSError, tarfile.TarError, ValueError) as error:
-            reason = error.one_line() if isinstance(error, LayerkeepError) else str(error)
-            log(f"warning: cached images not exported for the build: docker save failed: {reason}")
+        export = _export_each(engine, exporting, layout, log)
+        manifests = platform_manifests(layout, export, platform)
     logins: dict[str, Credentials] = {}
     entries: list[dict[str, Any]] = []
     for image in images:
-        manifest = manifests.get(full_name(image)) if image in exporting else None
+        manifest = manifests.get(full_name(image))
         if manifest is not None:
             tag = f"layerkeep-{len(entries)}"
             entries.append({**manifest, "annotations": {_REF_NAME: tag}})
@@ -124,8 +122,8 @@ def containerd_cache_sources(
         origin = origins[image]
         if origin is None:
             log(
-                f"warning: {image} is left out of the build's cache: the engine's export "
-                "of it is incomplete and it came from no registry"
+                f"warning: {image} is left out of the build's cache: the engine could not "
+                "export it whole, and it was not pulled from the registry cache"
             )
             continue
         found.registry.append(f"type=registry,ref={origin}")
@@ -136,45 +134,55 @@ def containerd_cache_sources(
     if entries:
         index = {"schemaVersion": 2, "mediaType": _OCI_INDEX, "manifests": entries}
         (layout / "index.json").write_text(json.dumps(index), "utf-8")
+        (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}), "utf-8")
     if logins:
         found.environ = docker_config_with(logins, environ, folder / "docker-config")
     return found
 
 
-def export_layout(engine: Engine, images: Sequence[str], layout: Path) -> set[str]:
-    """One ``docker save`` of ``images`` into the folder ``layout``, keeping the index
-    and the blobs of at most ``SMALL_BLOB`` bytes; the digests of every blob exported."""
+@dataclass
+class Export:
+    """What ``docker save`` put into a layout: its index entries, and the digest of
+    every blob it named (the layers among them were read past, not written)."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    digests: set[str] = field(default_factory=set)
+
+
+def export_layout(engine: Engine, images: Sequence[str], layout: Path) -> Export:
+    """One ``docker save`` of ``images`` into the folder ``layout``, writing only the
+    blobs of at most ``SMALL_BLOB`` bytes."""
     stream = ChunkStream(engine.save_images(images))
-    exported: set[str] = set()
+    export = Export()
     for member in read_members(stream):
         match = _LAYOUT_FILE.fullmatch(member.name)
         if member.kind != "file" or match is None:
             continue
-        if match["algorithm"]:
-            exported.add(f"{match['algorithm']}:{match['encoded']}")
-            if member.size > SMALL_BLOB:
-                continue  # a layer: read past, never written
+        if not match["algorithm"]:  # index.json: kept in memory, a new one is written
+            export.entries += json.loads(stream.read(member.size)).get("manifests", [])
+            continue
+        export.digests.add(f"{match['algorithm']}:{match['encoded']}")
+        if member.size > SMALL_BLOB:
+            continue  # a layer: read past, never written
         target = layout / member.name
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as output:
             for piece in stream.pieces(member.size):
                 output.write(piece)
     stream.drain()
-    return exported
+    return export
 
 
 def platform_manifests(
-    layout: Path, exported: set[str], platform: tuple[str, str]
+    layout: Path, export: Export, platform: tuple[str, str]
 ) -> dict[str, dict[str, Any]]:
     """Full image name -> the descriptor of its image manifest for ``platform``, for each
-    image of the exported index whose config the layout holds and whose every layer the
-    engine exported."""
-    index = json.loads((layout / "index.json").read_text("utf-8"))
+    exported image whose config the layout holds and whose every layer was exported."""
     found = {}
-    for entry in index.get("manifests", []):
+    for entry in export.entries:
         name = str(entry.get("annotations", {}).get(_IMAGE_NAME, ""))
         manifest = _platform_manifest(layout, entry, platform)
-        if name and manifest is not None and _complete(layout, manifest, exported):
+        if name and manifest is not None and _complete(layout, manifest, export.digests):
             found[name] = manifest
     return found
 
@@ -214,6 +222,43 @@ def docker_config_with(
     if (user_folder / "cli-plugins").is_dir():
         (folder / "cli-plugins").symlink_to(user_folder / "cli-plugins")
     return {"DOCKER_CONFIG": str(folder)}
+
+
+def _export_each(engine: Engine, images: Sequence[str], layout: Path, log: Log) -> Export:
+    """All ``images`` in one ``docker save``; when the engine refuses that, one at a
+    time, leaving out (with a warning) those it refuses."""
+    try:
+        return export_layout(engine, images, layout)
+    except _EXPORT_ERRORS as error:
+        if len(images) == 1:
+            log(f"warning: {images[0]} not exported for the build: {_reason(error)}")
+            return Export()
+    merged = Export()
+    for image in images:
+        try:
+            part = export_layout(engine, [image], layout)
+        except _EXPORT_ERRORS as error:
+            log(f"warning: {image} not exported for the build: {_reason(error)}")
+            continue
+        merged.entries += part.entries
+        merged.digests |= part.digests
+    return merged
+
+
+def _pulled_from(engine: Engine, image: str, repository: str | None) -> str | None:
+    """``<repository>@<digest>`` when ``image`` was pulled from ``repository``.
+
+    Only that repository counts: on the containerd store every tag of an image gets a
+    "repo digest", pulled or not (``myorg/app@sha256:...`` for a local ``myorg/app``).
+    """
+    if repository is None:
+        return None
+    prefix = f"{repository}@"
+    return next((name for name in local_digests(engine, image) if name.startswith(prefix)), None)
+
+
+def _reason(error: Exception) -> str:
+    return error.one_line() if isinstance(error, LayerkeepError) else str(error)
 
 
 def _platform_manifest(

@@ -110,6 +110,12 @@ def cache_location(settings: Settings) -> CacheLocation:
     return CacheLocation(repository, credentials_for(settings, registry_host(repository)))
 
 
+def registry_cache(settings: Settings) -> str | None:
+    """The registry cache's repository (image.build reads cached images from there on
+    the containerd store), or None with the folder backend."""
+    return cache_location(settings).repository if settings.cache_backend == "registry" else None
+
+
 SCOPE_SEPARATOR = "--"
 SCOPE_MAX = 48
 
