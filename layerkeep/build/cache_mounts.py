@@ -42,7 +42,6 @@ from layerkeep.core.errors import BuildFailed
 CHUNK = 1 << 20
 # What an export of an empty mount is: a tar with no member, just its two zero blocks.
 EMPTY_TAR = 1024
-_TAIL = 20
 _RUN = re.compile(r"^RUN\s+(?P<flags>(?:--\S+\s+)*)", re.IGNORECASE)
 _FROM_LINE = re.compile(r"^FROM\s", re.IGNORECASE)
 _ARG = re.compile(r"^ARG\s+(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:=(?P<value>\S*))?\s*$", re.I)
@@ -259,11 +258,7 @@ def _run(
                 take(process.stdout)
                 process.stdout.read()  # whatever take left, so the CLI can finish
             errors.seek(0)
-            tail = deque(errors.read().decode(errors="replace").splitlines(), maxlen=_TAIL)
+            lines = errors.read().decode(errors="replace").splitlines()
+            tail = deque(lines, maxlen=BuildFailed.TAIL_LINES)
     if process.returncode != 0:
-        reason = next((line for line in reversed(tail) if "error" in line.lower()), "")
-        raise BuildFailed(
-            f"{what} failed (exit {process.returncode}): {reason.strip()}",
-            image=what,
-            last_lines=list(tail),
-        )
+        raise BuildFailed.from_output(what, image=what, exit_code=process.returncode, tail=tail)

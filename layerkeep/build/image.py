@@ -39,7 +39,6 @@ from layerkeep.core.registry import OFFLINE_HINT, credentials_for, unreachable_r
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
-_TAIL = 20
 _MANIFEST_URL = re.compile(r"/v2/(?P<repository>[^\s\"]+?)/manifests/(?P<tag>[^\s\"/]+)")
 
 
@@ -413,7 +412,7 @@ def _run_cli(cli: str, job: _Job, environ: Mapping[str, str], dockerfile: Path) 
     command.append(str(job.plan.context))
     env = {**environ, **build_args, "DOCKER_BUILDKIT": "1", "BUILDKIT_PROGRESS": "plain"}
     parser = BuildkitParser(job.tally)
-    tail: deque[str] = deque(maxlen=_TAIL)
+    tail: deque[str] = deque(maxlen=BuildFailed.TAIL_LINES)
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
@@ -424,11 +423,8 @@ def _run_cli(cli: str, job: _Job, environ: Mapping[str, str], dockerfile: Path) 
             parser.feed(line)
             job.log(line)
     if process.returncode != 0:
-        reason = next((line for line in reversed(tail) if "error" in line.lower()), "")
-        raise BuildFailed(
-            f"build {image} failed (exit {process.returncode}): {reason.strip()}",
-            image=image,
-            last_lines=list(tail),
+        raise BuildFailed.from_output(
+            f"build {image}", image=image, exit_code=process.returncode, tail=tail
         )
     parser.finish()
 

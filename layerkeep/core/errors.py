@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class LayerkeepError(Exception):
     """Root of every error layerkeep reports to a user as one line."""
@@ -70,9 +72,23 @@ class ResourceConflict(DockerOperationError):
 class BuildFailed(DockerOperationError):
     """A build step failed; carries the step and the last lines of output."""
 
+    TAIL_LINES = 20  # how many of the builder's last lines a failure keeps
+
     def __init__(self, message: str, *, image: str, last_lines: list[str]) -> None:
         super().__init__(message, image=image)
         self.last_lines = last_lines
+
+    @classmethod
+    def from_output(
+        cls, what: str, *, image: str, exit_code: int, tail: Sequence[str]
+    ) -> BuildFailed:
+        """``<what> failed (exit N): <the last line of tail that mentions an error>``."""
+        reason = next((line for line in reversed(tail) if "error" in line.lower()), "")
+        return cls(
+            f"{what} failed (exit {exit_code}): {reason.strip()}",
+            image=image,
+            last_lines=list(tail),
+        )
 
 
 class GitError(LayerkeepError):
