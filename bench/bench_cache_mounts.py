@@ -32,8 +32,6 @@ import argparse
 import contextlib
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -140,11 +138,7 @@ def wipe(second: SecondEngine, engine: Engine) -> None:
         image_id = engine.image_id(tag)
         if image_id is not None:
             engine.remove_image(image_id, force=True)
-    cli = shutil.which("docker", path=second.environ.get("PATH")) or "docker"
-    subprocess.run(
-        [cli, "builder", "prune", "--all", "--force"],
-        env=dict(second.environ), capture_output=True, check=True,
-    )
+    second.prune_builder()
 
 
 def build(engine: Engine, settings: Settings, builder: Builder, environ: dict[str, str]) -> tuple[

@@ -201,6 +201,14 @@ class SecondEngine:
     killed: bool = False
     leftovers: list[str] = field(default_factory=list)
 
+    def prune_builder(self) -> None:
+        """Empty this engine's builder cache: a throw-away engine's cache is all ours."""
+        cli = shutil.which("docker", path=self.environ.get("PATH")) or "docker"
+        subprocess.run(
+            [cli, "builder", "prune", "--all", "--force"],
+            env=dict(self.environ), capture_output=True, check=True,
+        )
+
 
 def dockerd_flags(
     data_root: Path, exec_root: Path, config_file: Path, bridge: str, *, storage_driver: bool = True

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -222,11 +220,7 @@ def wipe(second: SecondEngine, engine: Engine, settings: Settings) -> None:
             engine.remove_image(str(image["Id"]), force=True)
     for app in plan_build(settings).images:
         assert engine.image_id(str(app)) is None
-    cli = shutil.which("docker", path=second.environ.get("PATH")) or "docker"
-    subprocess.run(  # a throw-away engine: all of its builder cache is ours
-        [cli, "builder", "prune", "--all", "--force"],
-        env=dict(second.environ), capture_output=True, check=True,
-    )
+    second.prune_builder()
     assert engine.build_cache_entries() == 0
 
 

@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,11 +167,7 @@ class Pool:
             image_id = connected.image_id(image)
             if image_id is not None:
                 connected.remove_image(image_id, force=True)
-        cli = shutil.which("docker", path=second.environ.get("PATH")) or "docker"
-        subprocess.run(
-            [cli, "builder", "prune", "--all", "--force"],
-            env=dict(second.environ), capture_output=True, check=True,
-        )
+        second.prune_builder()
         assert connected.build_cache_entries() == 0
 
     def restore(self, kind: str, settings: Settings) -> LoadReport:
