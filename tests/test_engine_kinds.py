@@ -131,11 +131,14 @@ class Pool:
         }
         return load_settings(project, environ, git_facts=lambda _: GitFacts("", ""))
 
-    def build(self, kind: str, settings: Settings) -> BuildReport:
-        """Build the example on ``kind``'s engine with its builder; the report."""
+    def build(
+        self, kind: str, settings: Settings, lines: list[str] | None = None
+    ) -> BuildReport:
+        """Build the example on ``kind``'s engine with the settings' builder; the report
+        (its output goes into ``lines`` when given)."""
         second, connected = self.engine(kind)
         builder = choose_builder(settings.builder, second.environ, engine=connected)
-        lines: list[str] = []
+        lines = [] if lines is None else lines
         report = build_image(
             connected, settings, builder, second.environ, log=lines.append,
             registry_cache=registry_cache(settings),
@@ -269,12 +272,8 @@ def test_a_cache_saved_on_one_engine_version_restores_on_another(
     restored = pool.restore(target, settings)
     assert len(restored.restored) == 2, restored
     lines: list[str] = []
-    second, connected = pool.engine(target)
-    builder = choose_builder("auto", second.environ, engine=connected)
-    warm = build_image(
-        connected, settings, builder, second.environ, log=lines.append,
-        registry_cache=registry_cache(settings),
-    )
+    warm = pool.build(target, settings, lines)
+    _, connected = pool.engine(target)
     same_buildkit = ENGINE_OF[source].split("-")[0] == ENGINE_OF[target].split("-")[0]
     print(f"{source} -> {target} ({backend}): {warm.reuse}")
     if same_buildkit:
@@ -322,11 +321,7 @@ def test_a_registry_cache_behind_a_login_hits_on_the_containerd_store(
         before = config.read_bytes() if config.exists() else None
         assert len(pool.restore("fresh-26-containerd", settings).restored) == 2
         lines: list[str] = []
-        builder = choose_builder("auto", second.environ, engine=target)
-        warm = build_image(
-            target, settings, builder, second.environ, log=lines.append,
-            registry_cache=registry_cache(settings),
-        )
+        warm = pool.build("fresh-26-containerd", settings, lines)
     assert "2 from their registry" in warm.reuse
     assert warm.tally.reused == warm.tally.total == cold.report.tally.total, lines
     assert not any(password in line for line in lines)
@@ -346,12 +341,12 @@ def test_the_classic_builder_on_the_containerd_store_builds_without_a_cache_it_c
         pytest.skip(str(error))
     settings = pool.settings(kind, cold.image, "dir", cold.cache_dir)
     assert len(pool.restore(kind, settings).restored) == 2
-    second, connected = pool.engine(kind)
+    _, connected = pool.engine(kind)
     lines: list[str] = []
-    builder = choose_builder("legacy", second.environ, engine=connected)
     # dockerd 26.1 fails such a build ("failed to restore cached image"); layerkeep
     # says so and builds again without the cache.
-    warm = build_image(connected, settings, builder, second.environ, log=lines.append)
+    warm = pool.build(kind, settings, lines)
+    assert warm.builder.kind == "legacy"
     assert any("the classic builder could not use the cached images" in line for line in lines)
     assert warm.tally.total == cold.report.tally.total
     for image in images_to_cache(settings):
