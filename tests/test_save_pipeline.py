@@ -146,7 +146,8 @@ def test_a_new_layer_the_size_of_a_cached_one_is_read_again(
     engine: Engine, unique_repository: str, tmp_path: Path
 ) -> None:
     tag = f"{unique_repository}/twins:1"
-    first = f"FROM {BASE}\nRUN head -c 5000000 /dev/urandom > /blob\n"
+    # The repository's name makes the layers this test's own (no cached step matches).
+    first = f"FROM {BASE}\nENV TEST={unique_repository}\nRUN head -c 5000000 /dev/urandom > /blob\n"
     build_plain(engine, tmp_path / "one", tag, first)
     cache = CacheDir(tmp_path / "cache")
     save(engine, cache, [tag])
