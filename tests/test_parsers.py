@@ -126,6 +126,37 @@ def test_buildkit_parser_counts_a_step_skipped_for_a_later_cached_one_as_reused(
     assert (tally.reused, tally.total) == (2, 2)
 
 
+def test_a_cached_step_printed_as_done_while_its_layers_are_fetched_counts_as_reused() -> None:
+    # BuildKit prints a step as it is when printed: a cached step whose layers it then
+    # fetches from a registry cache can lose its CACHED line. Those fetches happen only
+    # for results that came from the cache; a step that ran prints its output instead.
+    tally = StepTally()
+    parser = BuildkitParser(tally)
+    for line in [
+        "#9 [builder 3/4] COPY requirements.txt /tmp/requirements.txt",
+        "#9 CACHED",
+        "#11 [builder 4/4] RUN pip install --no-cache-dir -r /tmp/requirements.txt",
+        "#11 sha256:a7351e61ee5aa1ac0ed01290113a5c71cd2b5212e27983dff7600df78b5dad9f "
+        "130.24kB / 130.24kB 0.0s done",
+        "#11 sha256:dc66cf7d9d3dde1ab1cf815b301761d25ae5b45b5424743bb014bcec82c01af1 "
+        "26.84MB / 26.84MB 0.2s done",
+        "#11 DONE 0.2s",
+        "#16 [stage-1 7/8] COPY shortener/ ./shortener/",
+        "#16 DONE 0.2s",
+        "#17 [stage-1 8/8] RUN echo probe > /tmp/probe && ls /app",
+        "#17 0.119 db",
+        "#17 DONE 0.1s",
+    ]:
+        parser.feed(line)
+    parser.finish()
+    assert tally.reused_by_key == {
+        "builder 3/4:COPY requirements.txt /tmp/requirements.txt": True,
+        "builder 4/4:RUN pip install --no-cache-dir -r /tmp/requirements.txt": True,
+        "stage-1 7/8:COPY shortener/ ./shortener/": False,
+        "stage-1 8/8:RUN echo probe > /tmp/probe && ls /app": False,
+    }
+
+
 def test_write_tar_round_trips_through_tarfile() -> None:
     entries = [
         Entry("manifest.json", 2, [b"[]"]),

@@ -9,6 +9,11 @@ _LEGACY_STEP = re.compile(r"^Step \d+/\d+ : (?P<instruction>.*)$")
 _BUILDKIT_VERTEX = re.compile(r"^#(?P<id>\d+) \[(?P<step>[^\]]*\d+/\d+)\] (?P<instruction>.*)$")
 # CANCELED: started, then skipped because a later step came from the cache.
 _BUILDKIT_CACHED = re.compile(r"^#(?P<id>\d+) (?:CACHED|CANCELED)\s*$")
+# A step's cached layers fetched from a registry cache ("#11 sha256:<digest> 26.84MB /
+# 26.84MB 0.2s done"): BuildKit fetches a step's own result only when that result came
+# from the cache (a step that runs makes its layers here), and may then print the step
+# as DONE, without its CACHED line: its state when printed is the fetch's.
+_BUILDKIT_PULL = re.compile(r"^#(?P<id>\d+) (?:extracting )?sha256:[0-9a-f]{64}\b")
 
 
 @dataclass
@@ -127,6 +132,7 @@ class BuildkitParser:
         self.tally = tally
         self.steps: dict[str, str] = {}
         self.cached: set[str] = set()
+        self.pulled: set[str] = set()
 
     def feed(self, line: str) -> None:
         """Take one line of output."""
@@ -136,11 +142,14 @@ class BuildkitParser:
             if not match["instruction"].upper().startswith("FROM "):
                 self.steps.setdefault(match["id"], f"{match['step']}:{match['instruction']}")
             return
-        match = _BUILDKIT_CACHED.match(text)
-        if match:
-            self.cached.add(match["id"])
+        for pattern, seen in ((_BUILDKIT_CACHED, self.cached), (_BUILDKIT_PULL, self.pulled)):
+            match = pattern.match(text)
+            if match:
+                seen.add(match["id"])
+                return
 
     def finish(self) -> None:
         """Record every step of this build."""
+        from_cache = self.cached | self.pulled
         for vertex, key in self.steps.items():
-            self.tally.record(key, vertex in self.cached)
+            self.tally.record(key, vertex in from_cache)
