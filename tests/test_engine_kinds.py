@@ -144,6 +144,9 @@ class Pool:
             registry_cache=registry_cache(settings),
         )
         print(f"{kind}: {next(line for line in lines if line.startswith('cache: '))}")
+        missed = [step for step, reused in report.tally.reused_by_key.items() if not reused]
+        if missed and report.tally.reused:  # shown when a test fails: which and why
+            print(f"{kind}: steps not reused: {missed}; reasons: {report.miss_reasons}")
         return report
 
     def cold(self, kind: str, backend: str) -> Cold:
