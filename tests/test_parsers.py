@@ -144,6 +144,8 @@ def test_a_cached_step_printed_as_done_while_its_layers_are_fetched_counts_as_re
         "#16 [stage-1 7/8] COPY shortener/ ./shortener/",
         "#16 DONE 0.2s",
         "#17 [stage-1 8/8] RUN echo probe > /tmp/probe && ls /app",
+        # Docker 20.10's BuildKit names the step by its digest first.
+        "#17 sha256:f88611415cba7b750daf80d81653e1fee7ddc012522d126f6d3b8eb9582200f7",
         "#17 0.119 db",
         "#17 DONE 0.1s",
     ]:

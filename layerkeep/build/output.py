@@ -13,7 +13,8 @@ _BUILDKIT_CACHED = re.compile(r"^#(?P<id>\d+) (?:CACHED|CANCELED)\s*$")
 # 26.84MB 0.2s done"): BuildKit fetches a step's own result only when that result came
 # from the cache (a step that runs makes its layers here), and may then print the step
 # as DONE, without its CACHED line: its state when printed is the fetch's.
-_BUILDKIT_PULL = re.compile(r"^#(?P<id>\d+) (?:extracting )?sha256:[0-9a-f]{64}\b")
+# (BuildKit 0.8, in Docker 20.10, prints each step's own digest alone on a line.)
+_BUILDKIT_PULL = re.compile(r"^#(?P<id>\d+) (?:extracting )?sha256:[0-9a-f]{64} \S")
 
 
 @dataclass
