@@ -293,7 +293,7 @@ def stages_of(tmp_path: Path, dockerfile: str) -> list[StageInputs]:
     settings = load_settings(tmp_path, {}, git_facts=lambda _: GitFacts("", ""))
     return read_inputs(
         settings, dockerfile=tmp_path / "Dockerfile", builder="legacy", excludes=(),
-        image_id=lambda _: None,
+        lookup=lambda _: None,
     )
 
 

@@ -6,9 +6,11 @@ images: each instruction's text, the id its base image resolves to, the build ar
 sees (a hash of each value, never the value) and the context files each COPY/ADD reads
 (a digest of content and mode, not mtime), listed with the ``.dockerignore`` rules the
 builder itself applies and docker-py's matcher. The first difference at or before the
-missed step is the reason. Then it records this build, keyed by the ids of the images it
-made, so that the next build (on a fresh machine too) finds the record of the build its
-restored images came from.
+missed step is the reason. Then it records this build, keyed by the images it made, so
+that the next build (on a fresh machine too) finds the record of the build its restored
+images came from. An image is known by its id and by its content (layers and creation
+time): ids differ between the classic image store (a config's digest) and the
+containerd store (a manifest's), so a cache crossing stores is matched by content.
 
 Where records live: the build keeps them in a tiny local image ``<image>:<tag>-build-
 record`` whose one file is the JSON (the engine is where the images they describe are),
@@ -47,7 +49,6 @@ from layerkeep.core.imageref import ImageRef, is_valid_tag
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
-ImageId = Callable[[str], str | None]
 FORMAT = "layerkeep-build-record/1"
 RECORDS_FILE = "build-records.json"
 RECORD_TAG_SUFFIX = "-build-record"
@@ -61,12 +62,38 @@ _VARIABLE = re.compile(r"\$(?:\{(?P<braced>\w+)\}|(?P<plain>\w+))")
 
 
 @dataclass(frozen=True)
+class Identity:
+    """How an image is known: its id on this engine, and its content on any engine."""
+
+    id: str
+    content: str
+
+
+ImageLookup = Callable[[str], Identity | None]
+
+
+def _identity(attrs: Mapping[str, Any] | None) -> Identity | None:
+    """An image's identity from the engine's inspect record (None: no such image)."""
+    if attrs is None:
+        return None
+    layers = (attrs.get("RootFS") or {}).get("Layers") or []
+    text = json.dumps([list(layers), str(attrs.get("Created", ""))])
+    return Identity(str(attrs["Id"]), "sha256:" + hashlib.sha256(text.encode()).hexdigest())
+
+
+def engine_lookup(engine: Engine) -> ImageLookup:
+    """Each image's identity on ``engine``, by name or id."""
+    return lambda reference: _identity(engine.image_attrs(reference))
+
+
+@dataclass(frozen=True)
 class Step:
     """One instruction and what it reads besides its text.
 
-    ``inputs`` keys: ``image:<ref>`` (the id a base or ``--from`` image resolves to),
-    ``stage:<name>`` (an earlier stage it builds on), ``arg:<NAME>`` (hash of the
-    value), ``file:<path>`` (digest of a context file or folder).
+    ``inputs`` keys: ``image:<ref>`` (the id a base or ``--from`` image resolves to) and
+    ``content:<ref>`` (that image's content, see ``Identity``), ``stage:<name>`` (an
+    earlier stage it builds on), ``arg:<NAME>`` (hash of the value), ``file:<path>``
+    (digest of a context file or folder).
     """
 
     text: str
@@ -120,12 +147,21 @@ def _major(version: str) -> int:
 
 @dataclass(frozen=True)
 class BuildRecord:
-    """What one build read, the ids of the images it made, and what made them (the
-    engine's version and the builder, empty in records of older layerkeeps)."""
+    """What one build read, the images it made (ids, and contents: see ``Identity``), and
+    what made them (the engine's version and the builder). Records of older layerkeeps
+    have no contents or maker."""
 
     images: Mapping[str, str]
     stages: tuple[StageInputs, ...]
     made_by: Maker = field(default_factory=lambda: Maker("", ""))
+    contents: Mapping[str, str] = field(default_factory=dict)
+
+    def made_any(self, images: Mapping[str, Identity]) -> bool:
+        """Whether this build made one of the images (by name and id, or name and content)."""
+        return any(
+            self.images.get(name) == found.id or self.contents.get(name) == found.content
+            for name, found in images.items()
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON values."""
@@ -137,6 +173,7 @@ class BuildRecord:
             ],
             "engine": self.made_by.engine,
             "builder": self.made_by.builder,
+            "contents": dict(self.contents),
         }
 
     @classmethod
@@ -153,7 +190,8 @@ class BuildRecord:
             for stage in data["stages"]
         )
         made_by = Maker(str(data.get("engine", "")), str(data.get("builder", "")))
-        return cls({str(k): str(v) for k, v in data["images"].items()}, stages, made_by)
+        contents = {str(k): str(v) for k, v in data.get("contents", {}).items()}
+        return cls({str(k): str(v) for k, v in data["images"].items()}, stages, made_by, contents)
 
 
 def explain_misses(
@@ -163,40 +201,43 @@ def explain_misses(
     dockerfile: Path,
     builder: str,
     excludes: Sequence[str],
-    before: Mapping[str, str | None],
+    before: Mapping[str, Identity | None],
     tally: StepTally,
     log: Log,
 ) -> tuple[str, ...]:
     """Log and return one line per stage that missed, then record this build.
 
-    ``before`` maps each image the build tags to the id it had before (the cached image
-    the builder was given), ``tally`` is the builders' step tally.
+    ``before`` maps each image the build tags to the image it named before the build
+    (the cached image the builder was given; ``engine_lookup``: the builder may leave
+    none by that id), ``tally`` is the builders' step tally.
     """
+    lookup = engine_lookup(engine)
     stages = read_inputs(
-        settings,
-        dockerfile=dockerfile,
-        builder=builder,
-        excludes=excludes,
-        image_id=engine.image_id,
+        settings, dockerfile=dockerfile, builder=builder, excludes=excludes, lookup=lookup
     )
     records = kept_records(engine, settings, log=log)
     maker = Maker(str(engine.server_version().get("Version", "")), builder)
-    cached = {image: image_id for image, image_id in before.items() if image_id}
+    cached = {image: found for image, found in before.items() if found}
     missed = first_misses(tally, builder, stages)
     if not missed:
         lines: list[str] = []
     elif not cached:
         lines = ["cache miss: no cached image to compare with (cold build)"]
     else:
-        old = next((r for r in records if set(cached.items()) & set(r.images.items())), None)
+        old = next((r for r in records if r.made_any(cached)), None)
         lines = [
             _line(stages, index, step, old=old, rebuilt=set(missed), cached=cached, maker=maker)
             for index, step in sorted(missed.items())
         ]
     for line in lines:
         log(line)
-    made = {image: engine.image_id(image) for image in before}
-    record = BuildRecord({k: v for k, v in made.items() if v}, tuple(stages), maker)
+    made = {image: found for image in before if (found := lookup(image))}
+    record = BuildRecord(
+        {image: found.id for image, found in made.items()},
+        tuple(stages),
+        maker,
+        {image: found.content for image, found in made.items()},
+    )
     kept = [record, *(r for r in records if r.images != record.images)][:_KEEP]
     if kept != records[:_KEEP]:  # a build that changed nothing skips the image write
         _keep(engine, settings, kept, log)
@@ -209,11 +250,11 @@ def read_inputs(
     dockerfile: Path,
     builder: str,
     excludes: Sequence[str],
-    image_id: ImageId,
+    lookup: ImageLookup,
 ) -> list[StageInputs]:
     """Every stage's steps and their inputs, as the builder sees them now.
 
-    ``image_id`` resolves a base or ``--from`` image to its id (``Engine.image_id``).
+    ``lookup`` finds a base or ``--from`` image (``engine_lookup``).
     """
     lines = [" ".join(line.split()) for line in instructions(dockerfile.read_text("utf-8"))]
     context = settings.context
@@ -230,9 +271,7 @@ def read_inputs(
         if keyword == "FROM":
             if current:
                 stages.append(StageInputs(name, tuple(current)))
-            name, step = _from_step(
-                image_id, line, rest, args=args, defaults=defaults, stages=stages
-            )
+            name, step = _from_step(lookup, line, rest, args=args, defaults=defaults, stages=stages)
             current, scope = [step], {}
         elif keyword == "ARG":
             declared = _declared(rest)
@@ -243,7 +282,7 @@ def read_inputs(
                 scope[arg] = args.get(arg, default if default is not None else defaults.get(arg))
             current.append(Step(line, {f"arg:{a}": _arg_hash(a, v) for a, v in scope.items()}))
         elif keyword in {"COPY", "ADD"} and current:
-            current.append(_copy_step(image_id, line, rest, files, stages))
+            current.append(_copy_step(lookup, line, rest, files, stages))
         elif current:
             current.append(Step(line))
     if current:
@@ -316,7 +355,7 @@ def _line(
     *,
     old: BuildRecord | None,
     rebuilt: set[int],
-    cached: Mapping[str, str],
+    cached: Mapping[str, Identity],
     maker: Maker,
 ) -> str:
     stage = stages[index]
@@ -388,7 +427,7 @@ def _input_change(old: Step, new: Step, rebuilt: set[str]) -> str | None:
     for key in keys:
         kind, _, name = key.partition(":")
         before, after = old.inputs.get(key), new.inputs.get(key)
-        if kind == "image" and before != after:
+        if kind == "image" and before != after and not _same_content(old, new, name):
             what = "base image" if new.text.upper().startswith("FROM ") else "image"
             return f"{what} {name} now resolves to {_id(after)} (was {_id(before)})"
         if kind == "stage" and name in rebuilt:
@@ -415,8 +454,21 @@ def _input_change(old: Step, new: Step, rebuilt: set[str]) -> str | None:
     return None
 
 
+def _same_content(old: Step, new: Step, image: str) -> bool:
+    """Whether an image with another id has the same content (the other image store)."""
+    content = old.inputs.get(f"content:{image}")
+    return content is not None and content == new.inputs.get(f"content:{image}")
+
+
+def _image_inputs(lookup: ImageLookup, image: str) -> dict[str, str]:
+    found = lookup(image)
+    if found is None:
+        return {f"image:{image}": "absent"}
+    return {f"image:{image}": found.id, f"content:{image}": found.content}
+
+
 def _from_step(
-    image_id: ImageId,
+    lookup: ImageLookup,
     line: str,
     rest: str,
     *,
@@ -433,11 +485,11 @@ def _from_step(
     resolved = _expand(base, {**defaults, **args})
     if resolved.lower() == "scratch":
         return name, Step(line)
-    return name, Step(line, {f"image:{resolved}": image_id(resolved) or "absent"})
+    return name, Step(line, _image_inputs(lookup, resolved))
 
 
 def _copy_step(
-    image_id: ImageId,
+    lookup: ImageLookup,
     line: str,
     rest: str,
     files: _ContextFiles,
@@ -450,7 +502,7 @@ def _copy_step(
         earlier = {s.name: str(i) for i, s in enumerate(stages) if s.name}
         if source.lower() in earlier or (source.isdigit() and int(source) < len(stages)):
             return Step(line, {f"stage:{source.lower()}": ""})
-        return Step(line, {f"image:{source}": image_id(source) or "absent"})
+        return Step(line, _image_inputs(lookup, source))
     words = _sources(_FLAGS.sub("", rest))
     readable = [s for s in words if "://" not in s and not s.startswith("<<") and "$" not in s]
     return Step(line, {f"file:{path}": files.digest(path) for path in files.matching(readable)})

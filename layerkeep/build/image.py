@@ -29,7 +29,7 @@ from pathlib import Path
 
 from layerkeep.build.context import context_excludes, dockerfile_with_excludes
 from layerkeep.build.dockerfile import read_stages
-from layerkeep.build.explain import explain_misses
+from layerkeep.build.explain import engine_lookup, explain_misses
 from layerkeep.build.oci_cache import containerd_cache_sources
 from layerkeep.build.output import BuildkitParser, LegacyParser, ReuseSource, StepTally
 from layerkeep.core.engine import Engine
@@ -181,8 +181,9 @@ def build_image(
             "cannot be cached on their own; name it with `FROM ... AS <name>`"
         )
     excludes = context_excludes(settings)
-    before = {str(image): engine.image_id(str(image)) for image in plan.images}
-    present = [image for image, image_id in before.items() if image_id is not None]
+    lookup = engine_lookup(engine)
+    before = {str(image): lookup(str(image)) for image in plan.images}
+    present = [image for image, found in before.items() if found is not None]
     cache_from = tuple(present + [i for i in also_cache_from if i not in present])
     tally = StepTally()
     containerd = builder.kind == "buildkit" and bool(cache_from) and engine.uses_containerd_store()
@@ -232,7 +233,9 @@ def build_image(
         engine, settings, dockerfile=plan.dockerfile, builder=builder.kind, excludes=excludes,
         before=before, tally=tally, log=log,
     )
-    replaced = [old for image, old in before.items() if old and engine.image_id(image) != old]
+    replaced = [
+        old.id for image, old in before.items() if old and engine.image_id(image) != old.id
+    ]
     freed = _remove_replaced(engine, replaced, log) if replaced else 0
     return BuildReport(
         builder, plan.images, cache_from, seconds, tally, line, reasons, bytes_freed=freed
