@@ -207,9 +207,10 @@ def explain_misses(
 ) -> tuple[str, ...]:
     """Log and return one line per stage that missed, then record this build.
 
-    ``before`` maps each image the build tags to the image it named before the build
-    (the cached image the builder was given; ``engine_lookup``: the builder may leave
-    none by that id), ``tally`` is the builders' step tally.
+    ``before`` maps each image the build tags to what that name found before the build
+    (the cached image the builder was given), looked up then because the containerd
+    store may no longer know a replaced image by its id; ``tally`` is the builders' step
+    tally.
     """
     lookup = engine_lookup(engine)
     stages = read_inputs(
