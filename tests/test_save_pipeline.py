@@ -168,6 +168,10 @@ def test_a_new_layer_the_size_of_a_cached_one_is_read_again(
 def example(engine: Engine, unique_repository: str, tmp_path: Path) -> Settings:
     root = tmp_path / "project"
     shutil.copytree(REPO / "example", root / "example")
+    # An app image of its own: BuildKit gives a fully cached build the same id, so the
+    # example built by a test in another file could otherwise hold this test's images.
+    config = root / "example" / "shortener" / "config.py"
+    config.write_text(config.read_text() + f"\n# {unique_repository}\n")
     (root / ".env").write_text(
         f"LAYERKEEP_IMAGE={unique_repository}/shortener\nLAYERKEEP_CONTEXT=example\n"
         "LAYERKEEP_CACHE_DIR=cache\n"
