@@ -43,7 +43,7 @@ from typing import Any
 from layerkeep.build.context import IGNORE_SUFFIX
 from layerkeep.build.dockerfile import instructions
 from layerkeep.build.output import StepTally
-from layerkeep.core.engine import Engine, context_files
+from layerkeep.core.engine import Engine, context_files, image_content
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import ImageRef, is_valid_tag
 from layerkeep.core.settings import Settings
@@ -76,8 +76,7 @@ def _identity(attrs: Mapping[str, Any] | None) -> Identity | None:
     """An image's identity from the engine's inspect record (None: no such image)."""
     if attrs is None:
         return None
-    layers = (attrs.get("RootFS") or {}).get("Layers") or []
-    text = json.dumps([list(layers), str(attrs.get("Created", ""))])
+    text = json.dumps(image_content(attrs))
     return Identity(str(attrs["Id"]), "sha256:" + hashlib.sha256(text.encode()).hexdigest())
 
 

@@ -40,7 +40,7 @@ from layerkeep.cache.store import (
     Manifest,
     compression_threads,
 )
-from layerkeep.core.engine import Engine
+from layerkeep.core.engine import Engine, image_content, image_layers
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.progress import MeterFactory, silent
 
@@ -181,8 +181,7 @@ def unchanged(attrs: Mapping[str, Any], cached: CachedImage) -> bool:
     """
     if attrs.get("Id") in (cached.id, cached.engine_id):
         return True
-    layers = (attrs.get("RootFS") or {}).get("Layers") or []
-    if tuple(layers) != cached.layers:
+    if image_layers(attrs) != cached.layers:
         return False
     config = json.loads(cached.config)
     pairs = (
@@ -291,10 +290,10 @@ class _Saver:
     def save(self, changed: Mapping[str, Mapping[str, Any]], progress: MeterFactory) -> None:
         """Read every changed image with one `docker save`; store configs and new layers."""
         for attrs in changed.values():
-            for digest in (attrs.get("RootFS") or {}).get("Layers") or []:
-                blob = self.manifest.blobs.get(str(digest))
-                if blob is not None and str(digest) not in self.by_size.get(blob.size, []):
-                    self.by_size.setdefault(blob.size, []).append(str(digest))
+            for digest in image_layers(attrs):
+                blob = self.manifest.blobs.get(digest)
+                if blob is not None and digest not in self.by_size.get(blob.size, []):
+                    self.by_size.setdefault(blob.size, []).append(digest)
         tags = list(changed)
         try:
             saved = self._read(tags, progress)
@@ -402,8 +401,8 @@ class _Loader:
     def __post_init__(self) -> None:
         self.containerd = self.engine.uses_containerd_store()
         for attrs in self.engine.local_images():
-            layers = tuple(str(d) for d in (attrs.get("RootFS") or {}).get("Layers") or [])
-            self.local[layers, str(attrs.get("Created", ""))] = str(attrs["Id"])
+            layers, created = image_content(attrs)
+            self.local[layers, created] = str(attrs["Id"])
             if not self.containerd:
                 self.present_chains.update(_chain_ids(layers))
 
@@ -541,8 +540,7 @@ def _same(attrs: dict[str, Any], image: CachedImage) -> bool:
     """Whether an engine's inspect record is the cached image (on either image store)."""
     if attrs.get("Id") in (image.id, image.engine_id):
         return True
-    layers = (attrs.get("RootFS") or {}).get("Layers") or []
-    return list(layers) == list(image.layers) and attrs.get("Created") == image.created
+    return image_layers(attrs) == image.layers and attrs.get("Created") == image.created
 
 
 def _chain_ids(layers: Iterable[str]) -> list[str]:

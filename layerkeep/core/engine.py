@@ -860,6 +860,18 @@ def checked_stream(
         yield chunk
 
 
+def image_layers(attrs: Mapping[str, Any]) -> tuple[str, ...]:
+    """The diff ids of an image's layers, bottom first, from its inspect record."""
+    return tuple(str(digest) for digest in (attrs.get("RootFS") or {}).get("Layers") or [])
+
+
+def image_content(attrs: Mapping[str, Any]) -> tuple[tuple[str, ...], str]:
+    """What names one image on either image store, where its ids differ (the classic
+    store's is its config's digest, the containerd store's its manifest's): its layers
+    and creation time, from its inspect record."""
+    return image_layers(attrs), str(attrs.get("Created", ""))
+
+
 def context_files(context: Path, rules: Sequence[str]) -> list[str]:
     """Paths (files and folders, ``/``-separated, relative) a build sees in ``context``.
 
