@@ -310,3 +310,43 @@ def test_missing_git_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(GitError, match="git is not installed"):
         touch(tmp_path)
+
+
+def git_folder(repo: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file in ``repo``'s .git (relative path): its bytes and mtime."""
+    folder = repo / ".git"
+    files = (path for path in folder.rglob("*") if path.is_file())
+    return {
+        path.relative_to(folder).as_posix(): (path.read_bytes(), path.stat().st_mtime_ns)
+        for path in files
+    }
+
+
+def changed_since(before: dict[str, tuple[bytes, int]], repo: Path) -> set[str]:
+    """Files of ``repo``'s .git added, removed, rewritten or touched since ``before``."""
+    after = git_folder(repo)
+    return {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
+
+
+def test_touch_never_writes_the_git_folder(tmp_path: Path) -> None:
+    """With .git in a build context, a rewritten .git/index makes `COPY .` miss."""
+    repo = Scripted(tmp_path / "origin")
+    for number in range(30):
+        repo.write(f"src/file{number}.py", f"{number}\n")
+    repo.commit("root", when=T0)
+    repo.write("src/file3.py", "changed\n")
+    repo.commit("change", when=T0 + 100)
+    clone = tmp_path / "clone"  # what a CI job checks out
+    git(tmp_path, "clone", "-q", f"file://{repo.path}", str(clone))
+    (clone / "src" / "file5.py").write_text("edited, not committed\n")
+    before = git_folder(clone)
+    assert "index" in before
+
+    first = touch(clone)
+    assert changed_since(before, clone) == set()
+    rerun = touch(clone)  # the same checkout again (a retried job): the index's stat data
+    assert changed_since(before, clone) == set()  # no longer matches any file's mtime
+
+    assert first.skipped_dirty == rerun.skipped_dirty == ("src/file5.py",)
+    assert first.touched == rerun.touched == 29
+    assert os.lstat(clone / "src" / "file3.py").st_mtime_ns == (T0 + 100) * 10**9

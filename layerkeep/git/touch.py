@@ -34,8 +34,11 @@ from layerkeep.core.errors import GitError
 
 _GITLINK = 0o160000
 _CHUNK = 1 << 20
-# Config that would change what these plumbing-style invocations print.
-_QUIET_CONFIG = ("-c", "log.showSignature=false", "-c", "log.showRoot=false")
+# How every git process starts. `--no-optional-locks`: `git status` refreshes the stat data
+# the index holds (stale once touch has set the mtimes) and writes the index back, and with
+# .git in a build context a rewritten .git/index makes `COPY .` miss; so nothing here
+# writes .git. The config would change what these plumbing-style invocations print.
+_GIT = ("git", "--no-optional-locks", "-c", "log.showSignature=false", "-c", "log.showRoot=false")
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def _git(top: Path, *args: str) -> bytes:
     """Run one short git command in `top` and return its output."""
     try:
         done = subprocess.run(
-            ["git", *_QUIET_CONFIG, *args], cwd=top, capture_output=True, check=False
+            [*_GIT, *args], cwd=top, capture_output=True, check=False
         )
     except FileNotFoundError as error:
         raise GitError("git is not installed", hint="install git and put it on PATH") from error
@@ -117,7 +120,7 @@ def _work_tree(repo: Path) -> tuple[Path, bytes]:
         raise GitError(f"{repo} is not a folder")
     try:
         done = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"], cwd=repo, capture_output=True, check=False
+            [*_GIT, "rev-parse", "--show-toplevel"], cwd=repo, capture_output=True, check=False
         )
     except FileNotFoundError as error:
         raise GitError("git is not installed", hint="install git and put it on PATH") from error
@@ -127,7 +130,7 @@ def _work_tree(repo: Path) -> tuple[Path, bytes]:
             f"{repo} is not inside a git work tree", hint="run it in a checkout of your project"
         )
     head = subprocess.run(
-        ["git", "rev-parse", "--verify", "--quiet", "HEAD^{commit}"],
+        [*_GIT, "rev-parse", "--verify", "--quiet", "HEAD^{commit}"],
         cwd=top,
         capture_output=True,
         check=False,
@@ -266,7 +269,7 @@ class _Git:
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         try:
             self.proc = subprocess.Popen(
-                ["git", *_QUIET_CONFIG, *args],
+                [*_GIT, *args],
                 cwd=top,
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
