@@ -32,7 +32,7 @@ from layerkeep.build.dockerfile import read_stages
 from layerkeep.build.explain import engine_lookup, explain_misses
 from layerkeep.build.oci_cache import containerd_cache_sources
 from layerkeep.build.output import BuildkitParser, LegacyParser, ReuseSource, StepTally
-from layerkeep.core.engine import Engine
+from layerkeep.core.engine import Engine, image_layers
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag
 from layerkeep.core.registry import OFFLINE_HINT, credentials_for, unreachable_registry
@@ -497,3 +497,30 @@ def images_to_cache(settings: Settings) -> list[str]:
     """The app image, its stages and the extra images the settings name."""
     images = [str(image) for image in plan_build(settings).images]
     return images + [image for image in settings.cache_images if image not in images]
+
+
+def own_layers_from(engine: Engine, settings: Settings) -> dict[str, int]:
+    """Each image of the plan -> the index of its first layer above its base image: the
+    layers its build made, which inline cache must cover for the next build to reuse.
+
+    An image whose base the engine lacks or cannot name (``FROM ${BASE}``) is left out.
+    """
+    plan = plan_build(settings)
+    stages = read_stages(plan.dockerfile.read_text("utf-8"))
+    by_name = {stage.name: stage for stage in stages if stage.name}
+    found: dict[str, int] = {}
+    for target in plan.targets:
+        stage = by_name.get(target.stage) if target.stage else stages[-1]
+        seen: set[str] = set()
+        while stage is not None and stage.base.lower() in by_name and stage.base not in seen:
+            seen.add(stage.base)
+            stage = by_name[stage.base.lower()]
+        if stage is None or "$" in stage.base:
+            continue
+        if stage.base.lower() == "scratch":
+            found[str(target.image)] = 0
+            continue
+        attrs = engine.image_attrs(stage.base)
+        if attrs is not None:
+            found[str(target.image)] = len(image_layers(attrs))
+    return found

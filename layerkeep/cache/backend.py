@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from layerkeep.build.image import images_to_cache
+from layerkeep.build.image import images_to_cache, own_layers_from
 from layerkeep.cache.build_records import (
     pull_build_records,
     push_build_records,
@@ -52,6 +52,7 @@ def save_cache(
         images,
         level=settings.cache_level,
         threads=settings.cache_threads,
+        own_layers_from=own_layers_from(engine, settings),
         log=log,
         progress=progress,
     )

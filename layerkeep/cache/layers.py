@@ -22,6 +22,12 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field
 from typing import Any
 
+from layerkeep.build.inline_cache import (
+    CACHE_KEY,
+    complete,
+    has_inline_cache,
+    uncovered_layers,
+)
 from layerkeep.cache.archive import (
     LayerSource,
     SavedImage,
@@ -49,7 +55,7 @@ CACHE_REPOSITORY = "layerkeep-cache"
 _NOT_IN_TAG = re.compile(r"[^a-z0-9_.-]+")
 # BuildKit's inline cache: a config key (and a label on some builders) that changes on
 # every rebuild, even one that reused every step.
-BUILDKIT_CACHE_KEY = "moby.buildkit.cache.v0"
+BUILDKIT_CACHE_KEY = CACHE_KEY
 # Chunks of a load archive prepared ahead of the engine (about a MB each).
 LOAD_READ_AHEAD = 8
 
@@ -69,6 +75,12 @@ class SaveReport:
     missing: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    # Images whose BuildKit inline cache lacked results that the cached images had: the
+    # cache keeps them completed (see build.inline_cache).
+    completed: list[str] = field(default_factory=list)
+    # Image -> its layers (indexes) no inline cache record covers even so: steps the next
+    # machine will run again.
+    uncovered: dict[str, list[int]] = field(default_factory=dict)
     layers_written: int = 0
     layers_verified: int = 0
     bytes_written: int = 0
@@ -125,10 +137,16 @@ def save_images(
     *,
     level: int = 3,
     threads: int = 0,
+    own_layers_from: Mapping[str, int] | None = None,
     log: Log = print,
     progress: MeterFactory = silent,
 ) -> SaveReport:
     """Make the cache hold exactly ``images`` as the engine has them now.
+
+    A BuildKit image's inline cache is completed from the images cached before (see
+    build.inline_cache), so that the next machine reuses every step this one did;
+    ``own_layers_from`` (image -> index of its first layer above its base image) lets
+    the report name the layers that still no record covers.
 
     An unchanged image (see :func:`unchanged`) costs one inspect and a stat per layer.
     All changed images (and those with a missing or damaged blob) are read with one
@@ -163,6 +181,11 @@ def save_images(
             saver = _Saver(engine, cache, manifest, level, compression_threads(threads), report)
             saver.save(changed, progress)
             report.saved = list(changed)
+        for tag, first in (own_layers_from or {}).items():
+            kept = manifest.images.get(tag)
+            gaps = uncovered_layers(json.loads(kept.config), first) if kept else []
+            if kept and gaps and has_inline_cache(json.loads(kept.config)):
+                report.uncovered[tag] = gaps
         if not report.skipped:
             manifest.prune()
             cache.write_manifest(manifest)
@@ -207,6 +230,13 @@ def _run_config(config: Any) -> dict[str, Any]:
 
 
 def _log_save(report: SaveReport, log: Log) -> None:
+    if report.completed:
+        log(
+            f"inline cache completed for {', '.join(report.completed)}: BuildKit leaves out "
+            "the steps a build reused from an imported cache; the cached images had them"
+        )
+    for image, gaps in report.uncovered.items():
+        log(f"warning: {describe_uncovered(image, gaps)}")
     for image in report.missing:
         log(f"warning: {image} is not in the engine, so it was not saved")
     for image in report.repaired:
@@ -295,6 +325,8 @@ class _Saver:
                 if blob is not None and digest not in self.by_size.get(blob.size, []):
                     self.by_size.setdefault(blob.size, []).append(digest)
         tags = list(changed)
+        # The previous cache's configs: what a build that reused their steps lost.
+        donors = [json.loads(image.config) for image in self.manifest.images.values()]
         try:
             saved = self._read(tags, progress)
         except SkippedWrongly:
@@ -303,8 +335,11 @@ class _Saver:
             saved = self._read(tags, progress)
         for tag, attrs in changed.items():
             image = _image_for(saved, tag, str(attrs["Id"]))
+            config = _completed(image.config, donors)
+            if config != image.config:
+                self.report.completed.append(tag)
             self.manifest.images[tag] = CachedImage(
-                image_id_of(image.config), image.config, image.layers, str(attrs["Id"])
+                image_id_of(config), config, image.layers, str(attrs["Id"])
             )
             self.manifest.names.update(zip(image.paths, image.layers, strict=True))
 
@@ -368,6 +403,26 @@ class _Saver:
             return found
 
         return digest
+
+
+def describe_uncovered(image: str, gaps: Sequence[int]) -> str:
+    """The line for an image whose inline cache misses some of its own layers."""
+    shown = ", ".join(str(index) for index in gaps[:5]) + (" ..." if len(gaps) > 5 else "")
+    return (
+        f"{image}: its inline cache covers no step that made layer(s) {shown}; the next "
+        "machine rebuilds from there (BuildKit leaves out steps reused from an imported "
+        "cache, and no cached image had them)"
+    )
+
+
+def _completed(config: str, donors: Sequence[Mapping[str, Any]]) -> str:
+    """``config`` (exact text) with its inline cache completed from ``donors``; the same
+    text when there was nothing to add."""
+    parsed = json.loads(config)
+    if not has_inline_cache(parsed):
+        return config
+    done = complete(parsed, donors)
+    return config if done == parsed else json.dumps(done, separators=(",", ":"))
 
 
 def _image_for(saved: Sequence[SavedImage], tag: str, engine_id: str) -> SavedImage:
@@ -445,7 +500,7 @@ class _Loader:
             attrs = self.engine.image_attrs(reference)
             if attrs is not None and _same(attrs, image):
                 return reference
-        return self.local.get((image.layers, image.created))
+        return None if _exact_only(image) else self.local.get((image.layers, image.created))
 
     def _name(self, tag: str, image: CachedImage, local: str) -> str:
         """Tag a present image as ``tag`` if that is free; otherwise its internal name."""
@@ -537,10 +592,23 @@ def read_ahead(chunks: Iterable[bytes], depth: int) -> Iterator[bytes]:
 
 
 def _same(attrs: dict[str, Any], image: CachedImage) -> bool:
-    """Whether an engine's inspect record is the cached image (on either image store)."""
-    if attrs.get("Id") in (image.id, image.engine_id):
+    """Whether an engine's inspect record is the cached image (on either image store).
+
+    An image with BuildKit inline cache is the cached one only by its exact config: the
+    engine's own copy may lack results the cache completed (see build.inline_cache).
+    """
+    if attrs.get("Id") == image.id:
+        return True
+    if _exact_only(image):
+        return False
+    if attrs.get("Id") == image.engine_id:
         return True
     return image_layers(attrs) == image.layers and attrs.get("Created") == image.created
+
+
+def _exact_only(image: CachedImage) -> bool:
+    """A cached image whose inline cache was completed: only its own config will do."""
+    return image.id != image.engine_id and has_inline_cache(json.loads(image.config))
 
 
 def _chain_ids(layers: Iterable[str]) -> list[str]:
