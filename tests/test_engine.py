@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import ast
 import base64
+import io
+import subprocess
+import tarfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from layerkeep.build.image import _remove_replaced
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, translate
 from layerkeep.core.errors import (
@@ -265,3 +271,87 @@ def test_an_engine_serves_only_its_own_job(job_engine: Engine, tmp_path: Path) -
     with pytest.raises(LayerkeepError) as caught:
         job_engine.job_for(other)
     assert "not for project lktest-engine build someone-else" in caught.value.one_line()
+
+
+# --- figures while another job asks the engine too ----------------------------------------
+
+
+@contextmanager
+def disk_usage_asked_meanwhile(engine: Engine) -> Iterator[None]:
+    """Another job's `docker system df`, over and over, while the block runs.
+
+    Docker before 23 computes one disk-usage answer at a time and fails any query that
+    comes meanwhile; Docker 23+ shares one answer among them, so nothing fails there.
+    """
+    version = str(engine.server_version().get("Version", "0"))
+    if int(version.partition(".")[0]) >= 23:
+        pytest.skip(f"Docker {version} answers concurrent disk-usage queries together")
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            subprocess.run(["docker", "system", "df"], capture_output=True, check=False)
+
+    askers = [threading.Thread(target=ask, daemon=True) for _ in range(2)]
+    for asker in askers:
+        asker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for asker in askers:
+            asker.join()
+
+
+def until_unknown(
+    figure: Callable[[], int | None], *, unknown: int = 1, tries: int = 200
+) -> list[int | None]:
+    """``figure``'s answers until ``unknown`` of them are None, or ``tries`` of them."""
+    answers: list[int | None] = []
+    while len(answers) < tries and answers.count(None) < unknown:
+        answers.append(figure())
+    return answers
+
+
+@pytest.mark.docker
+def test_disk_usage_while_another_job_asks_is_unknown_not_an_error(engine: Engine) -> None:
+    with disk_usage_asked_meanwhile(engine):
+        answers = until_unknown(engine.layers_size)  # a DockerOperationError fails the test
+    # The engine really was busy at least once (only its refusal gives None).
+    assert answers[-1] is None, f"never busy in {len(answers)} queries"
+    assert all(isinstance(answer, int) and answer > 0 for answer in answers[:-1])
+
+
+def tiny_image(engine: Engine, reference: str) -> str:
+    """A one-file image tagged ``reference`` (content of its own); its id."""
+    data = uuid.uuid4().hex.encode()
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        member = tarfile.TarInfo("marker")
+        member.size = len(data)
+        archive.addfile(member, io.BytesIO(data))
+    image_id = engine.import_image(iter([buffer.getvalue()]), reference=reference, changes=[])
+    engine.tag_image(image_id, reference)
+    return image_id
+
+
+@pytest.mark.docker
+def test_space_a_build_freed_while_another_job_asks_is_unknown(
+    engine: Engine, unique_repository: str
+) -> None:
+    reference = f"{unique_repository}/app:latest"
+    lines: list[str] = []
+
+    def replace_and_remove() -> int | None:
+        old = tiny_image(engine, reference)
+        tiny_image(engine, reference)  # the build's new image takes the tag
+        freed = _remove_replaced(engine, [old], lines.append)
+        assert engine.image_attrs(old) is None  # removed, whatever the figure says
+        return freed
+
+    with disk_usage_asked_meanwhile(engine):
+        # A few times: the engine may be busy before the removal, or after it.
+        answers = until_unknown(replace_and_remove, unknown=3, tries=100)
+
+    assert answers.count(None) == 3, f"busy {answers.count(None)} times in {len(answers)} builds"
+    assert lines[-1] == "1 replaced image(s) removed (freed: unknown, the engine was busy)"

@@ -202,4 +202,6 @@ def test_no_dangling_images_after_three_builds_and_saves(
     ]
     assert dangling == []
     assert len(seen) >= 3  # the code change gave a new app image, and the old one went
-    assert any(line.endswith("MB freed") for line in lines)
+    # Unknown when another job's build asked the engine its disk usage at the same time.
+    figures = ("MB freed", "(freed: unknown, the engine was busy)")
+    assert any(line.endswith(figures) for line in lines)

@@ -84,8 +84,8 @@ class BuildReport:
     tally: StepTally = field(compare=False)
     reuse: str = field(default="", compare=False)
     miss_reasons: tuple[str, ...] = field(default=(), compare=False)
-    # Disk the engine got back by removing the images this build replaced.
-    bytes_freed: int = field(default=0, compare=False)
+    # Disk the engine got back by removing the images this build replaced (None: unknown).
+    bytes_freed: int | None = field(default=0, compare=False)
 
 
 def stage_image(image: ImageRef, stage: str) -> ImageRef:
@@ -307,9 +307,10 @@ def _shortest_first(chains: Sequence[Sequence[str]]) -> list[str]:
     return sorted(depth, key=depth.__getitem__)
 
 
-def _remove_replaced(engine: Engine, replaced: Sequence[str], log: Log) -> int:
+def _remove_replaced(engine: Engine, replaced: Sequence[str], log: Log) -> int | None:
     """Remove the images this build untagged (the app's and stages' previous ones) that
-    nothing else names or uses; the bytes of layers the engine freed."""
+    nothing else names or uses; the bytes of layers the engine freed, None when the
+    engine could not tell (busy with another job's disk-usage query: a figure only)."""
     before = engine.layers_size()
     removed = 0
     for image_id in dict.fromkeys(replaced):
@@ -318,8 +319,12 @@ def _remove_replaced(engine: Engine, replaced: Sequence[str], log: Log) -> int:
             log(f"removed {image_id[:19]}, which this build replaced")
     if not removed:
         return 0
+    after = engine.layers_size() if before is not None else None
+    if before is None or after is None:
+        log(f"{removed} replaced image(s) removed (freed: unknown, the engine was busy)")
+        return None
     # Another job's build may add layers meanwhile: never report less than nothing.
-    freed = max(before - engine.layers_size(), 0)
+    freed = max(before - after, 0)
     log(f"{removed} replaced image(s) removed, {freed / 1e6:.1f} MB freed")
     return freed
 

@@ -365,10 +365,20 @@ class Engine:
                 response, chunk_size=1 << 20, decode=False
             )
 
-    def layers_size(self) -> int:
-        """The bytes every image layer of the engine takes on disk."""
-        with _translated("ask the engine its disk usage"):
-            return int(self.api.df().get("LayersSize") or 0)
+    def layers_size(self) -> int | None:
+        """The bytes every image layer of the engine takes on disk; None when the engine is
+        busy with another disk-usage query (a figure, which must never fail a job).
+
+        Docker before 23 answers one such query at a time and fails the others (500, "a
+        disk usage operation is already running"): another job's build asks too.
+        """
+        try:
+            with _translated("ask the engine its disk usage"):
+                return int(self.api.df().get("LayersSize") or 0)
+        except DockerOperationError as error:
+            if "a disk usage operation is already running" in error.message:
+                return None
+            raise
 
     def load_archive(self, chunks: Iterable[bytes], *, image: str) -> None:
         """`docker load` of a tar stream; in-band errors raised.
