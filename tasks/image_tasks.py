@@ -2,6 +2,7 @@
 
 from invoke.context import Context
 
+from layerkeep.build.explain import miss_files
 from layerkeep.build.image import build_image, images_to_cache
 from layerkeep.cache.layers import cache_sources
 from layerkeep.cache.registry_backend import registry_cache
@@ -43,6 +44,8 @@ def build(c: Context, builder: str | None = None, image: str | None = None) -> N
         "reuse": report.reuse,
         "bytes_freed": report.bytes_freed,
         "miss_reasons": list(report.miss_reasons),
+        # The lines name a few changed files each; these are all of them, per stage.
+        "miss_files": miss_files(report.miss_reasons),
     }
     note = f"{report.tally.reused}/{report.tally.total} steps reused ({chosen.kind})"
     if report.bytes_freed:

@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from gitrepos import Scripted
 from registry_setup import running_registry
 
 from layerkeep.build.explain import (
     RECORDS_FILE,
     Maker,
+    MissLine,
     StageInputs,
+    files_changed,
     first_misses,
     kept_records,
+    miss_files,
     read_inputs,
     record_image,
     records_text,
@@ -283,7 +288,85 @@ def test_without_a_record_the_reason_is_unknown_and_says_so(
     assert json.loads((tmp_path / "cache" / RECORDS_FILE).read_text())["records"]
 
 
+GIT_PROJECT = """\
+FROM {base}
+WORKDIR /app
+COPY . /app
+RUN cat /app/src/app.py > /app/out.txt
+"""
+
+
+@pytest.mark.docker
+def test_with_git_in_the_context_the_file_you_edited_comes_first(
+    engine: Engine, unique_repository: str, tmp_path: Path
+) -> None:
+    """No .dockerignore, so `COPY .` reads .git: a commit changes a dozen files in it,
+    which come before src/ alphabetically."""
+    marker = uuid.uuid4().hex[:12]
+    base = f"{unique_repository}-base:1"
+    engine.tag_image("debian:bookworm-slim", base)
+    repo = Scripted(tmp_path)
+    repo.write("Dockerfile", GIT_PROJECT.format(base=base))
+    repo.write("src/app.py", f"print('{marker}')\n")
+    repo.write(".env", f"LAYERKEEP_IMAGE={unique_repository}/app\nLAYERKEEP_CACHE_DIR=cache\n")
+    repo.commit("first", when=1_700_000_000)
+    settings = load_settings(tmp_path, {}, git_facts=lambda _: GitFacts("", ""))
+    build(engine, settings, "legacy", [])
+    repo.write("src/app.py", f"print('{marker}, edited')\n")
+    repo.commit("edit", when=1_700_000_100)
+
+    lines: list[str] = []
+    report = build(engine, settings, "legacy", lines)
+
+    [line] = report.miss_reasons
+    shown = re.fullmatch(
+        r"cache miss in final stage at `COPY \. /app`: (\d+) context files changed: "
+        r"src/app\.py \(changed\) and (\d+) in \.git/",
+        line,
+    )
+    assert shown, line
+    assert line in lines
+    # Every file is in the report, the edited one first.
+    assert isinstance(line, MissLine)
+    assert next(iter(line.files)) == "src/app.py"
+    assert len(line.files) == int(shown[1]) == int(shown[2]) + 1
+    assert line.files["src/app.py"] == "changed"
+    assert line.files[".git/index"] == "changed"
+    assert miss_files(report.miss_reasons) == {"final stage": dict(line.files)}
+
+
 # --- without an engine ----------------------------------------------------------------
+
+
+def test_changed_files_name_yours_first_and_count_the_tools() -> None:
+    git = {".git/COMMIT_EDITMSG": "changed", ".git/config": "changed", ".git/index": "changed"}
+    git |= {f".git/objects/{n:02x}/0bad": "added" for n in range(12)}
+    line = files_changed({**git, "src/app.py": "changed"})
+    assert line == "16 context files changed: src/app.py (changed) and 15 in .git/"
+    assert list(line.files) == ["src/app.py", *sorted(git)]
+    assert line.files["src/app.py"] == "changed"
+
+    yours = {"b.py": "added", "a.py": "changed", ".env": "changed", "c/d.py": "removed"}
+    line = files_changed({**yours, **git, ".venv/lib/x.py": "added", "web/.cache/y": "added"})
+    assert line == (
+        "21 context files changed: .env (changed), a.py (changed), b.py (added), 1 more, "
+        "15 in .git/, 1 in .venv/ and 1 in web/.cache/"
+    )
+    assert list(line.files)[:4] == [".env", "a.py", "b.py", "c/d.py"]
+    assert len(line.files) == 21
+
+    # Only the tools' files changed: they are named.
+    assert files_changed(git) == (
+        "15 context files changed, all in .git/: .git/COMMIT_EDITMSG (changed), "
+        ".git/config (changed), .git/index (changed) and 12 more"
+    )
+    # Few enough to name them all: no count.
+    assert files_changed({"src/b": "added", "src/a": "changed"}) == (
+        "context files changed: src/a (changed), src/b (added)"
+    )
+    assert files_changed({".git/index": "changed", "src/a": "changed"}) == (
+        "2 context files changed: src/a (changed) and 1 in .git/"
+    )
 
 
 def stages_of(tmp_path: Path, dockerfile: str) -> list[StageInputs]:

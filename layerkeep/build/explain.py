@@ -35,10 +35,11 @@ import posixpath
 import re
 import stat
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from layerkeep.build.context import IGNORE_SUFFIX
 from layerkeep.build.dockerfile import instructions
@@ -83,6 +84,31 @@ def _identity(attrs: Mapping[str, Any] | None) -> Identity | None:
 def engine_lookup(engine: Engine) -> ImageLookup:
     """Each image's identity on ``engine``, by name or id."""
     return lambda reference: _identity(engine.image_attrs(reference))
+
+
+class MissLine(str):
+    """One line saying why a stage missed, exactly as logged; a line on changed context
+    files names only a few of them, and ``files`` holds them all (path -> ``changed``,
+    ``added`` or ``removed``, the user's own files first)."""
+
+    stage: str
+    files: Mapping[str, str]
+
+    def __new__(cls, text: str, *, stage: str = "", files: Mapping[str, str] | None = None) -> Self:
+        line = super().__new__(cls, text)
+        line.stage = stage
+        line.files = dict(files or {})
+        return line
+
+
+def miss_files(lines: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Stage -> every context file whose change made it miss, from ``explain_misses``'s
+    lines (for the run report: the lines name only the first few)."""
+    return {
+        line.stage: dict(line.files)
+        for line in lines
+        if isinstance(line, MissLine) and line.files
+    }
 
 
 @dataclass(frozen=True)
@@ -203,7 +229,7 @@ def explain_misses(
     before: Mapping[str, Identity | None],
     tally: StepTally,
     log: Log,
-) -> tuple[str, ...]:
+) -> tuple[MissLine, ...]:
     """Log and return one line per stage that missed, then record this build.
 
     ``before`` maps each image the build tags to what that name found before the build
@@ -220,9 +246,9 @@ def explain_misses(
     cached = {image: found for image, found in before.items() if found}
     missed = first_misses(tally, builder, stages)
     if not missed:
-        lines: list[str] = []
+        lines: list[MissLine] = []
     elif not cached:
-        lines = ["cache miss: no cached image to compare with (cold build)"]
+        lines = [MissLine("cache miss: no cached image to compare with (cold build)")]
     else:
         old = next((r for r in records if r.made_any(cached)), None)
         lines = [
@@ -357,35 +383,36 @@ def _line(
     rebuilt: set[int],
     cached: Mapping[str, Identity],
     maker: Maker,
-) -> str:
+) -> MissLine:
     stage = stages[index]
-    where = (
-        f"cache miss in {stage.label(index, index == len(stages) - 1)} at "
-        f"{_short(stage.steps[missed].text)}"
-    )
+    label = stage.label(index, index == len(stages) - 1)
+    where = f"cache miss in {label} at {_short(stage.steps[missed].text)}"
     if old is None:
-        return (
+        return MissLine(
             f"{where}: unknown: no record of the build that made the cached "
-            f"image(s) {', '.join(sorted(cached))}, so nothing to compare with"
+            f"image(s) {', '.join(sorted(cached))}, so nothing to compare with",
+            stage=label,
         )
     # How a later step names a stage it builds on: by name, or by index.
     others = {key for i in rebuilt if i != index for key in (stages[i].name, str(i)) if key}
     previous = _matching_stage(old, stage, index)
     if previous is None:
-        return f"{where}: the recorded build had no such stage"
+        return MissLine(f"{where}: the recorded build had no such stage", stage=label)
     reason = _first_difference(previous.steps, stage.steps, missed, others)
     if reason:
-        return f"{where}: {reason}"
+        files = reason.files if isinstance(reason, MissLine) else None
+        return MissLine(f"{where}: {reason}", stage=label, files=files)
     other_maker = maker.unlike(old.made_by)
     if other_maker:
-        return f"{where}: {other_maker}"
+        return MissLine(f"{where}: {other_maker}", stage=label)
     compared = stage.steps[: missed + 1]
     args = {k for s in compared for k in s.inputs if k.startswith("arg:")}
-    files = {k for s in compared for k in s.inputs if k.startswith("file:")}
-    return (
+    files_read = {k for s in compared for k in s.inputs if k.startswith("file:")}
+    return MissLine(
         f"{where}: unknown: the {len(compared)} instruction(s) up to it, their base image "
-        f"id, {len(args)} build arg(s) and {len(files)} context file(s) read by COPY/ADD "
-        "all match the record of the build that made the cached image"
+        f"id, {len(args)} build arg(s) and {len(files_read)} context file(s) read by "
+        "COPY/ADD all match the record of the build that made the cached image",
+        stage=label,
     )
 
 
@@ -440,17 +467,57 @@ def _input_change(old: Step, new: Step, rebuilt: set[str]) -> str | None:
     if changed_args:
         # Names only: a build arg's value may be a secret.
         return f"build argument {', '.join(changed_args)} changed"
-    changes = [
-        f"{path} ({'added' if before is None else 'removed' if after is None else 'changed'})"
+    changes = {
+        key.partition(":")[2]: "added" if before is None else "removed" if after is None
+        else "changed"
         for key in keys
         if key.startswith("file:")
-        for path in [key.partition(":")[2]]
         for before, after in [(old.inputs.get(key), new.inputs.get(key))]
         if before != after
-    ]
-    if changes:
-        more = f" and {len(changes) - _SHOWN} more" if len(changes) > _SHOWN else ""
-        return f"context files changed: {', '.join(changes[:_SHOWN])}{more}"
+    }  # fmt: skip
+    return files_changed(changes) if changes else None
+
+
+def files_changed(changes: Mapping[str, str]) -> MissLine:
+    """Say which context files changed (path -> how), the user's own first.
+
+    Files in a dot-folder (``.git/``, ``.venv/``, ``.pytest_cache/``) are what tools
+    write: with ``.git`` in the context, a commit changes a dozen of them, which
+    alphabetically come before every source file. So the user's files are named first
+    and the others counted per folder: ``16 context files changed: src/app.py (changed)
+    and 15 in .git/``. Only when nothing else changed are the tools' files named.
+    """
+    folder = {path: _tool_folder(path) for path in changes}
+    ranked = sorted(changes, key=lambda path: (folder[path] is not None, path))
+    yours = [path for path in ranked if folder[path] is None]
+    named = (yours or ranked)[:_SHOWN]
+    parts = [f"{path} ({changes[path]})" for path in named]
+    head = "context files changed"
+    if len(named) < len(ranked):
+        head = f"{len(ranked)} {head}"
+        tools = Counter(name for name in folder.values() if name is not None)
+        if not yours:
+            head += f", all in {', '.join(sorted(tools))}"
+            parts.append(f"{len(ranked) - len(named)} more")
+        else:
+            if len(yours) > len(named):
+                parts.append(f"{len(yours) - len(named)} more")
+            parts += [f"{count} in {name}" for name, count in tools.most_common()]
+        text = f"{', '.join(parts[:-1])} and {parts[-1]}"
+    else:
+        text = ", ".join(parts)
+    return MissLine(f"{head}: {text}", files={path: changes[path] for path in ranked})
+
+
+def _tool_folder(path: str) -> str | None:
+    """``.git/`` for ``.git/index``, ``web/.cache/`` for ``web/.cache/x``: the path up to
+    its first folder whose name starts with a dot; None for the user's own files (a
+    dotfile such as ``.env`` is one). ``.git`` itself counts too (a folder, or a
+    work tree's file)."""
+    parts = path.split("/")
+    for depth, part in enumerate(parts):
+        if part.startswith(".") and (depth < len(parts) - 1 or part == ".git"):
+            return "/".join(parts[: depth + 1]) + "/"
     return None
 
 
