@@ -5,17 +5,25 @@ a test mount that does not exist stops ``test.run`` only once services are up an
 database is ready; a BuildKit-only Dockerfile under the classic builder fails a few
 steps in and leaves untagged images. :func:`preflight` finds those first, reading files
 and settings only; the one slow check (which docker CLI can use BuildKit, a few
-subprocesses) runs only when the Dockerfile needs BuildKit.
+subprocesses) runs only when the Dockerfile needs BuildKit. :func:`preflight_warnings`
+finds what only costs time (``.git`` sent to the builder) and does not stop the run; with
+LAYERKEEP_BUILDER=auto it asks which CLI builds only when there is a
+``<Dockerfile>.dockerignore`` (which BuildKit reads instead of ``.dockerignore``).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Collection, Mapping
+import tempfile
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
 
 from layerkeep.build.context import preflight_context
 from layerkeep.build.dockerfile import instructions
+from layerkeep.build.explain import ignore_file, read_ignore_file
 from layerkeep.build.image import buildkit_cli
+from layerkeep.core.engine import context_files
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings
 
@@ -67,6 +75,17 @@ def preflight(
     return problems
 
 
+def preflight_warnings(
+    settings: Settings, tasks: Collection[str], environ: Mapping[str, str]
+) -> list[str]:
+    """One line per thing that costs the run of ``tasks`` (titles) time without stopping
+    it, each with its fix."""
+    if BUILDS.isdisjoint(tasks):
+        return []
+    found = _git_in_context(settings, environ)
+    return [found] if found else []
+
+
 def check_before_start(
     settings: Settings,
     tasks: Collection[str],
@@ -75,7 +94,10 @@ def check_before_start(
     flags: Collection[str] = (),
     log: Callable[[str], None],
 ) -> None:
-    """Log each problem :func:`preflight` finds, then raise one ConfigError for them all."""
+    """Log each warning and each problem :func:`preflight` finds, then raise one
+    ConfigError for the problems."""
+    for warning in preflight_warnings(settings, tasks, environ):
+        log(f"preflight: warning: {warning}")
     problems = preflight(settings, tasks, environ, flags=flags)
     if not problems:
         return
@@ -145,6 +167,74 @@ def buildkit_features(text: str) -> list[str]:
         elif _HEREDOC.match(instruction):
             found.append(f"a heredoc (`{_short(instruction)}`)")
     return found
+
+
+def _git_in_context(settings: Settings, environ: Mapping[str, str]) -> str | None:
+    """A warning when the build sends ``.git``: every commit (and a `git status`) rewrites
+    files in it, so a `COPY .` misses on every build."""
+    context = settings.context
+    dockerfile = context / settings.dockerfile
+    if not (context / ".git").is_dir() or not dockerfile.is_file():
+        return None  # no .git, or no build: nothing to say (a missing Dockerfile is a problem)
+    # Which ignore file the builder reads; auto is resolved only when it matters (a
+    # `<Dockerfile>.dockerignore` there), being a few subprocesses. A --builder flag may
+    # still change the builder: a warning goes by the settings.
+    kinds = {"legacy", "buildkit"} if settings.builder == "auto" else {settings.builder}
+    files = {ignore_file(context, dockerfile, kind) for kind in kinds}
+    if len(files) > 1:
+        kind = "buildkit" if buildkit_cli(settings.docker_cli, environ) else "legacy"
+        files = {ignore_file(context, dockerfile, kind)}
+    [rules_file] = files
+    if not _sends_git(context, read_ignore_file(rules_file)):
+        return None
+    name = _shown(rules_file, settings.project_dir)
+    if rules_file.is_file():
+        why, fix = f"{name} does not leave it out", f"add the line `.git` to {name}"
+    else:
+        why, fix = f"there is no {name} to leave it out", f"create {name} with the line `.git`"
+    return (
+        f"the build context holds .git ({_megabytes(context / '.git')}) and {why}: every "
+        "commit changes .git, so a `COPY .` misses the cache on every build, and each build "
+        f"sends it to the builder: {fix}"
+    )
+
+
+def _sends_git(context: Path, rules: Sequence[str]) -> bool:
+    """Whether a build with these ignore rules gets anything in ``.git``.
+
+    The matcher (docker-py's, which builds use) answers by walking a folder, and a walk of
+    the whole context can take seconds; so it walks an empty stand-in for .git's own
+    entries (same names, same kinds) in a temporary folder: the same answer for them.
+    """
+    with tempfile.TemporaryDirectory(prefix="layerkeep-preflight-") as folder:
+        stand_in = Path(folder) / ".git"
+        stand_in.mkdir()
+        for entry in os.scandir(context / ".git"):
+            if entry.is_dir(follow_symlinks=False):
+                (stand_in / entry.name).mkdir()
+            else:
+                (stand_in / entry.name).touch()
+        seen = context_files(Path(folder), rules)
+    return any(path.startswith(".git/") for path in seen)
+
+
+def _megabytes(folder: Path) -> str:
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += (Path(root) / name).lstat().st_size
+            except OSError:
+                continue  # git may remove a file meanwhile
+    return f"{total / 1e6:.1f} MB"
+
+
+def _shown(path: Path, project: Path) -> str:
+    """``path`` relative to the project when inside it."""
+    try:
+        return path.relative_to(project).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _database_problems(settings: Settings) -> list[str]:

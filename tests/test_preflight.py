@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from gitrepos import Scripted
 
 from layerkeep.core.engine import BUILD_ID_LABEL, Engine
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings, load_settings
-from layerkeep.preflight import buildkit_features, check_before_start, needs_preflight, preflight
+from layerkeep.preflight import (
+    buildkit_features,
+    check_before_start,
+    needs_preflight,
+    preflight,
+    preflight_warnings,
+)
 
 INV = [sys.executable, "-m", "invoke"]
 TEST_RUN = {"git.touch", "cache.load", "image.build", "services.up", "db.init", "test.run"}
@@ -161,6 +169,82 @@ def test_check_before_start_logs_each_and_raises_one_line(tmp_path: Path) -> Non
     assert len(logged) == 2
 
 
+GIT_COSTS = (
+    ": every commit changes .git, so a `COPY .` misses the cache on every build, and each "
+    "build sends it to the builder: "
+)
+
+
+def git_project(root: Path, **environ: str) -> Settings:
+    """A project in a real git repository, one commit in, with no ignore file."""
+    repo = Scripted(root)
+    repo.write("Dockerfile", "FROM python:3.11-slim\nCOPY . /app\n")
+    repo.write("src/app.py", "print('hi')\n")
+    repo.commit("first", when=1_700_000_000)
+    return project(root, "FROM python:3.11-slim\nCOPY . /app\n", **environ)
+
+
+def test_git_sent_to_the_builder_is_a_warning_with_its_cost_and_fix(tmp_path: Path) -> None:
+    settings = git_project(tmp_path)
+
+    [warning] = preflight_warnings(settings, {"image.build"}, os.environ)
+
+    assert re.fullmatch(r"the build context holds \.git \(\d+\.\d MB\) and .*", warning)
+    assert warning.endswith(
+        f"there is no .dockerignore to leave it out{GIT_COSTS}create .dockerignore with the "
+        "line `.git`"
+    )
+    assert preflight(settings, {"image.build"}, os.environ) == []  # it never stops a run
+    assert preflight_warnings(settings, {"services.up", "test.run"}, os.environ) == []
+    logged: list[str] = []
+    check_before_start(settings, {"image.build"}, os.environ, log=logged.append)
+    assert logged == [f"preflight: warning: {warning}"]
+
+    (tmp_path / ".dockerignore").write_text("*.log\n.git/objects\n")
+    [warning] = preflight_warnings(settings, {"image.build"}, os.environ)
+    assert warning.endswith(
+        f".dockerignore does not leave it out{GIT_COSTS}add the line `.git` to .dockerignore"
+    )
+
+
+@pytest.mark.parametrize(
+    "rules", [".git", ".git/", "/.git", "**/.git", ".*", "*\n!src\n!Dockerfile", ".git/*"]
+)
+def test_an_ignore_rule_that_leaves_git_out_silences_it(tmp_path: Path, rules: str) -> None:
+    settings = git_project(tmp_path)
+    (tmp_path / ".dockerignore").write_text(f"# ours\n{rules}\n")
+    assert preflight_warnings(settings, {"image.build"}, os.environ) == []
+
+
+@pytest.mark.parametrize(
+    ("builder", "context_rules", "own_rules", "warns_about"),
+    [
+        # BuildKit reads Dockerfile.dockerignore instead of .dockerignore.
+        ("buildkit", "*.log", ".git", None),
+        ("buildkit", ".git", "*.log", "Dockerfile.dockerignore"),
+        # The classic builder reads only .dockerignore.
+        ("legacy", "*.log", ".git", ".dockerignore"),
+        ("legacy", ".git", "*.log", None),
+        # auto: /usr/bin/docker (20.10) builds with BuildKit here.
+        ("auto", "*.log", ".git", None),
+        ("auto", ".git", "*.log", "Dockerfile.dockerignore"),
+    ],
+)
+def test_the_ignore_file_the_builder_reads_decides(
+    tmp_path: Path, builder: str, context_rules: str, own_rules: str, warns_about: str | None
+) -> None:
+    assert Path("/usr/bin/docker").exists()
+    settings = git_project(tmp_path, LAYERKEEP_BUILDER=builder)
+    (tmp_path / ".dockerignore").write_text(f"{context_rules}\n")
+    (tmp_path / "Dockerfile.dockerignore").write_text(f"{own_rules}\n")
+    warnings = preflight_warnings(settings, {"image.build"}, os.environ)
+    if warns_about is None:
+        assert warnings == []
+    else:
+        [warning] = warnings
+        assert warning.endswith(f"add the line `.git` to {warns_about}")
+
+
 def test_only_runs_with_checked_tasks_need_it() -> None:
     assert needs_preflight(TEST_RUN)
     assert not needs_preflight({"settings"})
@@ -244,3 +328,5 @@ def test_run_mount_with_the_legacy_builder_stops_before_building(
     done = inv(root, "image.build", "--builder", "buildkit")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr
     assert engine.image_id(f"{unique_repository}/app") is not None
+    # It has no .dockerignore: a warning, and the build went on.
+    assert "preflight: warning: the build context holds .git" in done.stdout

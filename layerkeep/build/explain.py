@@ -614,15 +614,24 @@ def _expand(text: str, values: Mapping[str, str | None]) -> str:
 def _ignore_rules(
     context: Path, dockerfile: Path, builder: str, excludes: Sequence[str]
 ) -> list[str]:
-    """The ignore patterns the builder applies: BuildKit reads ``<Dockerfile>.dockerignore``
-    first, the classic builder only the context's; layerkeep's own come last (build.context)."""
+    """The ignore patterns the builder applies; layerkeep's own come last (build.context)."""
+    return [*read_ignore_file(ignore_file(context, dockerfile, builder)), *excludes]
+
+
+def ignore_file(context: Path, dockerfile: Path, builder: str) -> Path:
+    """The ignore file the builder reads (it may not exist): BuildKit reads
+    ``<Dockerfile>.dockerignore`` when there is one, the classic builder only the
+    context's ``.dockerignore``."""
     own = dockerfile.with_name(dockerfile.name + IGNORE_SUFFIX)
-    path = own if builder == "buildkit" and own.is_file() else context / ".dockerignore"
-    rules: list[str] = []
-    if path.is_file():
-        lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-        rules = [line for line in lines if line and not line.startswith("#")]
-    return [*rules, *excludes]
+    return own if builder == "buildkit" and own.is_file() else context / ".dockerignore"
+
+
+def read_ignore_file(path: Path) -> list[str]:
+    """The patterns of an ignore file, in order; none when there is no such file."""
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 class _ContextFiles:
