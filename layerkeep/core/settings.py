@@ -1,8 +1,9 @@
 """One settings object, loaded once, from defaults, env files, the environment and flags.
 
 Each setting is declared once, as a field of :class:`Settings` made with :func:`setting`
-(its default text, meaning and parser); the key list, the loader, the ``.env.example``
-check and :func:`describe_settings` derive from those declarations.
+(its default text, meaning, parser and, for a few, the task flag that sets it for one
+command); the key list, the loader, the ``.env.example`` check, :func:`describe_settings`
+and the task flags (:data:`FLAGS`, with their help text) derive from those declarations.
 
 Precedence, lowest first (the order of :class:`Source`): built-in defaults < env files
 (``layerkeep.env`` < ``.env`` < ``.env.local``, or the list in ``LAYERKEEP_ENV_FILES``)
@@ -227,6 +228,7 @@ class Declaration:
     doc: str
     parse: Callable[[str, Path], object]
     secret: bool
+    flag: str
 
 
 def setting(
@@ -235,13 +237,16 @@ def setting(
     parse: Callable[[str, Path], object] = _text,
     *,
     secret: bool = False,
+    flag: str = "",
 ) -> Declaration:
     """Declare a Settings field, ``x: Annotated[T, setting(...)]``, as ``LAYERKEEP_<X>``.
 
     ``default`` is the text used when nothing sets it, ``doc`` one line for listings,
     ``parse`` turns text into the field's value; a secret's value is never shown.
+    ``flag`` (e.g. ``"--cache-dir"``) is the task flag that sets it for one command:
+    tasks name the flags they take, and their help text comes from ``doc``.
     """
-    return Declaration(default, doc, parse, secret)
+    return Declaration(default, doc, parse, secret, flag)
 
 
 @dataclass(frozen=True)
@@ -272,7 +277,8 @@ class Settings:
     _inputs: _Inputs = field(compare=False, repr=False)
     project: Annotated[str, setting("", "Project name used in labels; default: the folder's name.")]
     image: Annotated[
-        ImageRef | None, setting("", "Repository (and optional tag) of the app image.", _image)
+        ImageRef | None,
+        setting("", "Repository (and optional tag) of the app image.", _image, flag="--image"),
     ]
     context: Annotated[
         Path, setting(".", "Build context folder, relative to the project.", _folder)
@@ -284,7 +290,11 @@ class Settings:
         Mapping[str, str], setting("", "Build arguments: comma-separated NAME=value.", _pairs)
     ]
     builder: Annotated[
-        Builder, setting("auto", "auto (BuildKit if it works), legacy or buildkit.", _builder)
+        Builder,
+        setting(
+            "auto", "auto (BuildKit if it works), legacy or buildkit.", _builder,
+            flag="--builder",
+        ),
     ]
     docker_cli: Annotated[
         str, setting("", "docker CLI for BuildKit builds; default: one that works.")
@@ -295,7 +305,8 @@ class Settings:
     cache_dir: Annotated[
         Path,
         setting(
-            ".layerkeep-cache", "Folder holding the layer cache (relative or absolute).", _folder
+            ".layerkeep-cache", "Folder holding the layer cache (relative or absolute).", _folder,
+            flag="--cache-dir",
         ),
     ]
     cache_images: Annotated[
@@ -332,7 +343,8 @@ class Settings:
     sweep_after: Annotated[
         int,
         setting(
-            "3600", "services.sweep removes leftovers older than this (s).", _whole_number(0, 10**7)
+            "3600", "services.sweep removes leftovers older than this (s).",
+            _whole_number(0, 10**7), flag="--older-than",
         ),
     ]
     db_service: Annotated[str, setting("postgres", "The postgres service db.init prepares.")]
@@ -368,7 +380,10 @@ class Settings:
         Path, setting("", "JUnit XML folder; default: the CI's, or reports.", _optional_folder)
     ]
     keep_services: Annotated[
-        bool, setting("no", "Keep services after test.run, for debugging.", _flag)
+        bool,
+        setting(
+            "no", "Keep services after test.run, for debugging.", _flag, flag="--keep-services"
+        ),
     ]
     skip_dependencies: Annotated[
         bool,
@@ -409,7 +424,8 @@ class Settings:
         ),
     ]
     cache_backend: Annotated[
-        CacheBackend, setting("dir", "dir (LAYERKEEP_CACHE_DIR) or registry.", _backend)
+        CacheBackend,
+        setting("dir", "dir (LAYERKEEP_CACHE_DIR) or registry.", _backend, flag="--backend"),
     ]
     cache_repository: Annotated[
         str, setting("", "Registry repository for cache tags (registry backend).")
@@ -453,17 +469,19 @@ class Settings:
         return self.image
 
     def with_flags(self, **flags: str | None) -> Settings:
-        """A copy with task flags on top (None or "" means "not given"); names are lowercase.
+        """A copy with task flags on top (None or "" means "not given"), by field name.
 
-        Everything derived is resolved again, and ``origins`` names the flag.
+        Everything derived is resolved again, and ``origins`` names the flag (the declared
+        one, e.g. ``flag --backend`` for ``cache_backend``).
         """
         given = {f"{PREFIX}{name.upper()}": value for name, value in flags.items() if value}
         if not given:
             return self
         raw = dict(self._inputs.raw)
         for key, value in given.items():
-            flag = f"flag --{key.removeprefix(PREFIX).lower().replace('_', '-')}"
-            _set(raw, key, Raw(value, flag, Source.FLAG))
+            declared = KNOWN[key].flag if key in KNOWN else ""
+            flag = declared or f"--{key.removeprefix(PREFIX).lower().replace('_', '-')}"
+            _set(raw, key, Raw(value, f"flag {flag}", Source.FLAG))
         return _resolve(self.project_dir, replace(self._inputs, raw=raw))
 
 
@@ -477,6 +495,26 @@ class Key:
     doc: str
     parse: Callable[[str, Path], object]
     secret: bool
+    # The task flag that sets it for one command ("--cache-dir"), or "" for none.
+    flag: str = ""
+    # Whether the setting is yes/no, so that its flag is a switch (--keep-services).
+    switch: bool = False
+
+    @property
+    def param(self) -> str:
+        """The flag's name as a task parameter: ``--cache-dir`` is ``cache_dir``."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def flag_help(self) -> str:
+        """The flag's help text, from the setting's own doc: declared once."""
+        return f"{self.doc.rstrip('.')}; sets {self.name} for every task of the command"
+
+    def flag_text(self, value: object) -> str | None:
+        """A flag's parsed value as a setting's text; None when the flag was not given."""
+        if value is None or value is False or value == "":
+            return None
+        return "yes" if value is True else str(value)
 
 
 def _declared() -> tuple[Key, ...]:
@@ -486,12 +524,17 @@ def _declared() -> tuple[Key, ...]:
         for d in getattr(hints[each.name], "__metadata__", ()):
             if isinstance(d, Declaration):
                 name = f"{PREFIX}{each.name.upper()}"
-                keys.append(Key(name, each.name, d.default, d.doc, d.parse, d.secret))
+                switch = hints[each.name].__origin__ is bool
+                keys.append(
+                    Key(name, each.name, d.default, d.doc, d.parse, d.secret, d.flag, switch)
+                )
     return tuple(keys)
 
 
 KEYS = _declared()
 KNOWN = {key.name: key for key in KEYS}
+# Task flags, by flag ("--image"): each sets its setting for every task of one command.
+FLAGS = {key.flag: key for key in KEYS if key.flag}
 
 
 # --- loading ------------------------------------------------------------------------
