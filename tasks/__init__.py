@@ -32,9 +32,13 @@ from . import (
     standin_tasks,
     testing_tasks,
 )
+from .executor import LayerkeepExecutor, install
 from .graph import step, with_steps
 
-__all__ = ["collection", "ns", "step"]
+__all__ = ["LayerkeepExecutor", "collection", "ns", "step"]
+
+# The plain `inv` runs layerkeep's executor from here on (see executor.py's docstring).
+install()
 
 StepSpec = Task[Any] | tuple[Task[Any], str]
 

@@ -12,14 +12,14 @@ from layerkeep.dryrun import save_plan
 
 from .graph import Done, Note, engine, is_dry, resolved_builder, say_plan, settings, step
 from .image_tasks import build
-from .restore_tasks import CACHE_HELP
+from .restore_tasks import CACHE_FLAGS
 from .taskkit import environ, masked_log, meters
 
 
-@step("cache.save", pre=[build], help=CACHE_HELP, role="cache")
-def save(c: Context, cache_dir: str | None = None, backend: str | None = None) -> Note:
+@step("cache.save", pre=[build], flags=CACHE_FLAGS, role="cache")
+def save(c: Context) -> Note:
     """Build, then save the app image, its stages and LAYERKEEP_CACHE_IMAGES."""
-    current = settings(c, cache_dir=cache_dir, cache_backend=backend)
+    current = settings(c)
     if is_dry(c):
         return say_plan(save_plan(current))
     connected, log = engine(c, current), masked_log(current)

@@ -14,17 +14,10 @@ from .restore_tasks import load
 from .taskkit import environ, masked_log
 
 
-@step(
-    "image.build",
-    pre=[touch, load],
-    help={
-        "builder": "auto, legacy or buildkit (default: LAYERKEEP_BUILDER)",
-        "image": "app image to build (default: LAYERKEEP_IMAGE)",
-    },
-)
-def build(c: Context, builder: str | None = None, image: str | None = None) -> Note:
+@step("image.build", pre=[touch, load], flags=["--builder", "--image"])
+def build(c: Context) -> Note:
     """Build the app image and its named stages, reusing cached layers."""
-    current = settings(c, builder=builder, image=image)
+    current = settings(c)
     if is_dry(c):
         return say_plan(build_plan(current))
     connected = engine(c, current)

@@ -13,16 +13,13 @@ from layerkeep.dryrun import load_plan
 from .graph import Done, Note, engine, is_dry, resolved_builder, say_plan, settings, step
 from .taskkit import environ, masked_log, meters
 
-CACHE_HELP = {
-    "cache_dir": "cache folder (default: LAYERKEEP_CACHE_DIR)",
-    "backend": "dir or registry (default: LAYERKEEP_CACHE_BACKEND)",
-}
+CACHE_FLAGS = ["--cache-dir", "--backend"]
 
 
-@step("cache.load", help=CACHE_HELP, role="cache")
-def load(c: Context, cache_dir: str | None = None, backend: str | None = None) -> Note:
+@step("cache.load", flags=CACHE_FLAGS, role="cache")
+def load(c: Context) -> Note:
     """Restore cached images the engine lacks (damaged entries are skipped)."""
-    current = settings(c, cache_dir=cache_dir, cache_backend=backend)
+    current = settings(c)
     if is_dry(c):
         return say_plan(load_plan(current))
     connected, log = engine(c, current), masked_log(current)

@@ -2,12 +2,21 @@
 
 from invoke.context import Context
 
-from layerkeep.core.errors import ConfigError
 from layerkeep.dryrun import down_plan, services_plan
 from layerkeep.services.containers import services_down, services_up
 from layerkeep.services.containers import sweep as sweep_leftovers
 
-from .graph import Done, Note, Run, Skipped, engine, is_dry, say_plan, settings, step
+from .graph import (
+    Done,
+    Note,
+    Skipped,
+    engine,
+    is_dry,
+    register_cleanup,
+    say_plan,
+    settings,
+    step,
+)
 from .restore_tasks import load
 from .taskkit import masked_log, meters, say
 
@@ -33,7 +42,7 @@ def up(c: Context) -> Note:
     if not current.services:
         return Skipped("no services configured")
     # Whatever happens next in this run, what starts here is removed if the run fails.
-    Run.of(c).register_cleanup(down)
+    register_cleanup(c, down)
     running = services_up(
         engine(c, current), current, log=masked_log(current), progress=meters()
     )
@@ -43,23 +52,13 @@ def up(c: Context) -> Note:
 
 @step(
     "services.sweep",
-    help={
-        "older_than": "seconds; remove leftovers created earlier than this "
-        "(default: LAYERKEEP_SWEEP_AFTER)",
-        "all_projects": "sweep every layerkeep project's leftovers, not only this one's",
-    },
+    flags=["--older-than"],
+    help={"all_projects": "sweep every layerkeep project's leftovers, not only this one's"},
 )
-def sweep(c: Context, older_than: str | None = None, all_projects: bool = False) -> Note:
+def sweep(c: Context, all_projects: bool = False) -> Note:
     """Remove containers and networks that killed jobs left behind."""
     current = settings(c)
     seconds = current.sweep_after
-    if older_than is not None:
-        if not (older_than.strip().isascii() and older_than.strip().isdigit()):
-            raise ConfigError(
-                f"--older-than={older_than!r} is not valid",
-                hint="use a whole number of seconds, e.g. 3600",
-            )
-        seconds = int(older_than)
     if is_dry(c):
         return say_plan([f"would remove layerkeep containers and networks older than {seconds} s"])
     removed = sweep_leftovers(

@@ -4,15 +4,16 @@ from invoke.context import Context
 
 from layerkeep.core.settings import describe_settings
 
-from .graph import Note, step
-from .taskkit import load_project_settings, say
+from .graph import Note, settings, step
+from .taskkit import say
 
 
-@step("settings", help={"all_keys": "also list settings left at their defaults"})
+@step("settings", help={"all_keys": "also list settings left at their defaults"}, uses_job=False)
 def show(c: Context, all_keys: bool = False) -> Note:
     """Print each setting, its value and its origin (default, file:line, environment)."""
-    # Read-only: the settings are loaded without locking the job's build id.
-    current = load_project_settings(c)
+    # Read-only (uses_job=False): alone, it locks no build id. Beside other tasks it
+    # shows what they run with, flags of the command included.
+    current = settings(c)
     read = ", ".join(str(path) for path in current.env_files) or "none"
     say(f"env files read: {read}")
     rows = [row for row in describe_settings(current) if all_keys or row.origin != "default"]

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from invoke.context import Context
+from invoke.config import Config
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.engine_start import connect_or_start
@@ -16,9 +16,9 @@ from layerkeep.core.progress import MeterFactory, for_stream
 from layerkeep.core.settings import Settings, load_settings
 
 
-def project_dir(c: Context) -> Path:
+def project_dir(config: Config) -> Path:
     """The folder of the tasks file `inv` found (the project), else the current folder."""
-    prefix = getattr(c.config, "_project_prefix", None)
+    prefix = getattr(config, "_project_prefix", None)
     return Path(prefix) if prefix else Path.cwd()
 
 
@@ -27,9 +27,9 @@ def environ() -> Mapping[str, str]:
     return dict(os.environ)
 
 
-def load_project_settings(c: Context) -> Settings:
+def load_project_settings(config: Config) -> Settings:
     """The project's settings from its env files and the process environment."""
-    return load_settings(project_dir(c), environ())
+    return load_settings(project_dir(config), environ())
 
 
 def engine_for(settings: Settings) -> Engine:

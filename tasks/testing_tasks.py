@@ -7,27 +7,19 @@ from layerkeep.dryrun import tests_plan
 from layerkeep.testing.testrun import run_tests
 
 from .db_tasks import init
-from .graph import Done, Note, Run, engine, is_dry, say_plan, settings, step
+from .graph import Done, Note, engine, is_dry, say_plan, settings, step
 from .image_tasks import build
 from .services_tasks import down, up
 from .taskkit import masked_log
 
 
-@step(
-    "test.run",
-    pre=[build, up, init],
-    post=[down],
-    help={"keep_services": "leave the services running afterwards, for debugging"},
-)
-def run(c: Context, keep_services: bool = False) -> Note:
+@step("test.run", pre=[build, up, init], post=[down], flags=["--keep-services"])
+def run(c: Context) -> Note:
     """Build, start services, init the DB, run the tests in the app image, stop services.
 
     Its prerequisites come from the graph (image.build, services.up, db.init) and
     services.down runs after it, also when the tests fail or the run is interrupted.
     """
-    if keep_services:
-        # services.down, which runs after this task, must see the flag too.
-        Run.of(c).keep_flags(c, keep_services="yes")
     current = settings(c)
     if is_dry(c):
         return say_plan(tests_plan(current))
