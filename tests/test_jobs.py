@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from clean_env import clean_environ
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import CommandFailed, ConfigError
@@ -192,15 +192,14 @@ def test_test_run_task_cleans_up_even_when_tests_fail(
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "app"], check=True)
-    env = {
-        **os.environ,
-        "LAYERKEEP_IMAGE": app_image,
-        "LAYERKEEP_BUILD_ID": build_id,
-        "LAYERKEEP_SERVICES": "postgres,redis",
-        "LAYERKEEP_TEST_COMMAND": "echo failing; exit 2",
-        "LAYERKEEP_CACHE_DIR": str(tmp_path.parent / f"{tmp_path.name}-cache"),
-        "LAYERKEEP_REPORTS_DIR": str(tmp_path.parent / f"{tmp_path.name}-reports"),
-    }
+    env = clean_environ(
+        LAYERKEEP_IMAGE=app_image,
+        LAYERKEEP_BUILD_ID=build_id,
+        LAYERKEEP_SERVICES="postgres,redis",
+        LAYERKEEP_TEST_COMMAND="echo failing; exit 2",
+        LAYERKEEP_CACHE_DIR=str(tmp_path.parent / f"{tmp_path.name}-cache"),
+        LAYERKEEP_REPORTS_DIR=str(tmp_path.parent / f"{tmp_path.name}-reports"),
+    )
     args = [sys.executable, "-m", "invoke", "test.run"] + (["--keep-services"] if keep else [])
     done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     selector = [f"{BUILD_ID_LABEL}={build_id}"]

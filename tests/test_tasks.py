@@ -11,6 +11,10 @@ import venv
 from pathlib import Path
 
 import pytest
+from clean_env import clean_environ
+
+from layerkeep.core.settings import FLAGS
+from layerkeep.tasks import ns
 
 REPO = Path(__file__).resolve().parent.parent
 INV = [sys.executable, "-m", "invoke"]
@@ -42,7 +46,7 @@ ns.add_collection(shipping)
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        args, cwd=cwd, capture_output=True, text=True, check=False, env={**os.environ, **env}
+        args, cwd=cwd, capture_output=True, text=True, check=False, env=clean_environ(**env)
     )
 
 
@@ -59,6 +63,24 @@ def test_every_task_flag_has_help() -> None:
         assert shown.returncode == 0, shown.stderr
         options = [line for line in shown.stdout.splitlines() if line.strip().startswith("-")]
         assert all(len(line.split(None, 1)) == 2 for line in options), (task, options)
+
+
+def test_setting_flags_take_their_help_from_their_setting() -> None:
+    """Each setting flag a task takes shows its setting's doc and name: declared once."""
+    seen = set()
+    for name in ns.task_names:
+        flags = getattr(ns[name], "flags", ())
+        if not flags:
+            continue
+        options = run([*INV, "--help", name], REPO).stdout.split("Options:", 1)[1]
+        # Each option's lines, joined: "-i STRING, --image=STRING  Repository ..."
+        shown = " ".join(options.split()).replace(" -", "\n-").splitlines()
+        for key in flags:
+            line = next(each for each in shown if f"{key.flag}=" in each or f"{key.flag} " in each)
+            assert " ".join(key.doc.rstrip(".").split()) in line, (name, line)
+            assert key.name in line, (name, line)
+            seen.add(key.flag)
+    assert seen == set(FLAGS)
 
 
 @pytest.mark.parametrize(
@@ -90,6 +112,8 @@ def test_flags_override_settings_and_are_checked(tmp_path: Path) -> None:
     assert done.stderr.startswith("layerkeep: image.build: LAYERKEEP_BUILDER=")
     assert "(from flag --builder)" in done.stderr
     assert "Traceback" not in done.stderr
+    # Checked before anything starts: git.touch, image.build's prerequisite, never ran.
+    assert "==>" not in done.stdout
 
 
 COMMIT_DATES = {"GIT_COMMITTER_DATE": "@1600000000 +0000", "GIT_AUTHOR_DATE": "@1600000000 +0000"}
