@@ -6,7 +6,7 @@ Run alone, a failure exits non-zero with one line.
 
 from invoke.context import Context
 
-from layerkeep.cache.backend import save_cache
+from layerkeep.cache.backend import describe_save, save_cache
 from layerkeep.cache.mounts import describe_mounts, save_cache_mounts
 from layerkeep.dryrun import save_plan
 
@@ -18,14 +18,16 @@ from .taskkit import environ, masked_log, meters
 
 @step("cache.save", pre=[build], flags=CACHE_FLAGS, role="cache")
 def save(c: Context) -> Note:
-    """Build, then save the app image, its stages and LAYERKEEP_CACHE_IMAGES."""
+    """Build, then save what the next build needs: the app's layers (its images, or
+    BuildKit's own cache where the builder exports it) and LAYERKEEP_CACHE_IMAGES."""
     current = settings(c)
     if is_dry(c):
         return say_plan(save_plan(current))
     connected, log = engine(c, current), masked_log(current)
-    report = save_cache(connected, current, log=log, progress=meters())
     chosen = resolved_builder(c, current)
+    outcome = save_cache(connected, current, chosen, environ(), log=log, progress=meters())
     mounts = save_cache_mounts(connected, current, chosen, environ(), log=log)
+    report, buildkit = outcome.images, outcome.buildkit
     figures = {
         "saved": list(report.saved),
         "unchanged": list(report.unchanged),
@@ -33,13 +35,15 @@ def save(c: Context) -> Note:
         "bytes_written": report.bytes_written,
         "bytes_read": report.bytes_read,
         "engine_reads": report.engine_reads,
+        "inline_cache_completed": list(report.completed),
+        "inline_cache_uncovered": dict(report.uncovered),
+        "buildkit_blobs_written": buildkit.blobs_written if buildkit else None,
+        "buildkit_bytes_written": buildkit.bytes_written if buildkit else None,
+        "buildkit_cache_bytes": buildkit.size if buildkit else None,
+        "buildkit_pushed_to": outcome.pushed_to,
         "cache_mounts_saved": list(mounts.saved),
     }
-    note = (
-        "up to date"
-        if report.skipped
-        else f"{report.layers_written} layers, {report.bytes_written / 1e6:.1f} MB written"
-    )
+    note = describe_save(outcome)
     if not mounts.skipped:
         note += f"; {describe_mounts(mounts)}"
     return Done(note, figures)

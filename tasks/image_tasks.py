@@ -3,9 +3,7 @@
 from invoke.context import Context
 
 from layerkeep.build.explain import miss_files
-from layerkeep.build.image import build_image, images_to_cache
-from layerkeep.cache.layers import cache_sources
-from layerkeep.cache.registry_backend import registry_cache
+from layerkeep.cache.backend import build_with_cache
 from layerkeep.dryrun import build_plan
 
 from .git_tasks import touch
@@ -16,18 +14,13 @@ from .taskkit import environ, masked_log
 
 @step("image.build", pre=[touch, load], flags=["--builder", "--image"])
 def build(c: Context) -> Note:
-    """Build the app image and its named stages, reusing cached layers."""
+    """Build the app image (and its named stages), reusing cached layers."""
     current = settings(c)
     if is_dry(c):
         return say_plan(build_plan(current))
     connected = engine(c, current)
     chosen = resolved_builder(c, current)
-    # Cached images restored under an internal name (a tag of yours named another image).
-    internal = cache_sources(connected, images_to_cache(current))
-    report = build_image(
-        connected, current, chosen, environ(), log=masked_log(current),
-        also_cache_from=internal, registry_cache=registry_cache(current),
-    )
+    report = build_with_cache(connected, current, chosen, environ(), log=masked_log(current))
     figures = {
         "builder": chosen.kind,
         "steps_reused": report.tally.reused,

@@ -23,8 +23,8 @@ def load(c: Context) -> Note:
     if is_dry(c):
         return say_plan(load_plan(current))
     connected, log = engine(c, current), masked_log(current)
-    report = load_cache(connected, current, log=log, progress=meters())
     chosen = resolved_builder(c, current)
+    report = load_cache(connected, current, chosen, log=log, progress=meters())
     mounts = restore_cache_mounts(connected, current, chosen, environ(), log=log)
     figures = {
         "restored": list(report.restored),
@@ -33,7 +33,7 @@ def load(c: Context) -> Note:
         "bytes_read": report.bytes_read,
         "cache_mounts_restored": list(mounts.restored),
     }
-    note = describe_load(report)
+    note = describe_load(report, chosen)
     if not mounts.skipped:
         note += f"; {describe_mounts(mounts)}"
     return Done(note, figures)

@@ -219,13 +219,13 @@ def project_on(target: Target, folder: Path, repository: str) -> tuple[Settings,
 
 def ci(target: Target, settings: Settings) -> BuildReport:
     """What `inv ci` does with the image: restore, build, run the tests, save."""
-    load_cache(target.engine, settings, log=quiet)
+    load_cache(target.engine, settings, target.builder, log=quiet)
     report = build_image(target.engine, settings, target.builder, target.environ, log=quiet)
     job_engine = target.engine.for_job(Job.from_settings(settings))
     tests = run_tests(job_engine, settings, log=quiet)
     assert tests.passed
     assert tests.reports == (settings.reports_dir / "junit.xml",)
-    save_cache(target.engine, settings, log=quiet)
+    save_cache(target.engine, settings, target.builder, target.environ, log=quiet)
     return report
 
 
@@ -310,7 +310,7 @@ def test_cache_images_a_partial_restore_did_not_reuse_are_removed(
             wipe(target, settings, base)
             source = settings.project_dir / "greeter" / "__init__.py"
             source.write_text(source.read_text().replace("hello", "hello there"))
-            load_cache(target.engine, settings, log=quiet)
+            load_cache(target.engine, settings, target.builder, log=quiet)
             images = [str(image) for image in plan_build(settings).images]
             loaded = {image: target.engine.image_id(image) for image in images}
             assert all(loaded.values())

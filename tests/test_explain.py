@@ -99,12 +99,12 @@ def restored(engine: Engine, project: Project, kind: str) -> None:
     cold = build(engine, settings, kind, [])
     assert cold.tally.reused < cold.tally.total
     assert cold.miss_reasons == ("cache miss: no cached image to compare with (cold build)",)
-    save_cache(engine, settings, log=lambda _: None)
+    save_cache(engine, settings, cold.builder, os.environ, log=lambda _: None)
     record = record_image(settings)
     assert record is not None
     for image in [*images_to_cache(settings), str(record)]:
         engine.remove_image(image, force=True)
-    load_cache(engine, settings, log=lambda _: None)
+    load_cache(engine, settings, cold.builder, log=lambda _: None)
     assert all(engine.image_id(image) for image in images_to_cache(settings))
 
 
@@ -284,7 +284,7 @@ def test_without_a_record_the_reason_is_unknown_and_says_so(
     assert kept_records(engine, settings, log=print)[0].images == {
         image: engine.image_id(image) for image in images_to_cache(settings)
     }
-    save_cache(engine, settings, log=lambda _: None)
+    save_cache(engine, settings, report.builder, os.environ, log=lambda _: None)
     assert json.loads((tmp_path / "cache" / RECORDS_FILE).read_text())["records"]
 
 

@@ -9,6 +9,7 @@ classic builder and with BuildKit; branch scopes are checked through the registr
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import threading
 from collections.abc import Iterator, Mapping
@@ -21,7 +22,7 @@ from registry_setup import Registry, running_registry
 from sample_project import build, make_project
 from second_engine import SecondEngineUnavailable, second_engine
 
-from layerkeep.build.image import images_to_cache
+from layerkeep.build.image import Builder, images_to_cache
 from layerkeep.cache.backend import save_cache
 from layerkeep.cache.registry_backend import (
     cache_location,
@@ -272,7 +273,9 @@ def test_cache_pulled_from_the_registry_reuses_every_step(
         repository = cache_location(settings).repository
         try:
             lines: list[str] = []
-            first = load_from_registry(engine, settings, log=lines.append)
+            first = load_from_registry(
+                engine, settings, images_to_cache(settings), log=lines.append,
+            )
             assert first.cold
             assert sorted(first.missing) == sorted(images_to_cache(settings))
             assert lines == [f"no cache in {repository} (scope main) yet: this is a cold build"]
@@ -280,7 +283,9 @@ def test_cache_pulled_from_the_registry_reuses_every_step(
             # The base is new: nothing any run left on this shared engine can match.
             cold = build(engine, settings, kind)
             assert cold.tally.reused == 0
-            saved = save_to_registry(engine, settings, images_to_cache(settings), log=quiet)
+            saved = save_to_registry(
+                engine, settings, images_to_cache(settings), environ=os.environ, log=quiet,
+            )
             assert sorted(saved.saved) == sorted(images_to_cache(settings))
             assert saved.layers_written >= 3
             tags = cache_tags(settings, images_to_cache(settings))
@@ -288,14 +293,18 @@ def test_cache_pulled_from_the_registry_reuses_every_step(
                 f"main--{tag}" for tag in tags.values()
             )
 
-            again = save_to_registry(engine, settings, images_to_cache(settings), log=quiet)
+            again = save_to_registry(
+                engine, settings, images_to_cache(settings), environ=os.environ, log=quiet,
+            )
             assert again.skipped
             assert sorted(again.unchanged) == sorted(images_to_cache(settings))
 
             # Another machine that never built anything, not even the project's base.
             fresh.empty()
             lines.clear()
-            loaded = load_from_registry(fresh.engine, settings, log=lines.append)
+            loaded = load_from_registry(
+                fresh.engine, settings, images_to_cache(settings), log=lines.append,
+            )
             assert sorted(loaded.restored) == sorted(images_to_cache(settings))
             assert loaded.missing == []
             assert loaded.from_fallback == []
@@ -330,7 +339,7 @@ def test_a_new_branch_starts_from_the_default_branch_and_never_writes_its_tags(
         try:
             cold = build(engine, main, "buildkit")
             assert cold.tally.reused == 0
-            save_to_registry(engine, main, images, log=quiet)
+            save_to_registry(engine, main, images, environ=os.environ, log=quiet)
             mains = tags_in(registry, repository)
             assert len(mains) == 3
             assert all(tag.startswith("main--") for tag in mains)
@@ -338,7 +347,9 @@ def test_a_new_branch_starts_from_the_default_branch_and_never_writes_its_tags(
             # The branch's first build, on a machine that never built anything.
             fresh.empty()
             lines: list[str] = []
-            loaded = load_from_registry(fresh.engine, branch, log=lines.append)
+            loaded = load_from_registry(
+                fresh.engine, branch, images_to_cache(branch), log=lines.append,
+            )
             assert sorted(loaded.restored) == sorted(loaded.from_fallback) == sorted(images)
             scope = cache_scope(branch).own
             assert scope.startswith("feature-login-")
@@ -357,7 +368,7 @@ def test_a_new_branch_starts_from_the_default_branch_and_never_writes_its_tags(
             # The branch changes its code and saves: under its own scope only.
             (project.project_dir / "src" / "main.txt").write_text("branch\n")
             build(fresh.engine, branch, "buildkit", fresh.environ)
-            saved = save_to_registry(fresh.engine, branch, images, log=quiet)
+            saved = save_to_registry(fresh.engine, branch, images, environ=os.environ, log=quiet)
             assert sorted(saved.saved) == sorted(images)
             after = tags_in(registry, repository)
             assert {tag: after[tag] for tag in mains} == mains
@@ -369,7 +380,7 @@ def test_a_new_branch_starts_from_the_default_branch_and_never_writes_its_tags(
 
             # The default branch still loads its own images, not the branch's.
             fresh.empty()
-            again = load_from_registry(fresh.engine, main, log=quiet)
+            again = load_from_registry(fresh.engine, main, images_to_cache(main), log=quiet)
             assert again.from_fallback == []
             assert fresh.engine.image_id(str(main.require_image())) == engine.image_id(
                 str(main.require_image())
@@ -397,17 +408,19 @@ def test_a_pull_request_set_read_only_pushes_nothing(
         images = images_to_cache(pull)
         try:
             build(engine, develop, "legacy")
-            save_to_registry(engine, develop, images, log=quiet)
+            save_to_registry(engine, develop, images, environ=os.environ, log=quiet)
             before = tags_in(registry, repository)
             assert len(before) == 3
 
-            loaded = load_from_registry(engine, pull, log=quiet)
+            loaded = load_from_registry(engine, pull, images_to_cache(pull), log=quiet)
             assert sorted(loaded.present) == sorted(loaded.from_fallback) == sorted(images)
             (project.project_dir / "src" / "main.txt").write_text("pull request\n")
             assert build(engine, pull, "legacy").tally.reused > 0
             lines: list[str] = []
             # The whole save, as cache.save runs it: images, build records, cache mounts.
-            report = save_cache(engine, pull, log=lines.append)
+            report = save_cache(
+                engine, pull, Builder("legacy"), os.environ, log=lines.append
+            ).images
 
             assert report.saved == report.unchanged == []
             assert (
@@ -430,13 +443,17 @@ def test_changed_image_is_pushed_and_unchanged_ones_are_skipped(
         repository = cache_location(settings).repository
         try:
             build(engine, settings, "legacy")
-            save_to_registry(engine, settings, images_to_cache(settings), log=quiet)
+            save_to_registry(
+                engine, settings, images_to_cache(settings), environ=os.environ, log=quiet,
+            )
             path = repository.removeprefix(f"{registry.address}/")
             before = registry.digest_of(path, "main--latest")
             (settings.project_dir / "src" / "main.txt").write_text("v2\n")
             build(engine, settings, "legacy")
 
-            report = save_to_registry(engine, settings, images_to_cache(settings), log=quiet)
+            report = save_to_registry(
+                engine, settings, images_to_cache(settings), environ=os.environ, log=quiet,
+            )
 
             app = str(settings.require_image())
             assert report.saved == [app]
@@ -457,7 +474,7 @@ def test_unreachable_registry_or_refused_login_is_a_warning_on_load(
         wrong = with_registry(project, registry, registry_password="not-" + PASSWORD,
                               push_retries="1")
         lines: list[str] = []
-        refused = load_from_registry(engine, wrong, log=lines.append)
+        refused = load_from_registry(engine, wrong, images_to_cache(wrong), log=lines.append)
         assert refused.unreachable
         assert refused.cold
         assert len(lines) == 1
@@ -469,14 +486,16 @@ def test_unreachable_registry_or_refused_login_is_a_warning_on_load(
         build(engine, wrong, "legacy")
         try:
             with pytest.raises(RegistryAuthError):
-                save_to_registry(engine, wrong, images_to_cache(wrong), log=quiet)
+                save_to_registry(
+                    engine, wrong, images_to_cache(wrong), environ=os.environ, log=quiet,
+                )
         finally:
             remove(engine, local_tags(engine, f"{registry.address}/"))
 
         registry.stop()
         settings = with_registry(project, registry, push_retries="2")
         lines.clear()
-        down = load_from_registry(engine, settings, log=lines.append)
+        down = load_from_registry(engine, settings, images_to_cache(settings), log=lines.append)
     assert down.unreachable
     assert down.cold
     assert down.restored == []
@@ -519,7 +538,9 @@ def test_registry_answering_503_is_retried_with_backoff_then_skipped(
     slept: list[float] = []
     lines: list[str] = []
     try:
-        report = load_from_registry(engine, settings, log=lines.append, sleep=slept.append)
+        report = load_from_registry(
+            engine, settings, images_to_cache(settings), log=lines.append, sleep=slept.append,
+        )
     finally:
         server.shutdown()
         server.server_close()

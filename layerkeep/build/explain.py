@@ -229,13 +229,15 @@ def explain_misses(
     before: Mapping[str, Identity | None],
     tally: StepTally,
     log: Log,
+    imported_export: bool = False,
 ) -> tuple[MissLine, ...]:
     """Log and return one line per stage that missed, then record this build.
 
     ``before`` maps each image the build tags to what that name found before the build
     (the cached image the builder was given), looked up then because the containerd
     store may no longer know a replaced image by its id; ``tally`` is the builders' step
-    tally.
+    tally. ``imported_export``: the builder imported BuildKit's own cache export instead
+    of images, made by the newest build on record of the same image.
     """
     lookup = engine_lookup(engine)
     stages = read_inputs(
@@ -247,6 +249,12 @@ def explain_misses(
     missed = first_misses(tally, builder, stages)
     if not missed:
         lines: list[MissLine] = []
+    elif imported_export:
+        old = next((r for r in records if set(before) & set(r.images)), None)
+        lines = [
+            _line(stages, index, step, old=old, rebuilt=set(missed), cached=cached, maker=maker)
+            for index, step in sorted(missed.items())
+        ]
     elif not cached:
         lines = [MissLine("cache miss: no cached image to compare with (cold build)")]
     else:
@@ -388,9 +396,13 @@ def _line(
     label = stage.label(index, index == len(stages) - 1)
     where = f"cache miss in {label} at {_short(stage.steps[missed].text)}"
     if old is None:
+        made = (
+            f"made the cached image(s) {', '.join(sorted(cached))}"
+            if cached
+            else "exported the cache"
+        )
         return MissLine(
-            f"{where}: unknown: no record of the build that made the cached "
-            f"image(s) {', '.join(sorted(cached))}, so nothing to compare with",
+            f"{where}: unknown: no record of the build that {made}, so nothing to compare with",
             stage=label,
         )
     # How a later step names a stage it builds on: by name, or by index.
@@ -408,12 +420,21 @@ def _line(
     compared = stage.steps[: missed + 1]
     args = {k for s in compared for k in s.inputs if k.startswith("arg:")}
     files_read = {k for s in compared for k in s.inputs if k.startswith("file:")}
-    return MissLine(
+    line = (
         f"{where}: unknown: the {len(compared)} instruction(s) up to it, their base image "
         f"id, {len(args)} build arg(s) and {len(files_read)} context file(s) read by "
-        "COPY/ADD all match the record of the build that made the cached image",
-        stage=label,
+        "COPY/ADD all match the record of the build that made the cached image"
     )
+    if cached and maker.builder == "buildkit":
+        line = (
+            f"{where}: the cached image's inline cache most likely lacks this step: its "
+            f"{len(compared)} instruction(s) up to it, base image, {len(args)} build arg(s) "
+            f"and {len(files_read)} context file(s) all match the record of the build that "
+            "made it (BuildKit leaves out of an image's inline cache the steps it reused "
+            "from an imported cache; cache.save completes it, so this cache was saved "
+            "without that)"
+        )
+    return MissLine(line, stage=label)
 
 
 def _matching_stage(record: BuildRecord, stage: StageInputs, index: int) -> StageInputs | None:

@@ -16,7 +16,6 @@ gets as ``--cache-from`` depends on the builder:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -24,18 +23,17 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from layerkeep.build.context import context_excludes, dockerfile_with_excludes
 from layerkeep.build.dockerfile import read_stages
 from layerkeep.build.explain import engine_lookup, explain_misses
-from layerkeep.build.oci_cache import containerd_cache_sources
 from layerkeep.build.output import BuildkitParser, LegacyParser, ReuseSource, StepTally
 from layerkeep.core.engine import Engine, image_layers
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag
-from layerkeep.core.registry import OFFLINE_HINT, credentials_for, unreachable_registry
+from layerkeep.core.registry import OFFLINE_HINT, unreachable_registry
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
@@ -67,10 +65,25 @@ class BuildPlan:
 
 @dataclass(frozen=True)
 class Builder:
-    """How images get built: the classic builder through the API, or BuildKit via a CLI."""
+    """How images get built: the classic builder through the API, or BuildKit via a CLI.
+
+    ``exports_cache``: BuildKit here can export its own cache (``--cache-to``): buildx
+    on the containerd image store. Then the cache is BuildKit's, not images.
+    """
 
     kind: str
     cli: str = ""
+    exports_cache: bool = False
+
+
+@dataclass(frozen=True)
+class CacheExport:
+    """BuildKit's own cache for one build: its ``--cache-from`` and ``--cache-to`` values,
+    and what the CLI's environment needs for them (a private ``DOCKER_CONFIG``)."""
+
+    cache_from: tuple[str, ...]
+    cache_to: str | None
+    environ: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,10 @@ class BuildReport:
     miss_reasons: tuple[str, ...] = field(default=(), compare=False)
     # Disk the engine got back by removing the images this build replaced (None: unknown).
     bytes_freed: int | None = field(default=0, compare=False)
+
+
+class CacheExportFailed(BuildFailed):
+    """The build itself succeeded, but exporting BuildKit's cache (``--cache-to``) failed."""
 
 
 def stage_image(image: ImageRef, stage: str) -> ImageRef:
@@ -143,7 +160,8 @@ def choose_builder(
     engine_speaks = _engine_has_buildkit(engine)
     found = buildkit_cli(cli, environ) if engine_speaks else None
     if found is not None:
-        return Builder("buildkit", found)
+        exports = engine.uses_containerd_store() and _has_buildx(found, environ)
+        return Builder("buildkit", found, exports_cache=exports)
     if wanted == "buildkit":
         tried = list(_cli_candidates(cli, environ)) if engine_speaks else []
         where = ", ".join(tried) or "no docker CLI on PATH"
@@ -163,18 +181,21 @@ def build_image(
     *,
     log: Log = print,
     also_cache_from: Sequence[str] = (),
-    registry_cache: str | None = None,
+    export: CacheExport | None = None,
 ) -> BuildReport:
     """Build every stage and then the app image, reusing every cached image present.
 
     ``also_cache_from`` are more cached images to reuse: those cache.load restored under
-    an internal name because the user's own tag named another image. ``registry_cache``
-    is the registry cache backend's repository (None for the folder backend): on the
-    containerd image store, images pulled from it are read from there (see oci_cache).
-    layerkeep's own folders inside the context are left out of it (see build.context);
-    an image a build replaced is removed once nothing tags or uses it.
+    an internal name because the user's own tag named another image. With ``export``
+    (a builder that ``exports_cache``), the cache is BuildKit's own instead: one build of
+    the app image imports it and exports it again, every stage included (``mode=max``),
+    and no stage image is built. layerkeep's own folders inside the context are left
+    out of it (see build.context); an image a build replaced is removed once nothing
+    tags or uses it.
     """
     plan = plan_build(settings)
+    if export is not None:
+        plan = replace(plan, targets=plan.targets[-1:], unnamed_stages=())
     for index in plan.unnamed_stages:
         log(
             f"warning: stage {index} of {plan.dockerfile.name} has no name, so its layers "
@@ -184,45 +205,49 @@ def build_image(
     lookup = engine_lookup(engine)
     before = {str(image): lookup(str(image)) for image in plan.images}
     present = [image for image, found in before.items() if found is not None]
-    cache_from = tuple(present + [i for i in also_cache_from if i not in present])
+    cache_from = (
+        export.cache_from
+        if export is not None
+        else tuple(present + [i for i in also_cache_from if i not in present])
+    )
     tally = StepTally()
-    containerd = builder.kind == "buildkit" and bool(cache_from) and engine.uses_containerd_store()
+    reuse = ReuseSource(
+        builder.kind, len(cache_from), engine.build_cache_entries(),
+        exported=export is not None,
+    )
+    cli_environ = {**environ, **export.environ} if export is not None else environ
     started = time.monotonic()
     chains: list[list[str]] = []
-    with contextlib.ExitStack() as stack:
-        special = (
-            containerd_cache_sources(
-                engine, cache_from, stack, environ=environ, log=log,
-                credentials_for=lambda host: credentials_for(settings, host),
-                cache_repository=registry_cache,
-            )
-            if containerd else None
+    for target in plan.targets:
+        own = str(target.image)
+        sources = list(cache_from) if export is not None else _cache_sources(
+            engine, plan, builder, own=own, chains=chains, also=also_cache_from
         )
-        reuse = ReuseSource(
-            builder.kind, len(special.sources) if special else len(cache_from),
-            engine.build_cache_entries(), via=special.via() if special else "",
+        log(
+            f"building {own} ({builder.kind}"
+            + (f", target {target.stage}" if target.stage else "")
+            + (
+                f", BuildKit's cache from {len(sources)} source(s)"
+                if export is not None
+                else f", cache from {len(sources)} image(s)"
+            )
+            + ")"
         )
-        cli_environ = {**environ, **special.environ} if special else environ
-        for target in plan.targets:
-            own = str(target.image)
-            sources = special.sources if special else _cache_sources(
-                engine, plan, builder, own=own, chains=chains, also=also_cache_from
-            )
-            log(
-                f"building {own} ({builder.kind}"
-                + (f", target {target.stage}" if target.stage else "")
-                + f", cache from {len(sources)} image(s))"
-            )
-            job = _Job(plan, target, tuple(sources), settings.build_args, excludes, tally, log)
-            try:
-                if builder.kind == "buildkit":
-                    _build_with_cli(builder.cli, job, cli_environ)
-                else:
-                    _build_with_api(engine, job)
-            except BuildFailed as error:
-                raise _explained(error, engine, plan) from None
-            if builder.kind != "buildkit" and target.stage:
-                chains.append(_parent_chain(engine, own))
+        job = _Job(
+            plan, target, tuple(sources), settings.build_args, excludes, tally, log,
+            cache_to=export.cache_to if export is not None else None,
+        )
+        try:
+            if builder.kind == "buildkit":
+                _build_with_cli(builder.cli, job, cli_environ)
+            else:
+                _build_with_api(engine, job)
+        except CacheExportFailed:
+            raise
+        except BuildFailed as error:
+            raise _explained(error, engine, plan) from None
+        if builder.kind != "buildkit" and target.stage:
+            chains.append(_parent_chain(engine, own))
     seconds = time.monotonic() - started
     line = reuse.describe(tally)
     log(f"{line} ({plan.images[-1]} built in {seconds:.1f} s)")
@@ -232,6 +257,7 @@ def build_image(
     reasons = explain_misses(
         engine, settings, dockerfile=plan.dockerfile, builder=builder.kind, excludes=excludes,
         before=before, tally=tally, log=log,
+        imported_export=export is not None and bool(export.cache_from),
     )
     replaced = [
         old.id for image, old in before.items() if old and engine.image_id(image) != old.id
@@ -351,6 +377,7 @@ class _Job:
     excludes: tuple[str, ...]
     tally: StepTally
     log: Log
+    cache_to: str | None = None
 
 
 def _build_with_api(engine: Engine, job: _Job) -> None:
@@ -412,7 +439,11 @@ def _run_cli(cli: str, job: _Job, environ: Mapping[str, str], dockerfile: Path) 
         command += ["--target", job.target.stage]
     for cached in job.cache_from:
         command += ["--cache-from", cached]
-    build_args = {**job.build_args, "BUILDKIT_INLINE_CACHE": "1"}
+    build_args = dict(job.build_args)
+    if job.cache_to:
+        command += ["--cache-to", job.cache_to]
+    else:
+        build_args["BUILDKIT_INLINE_CACHE"] = "1"
     for name in build_args:
         # Values travel in the environment, not the command line: `--build-arg NAME`
         # takes the value from there, so secrets never show in `ps`.
@@ -421,6 +452,8 @@ def _run_cli(cli: str, job: _Job, environ: Mapping[str, str], dockerfile: Path) 
     env = {**environ, **build_args, "DOCKER_BUILDKIT": "1", "BUILDKIT_PROGRESS": "plain"}
     parser = BuildkitParser(job.tally)
     tail: deque[str] = deque(maxlen=BuildFailed.TAIL_LINES)
+    exporting: set[str] = set()  # the vertices that export BuildKit's cache
+    failed_vertex = ""
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
@@ -430,8 +463,14 @@ def _run_cli(cli: str, job: _Job, environ: Mapping[str, str], dockerfile: Path) 
             tail.append(line)
             parser.feed(line)
             job.log(line)
+            vertex, _, text = line.partition(" ")
+            if text.startswith("exporting cache"):
+                exporting.add(vertex)
+            elif text.startswith("ERROR") and not failed_vertex:
+                failed_vertex = vertex
     if process.returncode != 0:
-        raise BuildFailed.from_output(
+        failure = CacheExportFailed if failed_vertex in exporting else BuildFailed
+        raise failure.from_output(
             f"build {image}", image=image, exit_code=process.returncode, tail=tail
         )
     parser.finish()
@@ -498,9 +537,10 @@ def _speaks_buildkit(cli: str, environ: Mapping[str, str]) -> bool:
     return major.isdigit() and 18 <= int(major) < 23
 
 
-def images_to_cache(settings: Settings) -> list[str]:
-    """The app image, its stages and the extra images the settings name."""
-    images = [str(image) for image in plan_build(settings).images]
+def images_to_cache(settings: Settings, *, app: bool = True) -> list[str]:
+    """The app image, its stages and the extra images the settings name; only the extra
+    ones without ``app`` (a builder that exports BuildKit's cache keeps the app's)."""
+    images = [str(image) for image in plan_build(settings).images] if app else []
     return images + [image for image in settings.cache_images if image not in images]
 
 

@@ -58,7 +58,8 @@ class ReuseSource:
     builder: str
     images: int
     engine_entries: int | None
-    via: str = ""
+    # The sources are BuildKit's own cache exports, not images.
+    exported: bool = False
 
     def describe(self, tally: StepTally) -> str:
         """The build line: the figure, and honestly, where the hits came from."""
@@ -66,20 +67,28 @@ class ReuseSource:
         if tally.reused == 0:
             return line
         what = "inline cache" if self.builder == "buildkit" else "history"
-        cached = f"{self.images} cached image(s){self.via}"
+        source = f"the {what} of {self.images} cached image(s)"
+        if self.exported:
+            source = "BuildKit's own cache, as the last save exported it"
         if self.images == 0:
             return f"{line}, from this engine's own build cache: no cached image was used"
         if self.engine_entries == 0:
-            return f"{line}, from the {what} of {cached}"
+            return f"{line}, from {source}"
         held = "" if self.engine_entries is None else (
             f" ({self.engine_entries} entries before this build)"
         )
-        return f"{line}, from the {what} of {cached} or this engine's own build cache{held}"
+        return f"{line}, from {source} or this engine's own build cache{held}"
 
     def warning(self, tally: StepTally) -> str | None:
         """Why cached images gave no hit at all, when that is worth a warning."""
         if self.images == 0 or tally.total == 0 or tally.reused > 0:
             return None
+        if self.exported:
+            return (
+                "warning: BuildKit read its cache export but matched none of its steps: "
+                "a cache exported by another Docker version's BuildKit, or with other build "
+                "args, never matches"
+            )
         if self.builder == "buildkit":
             return (
                 f"warning: BuildKit read the inline cache of {self.images} cached image(s) "

@@ -1,16 +1,41 @@
-"""cache.load / cache.save through the backend the settings choose (dir or registry)."""
+"""cache.load, image.build and cache.save through the backend the settings choose (dir
+or registry) and the cache the builder keeps: images, or BuildKit's own export.
+
+A builder that exports BuildKit's cache (``Builder.exports_cache``) keeps the app's
+layers that way (cache.buildkit_build); the images LAYERKEEP_CACHE_IMAGES names (the
+services') are kept as images on every builder.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
-from layerkeep.build.image import images_to_cache, own_layers_from
+from layerkeep.build.image import (
+    Builder,
+    BuildReport,
+    build_image,
+    images_to_cache,
+    own_layers_from,
+)
 from layerkeep.cache.build_records import (
     pull_build_records,
     push_build_records,
     write_records_file,
 )
-from layerkeep.cache.layers import LoadReport, SaveReport, load_images, save_images
+from layerkeep.cache.buildkit_build import (
+    build_with_buildkit_cache,
+    registry_export_target,
+    save_buildkit_cache,
+)
+from layerkeep.cache.buildkit_dir import CommitReport, describe_commit
+from layerkeep.cache.layers import (
+    LoadReport,
+    SaveReport,
+    cache_sources,
+    load_images,
+    save_images,
+)
 from layerkeep.cache.registry_backend import (
     RegistryLoadReport,
     load_from_registry,
@@ -24,46 +49,125 @@ from layerkeep.core.settings import Settings
 Log = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class SaveOutcome:
+    """What cache.save did: the images it kept, and BuildKit's cache where it keeps that."""
+
+    images: SaveReport
+    buildkit: CommitReport | None = None
+    # Registry backend: where image.build wrote BuildKit's cache ("" for none).
+    pushed_to: str = ""
+
+
 def load_cache(
-    engine: Engine, settings: Settings, *, log: Log, progress: MeterFactory = silent
+    engine: Engine,
+    settings: Settings,
+    builder: Builder,
+    *,
+    log: Log,
+    progress: MeterFactory = silent,
 ) -> LoadReport:
     """Restore the cached images the engine lacks; ``progress`` shows the bytes read."""
+    images = images_to_cache(settings, app=not builder.exports_cache)
     if settings.cache_backend == "registry":
-        loaded = load_from_registry(engine, settings, log=log, progress=progress)
+        loaded = load_from_registry(engine, settings, images, log=log, progress=progress)
         if not loaded.unreachable:
             pull_build_records(engine, settings, log=log)
         return loaded
-    return load_images(engine, CacheDir(settings.cache_dir), log=log, progress=progress)
+    restored = load_images(
+        engine, CacheDir(settings.cache_dir), only=images, log=log, progress=progress
+    )
+    app = set(images_to_cache(settings)) - set(settings.cache_images)
+    found = set(restored.restored) | set(restored.present) | set(restored.failed)
+    if not builder.exports_cache and restored.buildkit_export and not app & found:
+        log(
+            "the cache holds a BuildKit cache export, which an engine on the containerd "
+            "image store saved, but not the app's images, which this engine reads: a cold "
+            "build (give each image store a cache of its own)"
+        )
+    return restored
+
+
+def build_with_cache(
+    engine: Engine,
+    settings: Settings,
+    builder: Builder,
+    environ: Mapping[str, str],
+    *,
+    log: Log,
+) -> BuildReport:
+    """Build the app image from the cache cache.load restored, or from BuildKit's own."""
+    if builder.exports_cache:
+        return build_with_buildkit_cache(engine, settings, builder, environ, log=log).report
+    # Cached images restored under an internal name (a tag of yours named another image).
+    internal = cache_sources(engine, images_to_cache(settings))
+    return build_image(engine, settings, builder, environ, log=log, also_cache_from=internal)
 
 
 def save_cache(
-    engine: Engine, settings: Settings, *, log: Log, progress: MeterFactory = silent
-) -> SaveReport:
-    """Save the app image, its stages and LAYERKEEP_CACHE_IMAGES (one `docker save` for
-    the changed ones); ``progress`` shows the bytes read from the engine."""
-    images = images_to_cache(settings)
+    engine: Engine,
+    settings: Settings,
+    builder: Builder,
+    environ: Mapping[str, str],
+    *,
+    log: Log,
+    progress: MeterFactory = silent,
+) -> SaveOutcome:
+    """Save what the next build needs: the app image, its stages (or BuildKit's cache)
+    and LAYERKEEP_CACHE_IMAGES (one `docker save` for the changed ones); ``progress``
+    shows the bytes read from the engine."""
+    images = images_to_cache(settings, app=not builder.exports_cache)
+    buildkit = None
+    pushed_to = ""
+    if builder.exports_cache:
+        buildkit = save_buildkit_cache(engine, settings, builder, environ, log=log)
+        pushed_to = registry_export_target(settings)
     if settings.cache_backend == "registry":
-        saved = save_to_registry(engine, settings, images, log=log, progress=progress)
+        saved = save_to_registry(
+            engine, settings, images, environ=environ, log=log, progress=progress
+        )
         push_build_records(engine, settings, log=log)
-        return saved
+        return SaveOutcome(saved, buildkit, pushed_to)
     saved = save_images(
         engine,
         CacheDir(settings.cache_dir),
         images,
         level=settings.cache_level,
         threads=settings.cache_threads,
-        own_layers_from=own_layers_from(engine, settings),
+        own_layers_from=own_layers_from(engine, settings) if not builder.exports_cache else {},
+        keep=images_to_cache(settings) if builder.exports_cache else (),
         log=log,
         progress=progress,
     )
     write_records_file(engine, settings, log=log)
-    return saved
+    return SaveOutcome(saved, buildkit, pushed_to)
 
 
-def describe_load(report: LoadReport) -> str:
+def describe_save(outcome: SaveOutcome) -> str:
+    """A short note on a save, for the summary."""
+    report = outcome.images
+    parts = []
+    if outcome.buildkit is not None:
+        parts.append(describe_commit(outcome.buildkit))
+    if outcome.pushed_to:
+        parts.append(f"BuildKit cache written to {outcome.pushed_to} by the build")
+    if report.saved or report.dropped or not parts:
+        parts.append(
+            "up to date"
+            if report.skipped
+            else f"{report.layers_written} layers, {report.bytes_written / 1e6:.1f} MB written"
+        )
+    if report.uncovered:
+        parts.append(f"inline cache incomplete for {', '.join(report.uncovered)}")
+    return "; ".join(parts)
+
+
+def describe_load(report: LoadReport, builder: Builder) -> str:
     """A short note on a load, for the ci summary."""
     if isinstance(report, RegistryLoadReport) and report.unreachable:
         return "registry unreachable: cold build"
+    if builder.exports_cache and not (report.restored or report.present or report.failed):
+        return "the app's cache is BuildKit's: image.build reads it"
     if report.cold:
         return "no cache: cold build"
     left = f", {len(report.tags_left)} tag(s) left alone" if report.tags_left else ""

@@ -113,6 +113,8 @@ class LoadReport:
     damaged: list[str] = field(default_factory=list)
     bytes_read: int = 0
     cold: bool = False
+    # The folder also holds a BuildKit cache export (see cache.buildkit_dir).
+    buildkit_export: bool = False
     seconds: float = 0.0
 
 
@@ -138,10 +140,13 @@ def save_images(
     level: int = 3,
     threads: int = 0,
     own_layers_from: Mapping[str, int] | None = None,
+    keep: Collection[str] = (),
     log: Log = print,
     progress: MeterFactory = silent,
 ) -> SaveReport:
-    """Make the cache hold exactly ``images`` as the engine has them now.
+    """Make the cache hold exactly ``images`` as the engine has them now (and the cached
+    copies of ``keep``, left as they are: the app's images where this builder keeps
+    BuildKit's cache instead, for the engines of a mixed fleet that read images).
 
     A BuildKit image's inline cache is completed from the images cached before (see
     build.inline_cache), so that the next machine reuses every step this one did;
@@ -163,7 +168,7 @@ def save_images(
         current = {image: engine.image_attrs(image) for image in images}
         report.missing = [image for image, attrs in current.items() if attrs is None]
         # An image the engine lacks this time keeps its cached copy rather than being lost.
-        for tag in sorted(set(manifest.images) - set(images)):
+        for tag in sorted(set(manifest.images) - set(images) - set(keep)):
             del manifest.images[tag]
             report.dropped.append(tag)
         changed: dict[str, Mapping[str, Any]] = {}
@@ -253,14 +258,19 @@ def _log_save(report: SaveReport, log: Log) -> None:
 
 
 def load_images(
-    engine: Engine, cache: CacheDir, *, log: Log = print, progress: MeterFactory = silent
+    engine: Engine,
+    cache: CacheDir,
+    *,
+    only: Collection[str] | None = None,
+    log: Log = print,
+    progress: MeterFactory = silent,
 ) -> LoadReport:
     """Restore every cached image the engine lacks; damaged entries are skipped with a warning.
 
-    Only the layers the engine lacks travel: they are checked and decompressed on a
-    thread of their own, ahead of the engine reading them. ``progress`` shows the bytes
-    read from the cache. A damaged blob is dropped from the manifest (when the folder
-    is writable), so the next save writes it again.
+    ``only`` limits it to those tags. Only the layers the engine lacks travel: they are
+    checked and decompressed on a thread of their own, ahead of the engine reading them.
+    ``progress`` shows the bytes read from the cache. A damaged blob is dropped from the
+    manifest (when the folder is writable), so the next save writes it again.
     """
     started = time.monotonic()
     report = LoadReport()
@@ -270,9 +280,11 @@ def load_images(
         return report
     with cache.locked(write=False):
         manifest = _read_or_empty(cache, log)
+        report.buildkit_export = manifest.buildkit is not None
         loader = _Loader(engine, cache, manifest, report, log, progress)
         for tag, image in sorted(manifest.images.items()):
-            loader.restore(tag, image)
+            if only is None or tag in only:
+                loader.restore(tag, image)
         if report.damaged:
             _forget_damaged(cache, manifest, report.damaged, log)
     report.seconds = time.monotonic() - started

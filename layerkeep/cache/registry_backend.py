@@ -36,12 +36,17 @@ unreachable registry or refused credentials are a warning, and the build goes on
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from layerkeep.build.image import images_to_cache, plan_build
-from layerkeep.cache.layers import LoadReport, SaveReport
+from layerkeep.build.image import plan_build
+from layerkeep.build.inline_cache import complete
+from layerkeep.cache.archive import image_id_of
+from layerkeep.cache.layers import LoadReport, SaveReport, unchanged
+from layerkeep.cache.store import CachedImage, config_layers
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef, parse_image_ref
@@ -55,14 +60,13 @@ from layerkeep.core.registry import (
     Sleep,
     TagNotFound,
     credentials_for,
-    local_digests,
     path_in_registry,
     pull_tag,
     push_tag,
     registry_host,
-    remote_digest,
     safe_tag,
 )
+from layerkeep.core.registry_api import RegistryClient
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
@@ -195,11 +199,18 @@ def save_to_registry(
     settings: Settings,
     images: Sequence[str],
     *,
+    environ: Mapping[str, str],
     log: Log = print,
     sleep: Sleep = time.sleep,
     progress: MeterFactory = silent,
 ) -> SaveReport:
-    """Push ``images`` (the app, its stages, extras) as cache tags in this branch's scope."""
+    """Push ``images`` (the app, its stages, extras) as cache tags in this branch's scope.
+
+    An image whose cache tag already holds it (the same layers and config, inline cache
+    aside) is left alone. A pushed BuildKit image's inline cache is then completed in
+    the registry from the image the tag held before (see build.inline_cache): a new
+    config with the same layers, under the same tag.
+    """
     started = time.monotonic()
     location = cache_location(settings)
     scope = cache_scope(settings)
@@ -208,34 +219,42 @@ def save_to_registry(
         log(f"registry cache {location.repository} is read-only here ({scope.read_only}): "
             "nothing pushed")
         return report
-    for image, tag in cache_tags(settings, images).items():
-        if engine.image_id(image) is None:
-            report.missing.append(image)
-            log(f"warning: {image} is not in the engine, so it was not saved")
-            continue
-        target = ImageRef(location.repository, scope.tag(tag))
-        current = remote_digest(
-            engine, target, location.credentials,
-            attempts=settings.push_retries, time_limit=settings.push_timeout,
-            log=log, sleep=sleep,
-        )
-        engine.tag_image(image, str(target))
-        if current is not None and f"{target.repository}@{current}" in local_digests(engine, image):
-            report.unchanged.append(image)
-            continue
-        pushed = push_tag(
-            engine, target, location.credentials,
-            attempts=settings.push_retries, time_limit=settings.push_timeout,
-            log=log, sleep=sleep, progress=progress,
-        )
-        report.saved.append(image)
-        report.layers_written += pushed.layers_pushed
-        report.bytes_written += pushed.bytes_pushed
-        log(
-            f"pushed {image} as {target} ({pushed.layers_pushed} new layer(s), "
-            f"{pushed.bytes_pushed / 1e6:.1f} MB, {pushed.seconds:.1f} s)"
-        )
+    repository = path_in_registry(location.repository)
+    with RegistryClient(
+        location.credentials, environ=environ, timeout=settings.push_timeout
+    ) as client:
+        for image, tag in cache_tags(settings, images).items():
+            attrs = engine.image_attrs(image)
+            if attrs is None:
+                report.missing.append(image)
+                log(f"warning: {image} is not in the engine, so it was not saved")
+                continue
+            target = ImageRef(location.repository, scope.tag(tag))
+            donors = _configs(client, repository, scope.sources(tag))
+            if donors and unchanged(attrs, _as_cached(donors[0])):
+                report.unchanged.append(image)
+                continue
+            engine.tag_image(image, str(target))
+            pushed = push_tag(
+                engine, target, location.credentials,
+                attempts=settings.push_retries, time_limit=settings.push_timeout,
+                log=log, sleep=sleep, progress=progress,
+            )
+            report.saved.append(image)
+            report.layers_written += pushed.layers_pushed
+            report.bytes_written += pushed.bytes_pushed
+            log(
+                f"pushed {image} as {target} ({pushed.layers_pushed} new layer(s), "
+                f"{pushed.bytes_pushed / 1e6:.1f} MB, {pushed.seconds:.1f} s)"
+            )
+            if donors and _complete_in_registry(client, repository, target.tag, donors):
+                report.completed.append(image)
     report.seconds = time.monotonic() - started
+    if report.completed:
+        log(
+            f"inline cache completed for {', '.join(report.completed)} in the registry: "
+            "BuildKit leaves out the steps a build reused from an imported cache"
+        )
     if report.skipped:
         log(f"registry cache {location.repository} (scope {scope.own}) up to date "
             f"({len(report.unchanged)} images), nothing pushed")
@@ -249,21 +268,68 @@ def save_to_registry(
     return report
 
 
+def _configs(
+    client: RegistryClient, repository: str, tags: Sequence[str]
+) -> list[tuple[str, dict[str, Any]]]:
+    """The config text and parsed config of each of ``tags`` the registry has (an image
+    manifest; an index, which buildx pushes, is not a cache tag of ours)."""
+    found = []
+    for tag in tags:
+        try:
+            manifest = client.get_manifest(repository, tag)
+        except TagNotFound:
+            continue
+        content = json.loads(manifest.content)
+        config = content.get("config") if isinstance(content, dict) else None
+        if not isinstance(config, dict):
+            continue
+        text = client.get_blob(repository, str(config["digest"])).decode("utf-8")
+        found.append((text, json.loads(text)))
+    return found
+
+
+def _as_cached(config: tuple[str, dict[str, Any]]) -> CachedImage:
+    """A registry's image config as the folder cache would keep it (for ``unchanged``)."""
+    text, parsed = config
+    return CachedImage(image_id_of(text), text, tuple(config_layers(parsed)))
+
+
+def _complete_in_registry(
+    client: RegistryClient,
+    repository: str,
+    tag: str,
+    donors: Sequence[tuple[str, dict[str, Any]]],
+) -> bool:
+    """Complete the inline cache of the image just pushed as ``tag`` from ``donors``."""
+    manifest = client.get_manifest(repository, tag)
+    content = json.loads(manifest.content)
+    config = json.loads(client.get_blob(repository, str(content["config"]["digest"])))
+    done = complete(config, [parsed for _, parsed in donors])
+    if done == config:
+        return False
+    data = json.dumps(done, separators=(",", ":")).encode()
+    content["config"] = {**content["config"], "digest": client.upload_blob(repository, data),
+                         "size": len(data)}
+    client.put_manifest(repository, tag, json.dumps(content).encode(), manifest.media_type)
+    return True
+
+
 def load_from_registry(
     engine: Engine,
     settings: Settings,
+    images: Sequence[str],
     *,
     log: Log = print,
     sleep: Sleep = time.sleep,
     progress: MeterFactory = silent,
 ) -> RegistryLoadReport:
-    """Pull the cache tags (own scope, else the fallback's) and give them the names
-    image.build passes as --cache-from."""
+    """Pull the cache tags of ``images`` (own scope, else the fallback's) and give them
+    the names image.build passes as --cache-from."""
     started = time.monotonic()
     location = cache_location(settings)
     scope = cache_scope(settings)
     report = RegistryLoadReport()
-    for image, tag in cache_tags(settings, images_to_cache(settings)).items():
+    for image, tag in cache_tags(settings, images).items():
         try:
             source, pulled = _pull_first(
                 engine, settings, location, scope.sources(tag),

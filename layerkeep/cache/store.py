@@ -154,6 +154,9 @@ class Manifest:
     images: dict[str, CachedImage] = field(default_factory=dict)
     blobs: dict[str, Blob] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)
+    # BuildKit's own cache in buildkit/ (see cache.buildkit_dir): the descriptor of its
+    # cache manifest, or None when the folder holds none.
+    buildkit: dict[str, Any] | None = None
 
     def prune(self) -> None:
         """Forget layers no image needs."""
@@ -185,6 +188,7 @@ class Manifest:
                     for digest, b in sorted(self.blobs.items())
                 },
                 "names": dict(sorted(self.names.items())),
+                **({"buildkit": self.buildkit} if self.buildkit else {}),
             },
             indent=1,
         )
@@ -214,9 +218,12 @@ class Manifest:
                 for d, b in data["blobs"].items()
             }
             names = {str(k): str(v) for k, v in data.get("names", {}).items()}
+            buildkit = data.get("buildkit")
+            if buildkit is not None and not isinstance(buildkit, dict):
+                raise TypeError("buildkit is not a descriptor")
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise CorruptCache(f"{path} is damaged ({error})", path=path) from None
-        return cls(images, blobs, names)
+        return cls(images, blobs, names, buildkit)
 
 
 @dataclass(frozen=True)
