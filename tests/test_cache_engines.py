@@ -182,7 +182,9 @@ def test_save_wipe_load_and_build_again(kind: Kind, tmp_path: Path) -> None:
     assert again.layers_written == 0
     assert kind.name == "containerd26" or again.skipped
     warm, _ = build_on(kind.engine, kind.environ, settings, "buildkit")
-    assert warm == cold_total
+    # The images serve as cache on the classic store. On the containerd store BuildKit
+    # reads only its own cache export (tests/test_buildkit_cache.py), not images.
+    assert warm == (0 if kind.name == "containerd26" else cold_total)
 
 
 @pytest.mark.parametrize("direction", ["from-20.10", "to-20.10"])

@@ -25,7 +25,7 @@ from layerkeep.cache.build_records import (
 )
 from layerkeep.cache.buildkit_build import (
     build_with_buildkit_cache,
-    registry_export_target,
+    registry_export,
     save_buildkit_cache,
 )
 from layerkeep.cache.buildkit_dir import CommitReport, describe_commit
@@ -121,7 +121,7 @@ def save_cache(
     pushed_to = ""
     if builder.exports_cache:
         buildkit = save_buildkit_cache(engine, settings, builder, environ, log=log)
-        pushed_to = registry_export_target(settings)
+        pushed_to = registry_export(settings, environ, log=log)
     if settings.cache_backend == "registry":
         saved = save_to_registry(
             engine, settings, images, environ=environ, log=log, progress=progress
@@ -150,7 +150,7 @@ def describe_save(outcome: SaveOutcome) -> str:
     if outcome.buildkit is not None:
         parts.append(describe_commit(outcome.buildkit))
     if outcome.pushed_to:
-        parts.append(f"BuildKit cache written to {outcome.pushed_to} by the build")
+        parts.append(f"BuildKit cache in {outcome.pushed_to}, written by image.build")
     if report.saved or report.dropped or not parts:
         parts.append(
             "up to date"

@@ -156,14 +156,29 @@ def _saved_sources(
     return []
 
 
-def registry_export_target(settings: Settings) -> str:
-    """Where the build writes BuildKit's cache in the registry; "" for the folder backend
-    and where the registry cache is read-only."""
+def registry_export(settings: Settings, environ: Mapping[str, str], *, log: Log) -> str:
+    """Where the build wrote BuildKit's cache in the registry, checked there; "" for the
+    folder backend, where the registry cache is read-only, and when it is not there."""
     if settings.cache_backend != "registry":
         return ""
     scope = cache_scope(settings)
     location = cache_location(settings)
-    return "" if scope.read_only else f"{location.repository}:{scope.tag(REGISTRY_TAG)}"
+    if scope.read_only:
+        return ""
+    tag = scope.tag(REGISTRY_TAG)
+    target = f"{location.repository}:{tag}"
+    try:
+        with RegistryClient(
+            location.credentials, environ=environ, timeout=settings.docker_timeout
+        ) as client:
+            found = client.manifest_digest(path_in_registry(location.repository), tag)
+    except (RegistryUnavailable, RegistryAuthError) as error:
+        log(f"warning: cannot check BuildKit's cache at {target}: {error.one_line()}")
+        return ""
+    if found is None:
+        log(f"warning: no BuildKit cache at {target}: the build did not export it")
+        return ""
+    return target
 
 
 def replace_to(export: CacheExport) -> CacheExport:

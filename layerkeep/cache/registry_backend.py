@@ -231,7 +231,8 @@ def save_to_registry(
                 continue
             target = ImageRef(location.repository, scope.tag(tag))
             donors = _configs(client, repository, scope.sources(tag))
-            if donors and unchanged(attrs, _as_cached(donors[0])):
+            own = donors[0] if donors and donors[0][0] == target.tag else None
+            if own is not None and unchanged(attrs, _as_cached(own)):
                 report.unchanged.append(image)
                 continue
             engine.tag_image(image, str(target))
@@ -270,9 +271,9 @@ def save_to_registry(
 
 def _configs(
     client: RegistryClient, repository: str, tags: Sequence[str]
-) -> list[tuple[str, dict[str, Any]]]:
-    """The config text and parsed config of each of ``tags`` the registry has (an image
-    manifest; an index, which buildx pushes, is not a cache tag of ours)."""
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """The tag, config text and parsed config of each of ``tags`` the registry has (an
+    image manifest; an index, which buildx pushes, is not a cache tag of ours)."""
     found = []
     for tag in tags:
         try:
@@ -284,13 +285,13 @@ def _configs(
         if not isinstance(config, dict):
             continue
         text = client.get_blob(repository, str(config["digest"])).decode("utf-8")
-        found.append((text, json.loads(text)))
+        found.append((tag, text, json.loads(text)))
     return found
 
 
-def _as_cached(config: tuple[str, dict[str, Any]]) -> CachedImage:
+def _as_cached(config: tuple[str, str, dict[str, Any]]) -> CachedImage:
     """A registry's image config as the folder cache would keep it (for ``unchanged``)."""
-    text, parsed = config
+    _, text, parsed = config
     return CachedImage(image_id_of(text), text, tuple(config_layers(parsed)))
 
 
@@ -298,13 +299,13 @@ def _complete_in_registry(
     client: RegistryClient,
     repository: str,
     tag: str,
-    donors: Sequence[tuple[str, dict[str, Any]]],
+    donors: Sequence[tuple[str, str, dict[str, Any]]],
 ) -> bool:
     """Complete the inline cache of the image just pushed as ``tag`` from ``donors``."""
     manifest = client.get_manifest(repository, tag)
     content = json.loads(manifest.content)
     config = json.loads(client.get_blob(repository, str(content["config"]["digest"])))
-    done = complete(config, [parsed for _, parsed in donors])
+    done = complete(config, [parsed for _, _, parsed in donors])
     if done == config:
         return False
     data = json.dumps(done, separators=(",", ":")).encode()
