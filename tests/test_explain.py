@@ -22,6 +22,7 @@ from registry_setup import running_registry
 
 from layerkeep.build.explain import (
     RECORDS_FILE,
+    ContextFiles,
     Maker,
     MissLine,
     StageInputs,
@@ -425,3 +426,22 @@ def test_a_record_made_by_another_docker_generation_or_builder_says_so() -> None
     assert "can differ" in str(Maker("27.0.1", "buildkit").unlike(new))
     assert new.unlike(new) is None
     assert new.unlike(Maker("", "")) is None  # a record from an older layerkeep
+
+
+def test_a_file_whose_size_and_mtime_match_the_last_record_is_not_read_again(
+    tmp_path: Path,
+) -> None:
+    """git.touch gives a committed file its last commit's time on every machine, so
+    the last record's digest stands for it: a large context costs the next build nothing."""
+    (tmp_path / "big.bin").write_bytes(b"x" * 4096)
+    os.utime(tmp_path / "big.bin", ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    info = (tmp_path / "big.bin").stat()
+    known = {"big.bin": (info.st_size, info.st_mtime_ns, "from-the-last-record")}
+
+    assert ContextFiles(tmp_path, [], known).digest("big.bin") == "from-the-last-record"
+    # Another mtime (an edited, uncommitted file): read again.
+    os.utime(tmp_path / "big.bin", ns=(1_700_000_001 * 10**9, 1_700_000_001 * 10**9))
+    files = ContextFiles(tmp_path, [], known)
+    fresh = files.digest("big.bin")
+    assert fresh != "from-the-last-record"
+    assert files.read["big.bin"][2] == fresh

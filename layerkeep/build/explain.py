@@ -180,6 +180,10 @@ class BuildRecord:
     stages: tuple[StageInputs, ...]
     made_by: Maker = field(default_factory=lambda: Maker("", ""))
     contents: Mapping[str, str] = field(default_factory=dict)
+    # Each context file read: (size, mtime in ns, digest). git.touch makes a committed
+    # file's mtime its last commit's time on every machine, so the next build reuses the
+    # digest of a file whose size and mtime are the same, instead of reading it.
+    files: Mapping[str, tuple[int, int, str]] = field(default_factory=dict)
 
     def made_any(self, images: Mapping[str, Identity]) -> bool:
         """Whether this build made one of the images (by name and id, or name and content)."""
@@ -199,6 +203,7 @@ class BuildRecord:
             "engine": self.made_by.engine,
             "builder": self.made_by.builder,
             "contents": dict(self.contents),
+            "files": {path: list(known) for path, known in self.files.items()},
         }
 
     @classmethod
@@ -216,7 +221,13 @@ class BuildRecord:
         )
         made_by = Maker(str(data.get("engine", "")), str(data.get("builder", "")))
         contents = {str(k): str(v) for k, v in data.get("contents", {}).items()}
-        return cls({str(k): str(v) for k, v in data["images"].items()}, stages, made_by, contents)
+        files = {
+            str(path): (int(size), int(mtime), str(digest))
+            for path, (size, mtime, digest) in data.get("files", {}).items()
+        }
+        return cls(
+            {str(k): str(v) for k, v in data["images"].items()}, stages, made_by, contents, files
+        )
 
 
 def explain_misses(
@@ -240,10 +251,16 @@ def explain_misses(
     of images, made by the newest build on record of the same image.
     """
     lookup = engine_lookup(engine)
-    stages = read_inputs(
-        settings, dockerfile=dockerfile, builder=builder, excludes=excludes, lookup=lookup
-    )
     records = kept_records(engine, settings, log=log)
+    last = next((r for r in records if set(before) & set(r.images)), None)
+    files = ContextFiles.for_build(
+        settings, dockerfile=dockerfile, builder=builder, excludes=excludes,
+        known=last.files if last else {},
+    )
+    stages = read_inputs(
+        settings, dockerfile=dockerfile, builder=builder, excludes=excludes, lookup=lookup,
+        files=files,
+    )
     maker = Maker(str(engine.server_version().get("Version", "")), builder)
     cached = {image: found for image, found in before.items() if found}
     missed = first_misses(tally, builder, stages)
@@ -271,6 +288,7 @@ def explain_misses(
         tuple(stages),
         maker,
         {image: found.content for image, found in made.items()},
+        files.read,
     )
     kept = [record, *(r for r in records if r.images != record.images)][:_KEEP]
     if kept != records[:_KEEP]:  # a build that changed nothing skips the image write
@@ -285,14 +303,18 @@ def read_inputs(
     builder: str,
     excludes: Sequence[str],
     lookup: ImageLookup,
+    files: ContextFiles | None = None,
 ) -> list[StageInputs]:
     """Every stage's steps and their inputs, as the builder sees them now.
 
-    ``lookup`` finds a base or ``--from`` image (``engine_lookup``).
+    ``lookup`` finds a base or ``--from`` image (``engine_lookup``); ``files`` is the
+    context (by default read whole).
     """
     lines = [" ".join(line.split()) for line in instructions(dockerfile.read_text("utf-8"))]
-    context = settings.context
-    files = _ContextFiles(context, _ignore_rules(context, dockerfile, builder, excludes))
+    if files is None:
+        files = ContextFiles.for_build(
+            settings, dockerfile=dockerfile, builder=builder, excludes=excludes, known={}
+        )
     args = dict(settings.build_args)
     defaults: dict[str, str | None] = {}
     stages: list[StageInputs] = []
@@ -580,7 +602,7 @@ def _copy_step(
     lookup: ImageLookup,
     line: str,
     rest: str,
-    files: _ContextFiles,
+    files: ContextFiles,
     stages: Sequence[StageInputs],
 ) -> Step:
     prefix = _FLAGS.match(rest)
@@ -655,14 +677,32 @@ def read_ignore_file(path: Path) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-class _ContextFiles:
-    """The context as a build sees it: paths listed once, each digested when first read."""
+class ContextFiles:
+    """The context as a build sees it: paths listed once, each digested when first read,
+    unless ``known`` (the last record's files) has it with the same size and mtime."""
 
-    def __init__(self, root: Path, rules: Sequence[str]) -> None:
+    def __init__(
+        self, root: Path, rules: Sequence[str], known: Mapping[str, tuple[int, int, str]]
+    ) -> None:
         self.root = root
         self.rules = rules
+        self.known = known
         self._paths: list[str] | None = None
-        self._digests: dict[str, str] = {}
+        self.read: dict[str, tuple[int, int, str]] = {}
+
+    @classmethod
+    def for_build(
+        cls,
+        settings: Settings,
+        *,
+        dockerfile: Path,
+        builder: str,
+        excludes: Sequence[str],
+        known: Mapping[str, tuple[int, int, str]],
+    ) -> ContextFiles:
+        """The context of ``settings`` as ``builder`` reads it."""
+        context = settings.context
+        return cls(context, _ignore_rules(context, dockerfile, builder, excludes), known)
 
     def matching(self, sources: Iterable[str]) -> list[str]:
         """Paths a COPY of ``sources`` reads: each source, a folder's content, or a glob's."""
@@ -673,9 +713,18 @@ class _ContextFiles:
 
     def digest(self, path: str) -> str:
         """Type, mode and content (a link's target): what a COPY's cache key covers."""
-        if path not in self._digests:
-            self._digests[path] = _digest(self.root / path)
-        return self._digests[path]
+        if path not in self.read:
+            try:
+                info = (self.root / path).lstat()
+                size, mtime = info.st_size, info.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1
+            known = self.known.get(path)
+            if known is not None and known[:2] == (size, mtime) and size >= 0:
+                self.read[path] = known
+            else:
+                self.read[path] = (size, mtime, _digest(self.root / path))
+        return self.read[path][2]
 
 
 def _under(path: list[str], pattern: list[str]) -> bool:

@@ -160,7 +160,7 @@ def choose_builder(
     engine_speaks = _engine_has_buildkit(engine)
     found = buildkit_cli(cli, environ) if engine_speaks else None
     if found is not None:
-        exports = engine.uses_containerd_store() and _has_buildx(found, environ)
+        exports = engine.uses_containerd_store() and _probed(_has_buildx, found, environ)
         return Builder("buildkit", found, exports_cache=exports)
     if wanted == "buildkit":
         tried = list(_cli_candidates(cli, environ)) if engine_speaks else []
@@ -485,7 +485,7 @@ def buildkit_cli(cli: str, environ: Mapping[str, str]) -> str | None:
     candidates = list(_cli_candidates(cli, environ))
     for check in (_has_buildx, _speaks_buildkit):
         for candidate in candidates:
-            if check(candidate, environ):
+            if _probed(check, candidate, environ):
                 return candidate
     return None
 
@@ -505,6 +505,23 @@ def _cli_candidates(cli: str, environ: Mapping[str, str]) -> Iterable[str]:
         if path and os.access(path, os.X_OK):
             unique.setdefault(os.path.realpath(path), None)
     return list(unique)
+
+
+# What a CLI answered, per CLI and the variables that change the answer: preflight,
+# cache.load and image.build of one run ask the same question.
+_PROBES: dict[tuple[str, str, str, str | None, str | None, str | None], bool] = {}
+
+
+def _probed(
+    check: Callable[[str, Mapping[str, str]], bool], cli: str, environ: Mapping[str, str]
+) -> bool:
+    key = (
+        check.__name__, cli, os.environ.get("PATH", ""),
+        environ.get("PATH"), environ.get("DOCKER_CONFIG"), environ.get("HOME"),
+    )
+    if key not in _PROBES:
+        _PROBES[key] = check(cli, environ)
+    return _PROBES[key]
 
 
 def _has_buildx(cli: str, environ: Mapping[str, str]) -> bool:
