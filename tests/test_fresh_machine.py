@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+from clean_env import clean_environ
 
 from layerkeep.build.image import Builder, build_image
+from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.engine_start import ensure_engine, start_refusal
 from layerkeep.core.errors import BuildFailed, DockerOperationError
-from layerkeep.core.registry import unreachable_registry
+from layerkeep.core.registry import DOCKER_HUB, registry_host, unreachable_registry
 from layerkeep.core.settings import Settings, load_settings
 from layerkeep.services.containers import ensure_image
 
 # An official image no stand-in provides: pulling it needs a registry.
 ABSENT_BASE = "python:3.12-slim"
+# A registry no machine resolves (RFC 6761), for what an offline machine sees anywhere.
+UNRESOLVABLE = "registry.invalid/library/"
+DNS_FAILURE = "(no such host|server misbehaving|temporary failure in name resolution)"
 
 
 @pytest.mark.parametrize(
@@ -67,12 +74,13 @@ def test_inv_against_an_engine_it_may_not_start_says_so_in_one_line(
 ) -> None:
     (tmp_path / "tasks.py").write_text("from layerkeep.tasks import ns\n")
     (tmp_path / "layerkeep.env").write_text("LAYERKEEP_SERVICES=redis\n")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("LAYERKEEP_")}
-    environ["DOCKER_HOST"] = f"unix://{tmp_path}/absent.sock"
     done = subprocess.run(
         [sys.executable, "-m", "invoke", "services.up"],
         cwd=tmp_path,
-        env={**environ, "LAYERKEEP_BUILD_ID": f"t{uuid.uuid4().hex[:8]}"},
+        env=clean_environ(
+            DOCKER_HOST=f"unix://{tmp_path}/absent.sock",
+            LAYERKEEP_BUILD_ID=f"t{uuid.uuid4().hex[:8]}",
+        ),
         capture_output=True,
         text=True,
         check=False,
@@ -91,41 +99,71 @@ def offline_settings(root: Path, **environ: str) -> Settings:
         root,
         {"LAYERKEEP_COMMIT": "abc", "LAYERKEEP_BRANCH": "main", "LAYERKEEP_PUSH_RETRIES": "1",
          **environ},
+        git_facts=lambda _: GitFacts("", ""),
     )
 
 
-def require_offline(engine: Engine, image: str) -> None:
+def require_unreachable(engine: Engine, image: str) -> None:
+    """Skip unless asking for ``image`` fails for want of a registry, as it does offline.
+
+    A name on ``.invalid`` (RFC 6761: never resolves) fails so on any machine, unless the
+    engine sends its requests through a proxy, which answers in its own words. Docker
+    Hub's names fail so only where no registry is reachable.
+    """
+    info = engine.api.info()
+    if info.get("HttpProxy") or info.get("HttpsProxy"):
+        pytest.skip("the engine pulls through a proxy, which answers for the registry")
     if engine.image_id(image) is not None:
         pytest.skip(f"{image} is present on this engine")
+    try:
+        engine.registry_digest(image, deadline=time.monotonic() + 60)
+    except DockerOperationError as error:
+        if unreachable_registry(error.message) is None:
+            pytest.skip(f"this machine reaches the registry of {image}: {error.message}")
+    else:
+        pytest.skip(f"this machine reaches the registry of {image}")
+
+
+def pull_failure(image: str) -> str:
+    """The words of a failed pull of ``image``: no registry could be reached."""
+    host = registry_host(image)
+    host = "registry-1.docker.io" if host == DOCKER_HUB else host
+    return rf"cannot pull {re.escape(image)} \(lookup {re.escape(host)}: {DNS_FAILURE}\) \("
 
 
 @pytest.mark.docker
-def test_a_service_image_no_registry_can_serve(engine: Engine, tmp_path: Path) -> None:
-    image = f"postgres:{uuid.uuid4().hex[:8]}"
+@pytest.mark.parametrize("registry", ["", UNRESOLVABLE])
+def test_a_service_image_no_registry_can_serve(
+    engine: Engine, tmp_path: Path, registry: str
+) -> None:
+    image = f"{registry}postgres:{uuid.uuid4().hex[:8]}"
+    require_unreachable(engine, image)
     settings = offline_settings(tmp_path, LAYERKEEP_SERVICES="postgres")
     with pytest.raises(DockerOperationError) as caught:
         ensure_image(engine, settings, image, log=lambda _: None)
     line = caught.value.one_line()
-    if "no such host" not in line and "unreachable" not in line:
-        pytest.skip(f"this machine reaches a registry: {line}")
-    assert line.startswith(f"cannot pull {image} (lookup registry-1.docker.io: no such host) (")
+    assert re.match(pull_failure(image), line), line
     assert "`inv standins.build` builds stand-ins of python:3.11-slim, postgres:15" in line
+    assert engine.image_id(image) is None
 
 
 @pytest.mark.docker
+@pytest.mark.parametrize("registry", ["", UNRESOLVABLE])
 @pytest.mark.parametrize("builder", [Builder("legacy"), Builder("buildkit", "/usr/bin/docker")])
 def test_a_build_whose_base_no_registry_can_serve(
-    engine: Engine, tmp_path: Path, unique_repository: str, builder: Builder
+    engine: Engine, tmp_path: Path, unique_repository: str, builder: Builder, registry: str
 ) -> None:
-    require_offline(engine, ABSENT_BASE)
-    (tmp_path / "Dockerfile").write_text(f"FROM {ABSENT_BASE}\nRUN true\n")
+    base = f"{registry}{ABSENT_BASE}"
+    require_unreachable(engine, base)
+    (tmp_path / "Dockerfile").write_text(f"FROM {base}\nRUN true\n")
     settings = offline_settings(tmp_path, LAYERKEEP_IMAGE=f"{unique_repository}/app")
     with pytest.raises(BuildFailed) as caught:
-        build_image(engine, settings, builder, os.environ, log=lambda _: None)
+        build_image(engine, settings, builder, clean_environ(), log=lambda _: None)
     line = caught.value.one_line()
-    assert line.startswith(
-        f"build {unique_repository}/app:latest failed: cannot pull {ABSENT_BASE} "
-        "(lookup registry-1.docker.io: no such host) (no registry is reachable"
+    assert re.match(
+        rf"build {unique_repository}/app:latest failed: {pull_failure(base)}"
+        "no registry is reachable",
+        line,
     ), line
     assert "`inv standins.build`" in line
     assert caught.value.last_lines  # the builder's own words stay available

@@ -37,7 +37,11 @@ from layerkeep.core.registry import OFFLINE_HINT, unreachable_registry
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
-_MANIFEST_URL = re.compile(r"/v2/(?P<repository>[^\s\"]+?)/manifests/(?P<tag>[^\s\"/]+)")
+_MANIFEST_URL = re.compile(
+    r"//(?P<host>[^/\s\"]+)/v2/(?P<repository>[^\s\"]+?)/manifests/(?P<tag>[^\s\"/]+)"
+)
+# Where a Docker Hub name is pulled from: such names are written without the host.
+_DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io")
 
 
 @dataclass(frozen=True)
@@ -294,7 +298,12 @@ def _explained(error: BuildFailed, engine: Engine, plan: BuildPlan) -> BuildFail
         return error
     url = _MANIFEST_URL.search(text)
     if url:
-        missing = [f"{url['repository'].removeprefix('library/')}:{url['tag']}"]
+        repository = (
+            url["repository"].removeprefix("library/")
+            if url["host"] in _DOCKER_HUB_HOSTS
+            else f"{url['host']}/{url['repository']}"
+        )
+        missing = [f"{repository}:{url['tag']}"]
     else:
         stages = read_stages(plan.dockerfile.read_text("utf-8"))
         names = {stage.name for stage in stages}
