@@ -1,4 +1,4 @@
-"""Session setup: a running engine with the stand-in images, and cleanup by label."""
+"""Session setup: a running engine with the official images, and cleanup by label."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from engine_setup import ensure_engine, sweep
+from engine_setup import ensure_engine, ensure_images, sweep
 
 from layerkeep.core.engine import Engine, connect
-from layerkeep.standins.images import ensure_standins
 
 TEST_LABEL = ("io.layerkeep.test", "1")
 # Each test session marks what it creates with its own id, and removes only that: two
@@ -28,17 +27,35 @@ SETUP_LOCK = Path(tempfile.gettempdir()) / "layerkeep-test-setup.lock"
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
-    """The real engine (started when missing), with every stand-in image present."""
-    # pytest-xdist workers (and suites run side by side) start or build these once.
-    with SETUP_LOCK.open("a") as lock:
+    """The real engine (started when missing), with every official image the tests use
+    (pulled, else a stand-in)."""
+    # pytest-xdist workers (and suites run side by side, by any user) start, pull or build
+    # these once.
+    lock = open_setup_lock(SETUP_LOCK)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         ensure_engine(os.environ)
         connected = connect(os.environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
-        ensure_standins(connected)
+        ensure_images(connected)
+    finally:
+        os.close(lock)
     sweep(connected, *TEST_LABEL, older_than=STALE_AFTER)
     yield connected
     sweep(connected, *SESSION_LABEL)
     remove_test_images(connected)
+
+
+def open_setup_lock(path: Path) -> int:
+    """A descriptor of ``path`` to flock, made when missing; never through a symlink.
+
+    Read-only, and without O_CREAT when it exists: the file may be another user's, and
+    in a sticky /tmp (fs.protected_regular) even root may not O_CREAT-open that.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags)
+    except FileNotFoundError:
+        return os.open(path, flags | os.O_CREAT, 0o644)
 
 
 def remove_test_images(engine: Engine, repository_prefix: str = TEST_REPOSITORY) -> None:

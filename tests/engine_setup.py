@@ -8,7 +8,7 @@ Usage from ``tests/conftest.py`` (pytest puts ``tests/`` on ``sys.path``)::
     def engine() -> Iterator[Engine]:
         ensure_engine(os.environ)              # starts dockerd when we may
         engine = connect(os.environ, labels=TEST_LABELS)
-        ensure_standins(engine)                # official names, built from Debian
+        ensure_images(engine)                  # pulled, else stand-ins built from Debian
         sweep(engine, "io.layerkeep.test", "1")  # what a killed run left behind
         yield engine
         sweep(engine, "io.layerkeep.test", "1")
@@ -16,19 +16,64 @@ Usage from ``tests/conftest.py`` (pytest puts ``tests/`` on ``sys.path``)::
 ``ensure_engine`` is the library's (``layerkeep.core.engine_start``), the same that `inv`
 tasks use: it starts ``dockerd`` only as root, only when ``dockerd`` is installed and only
 for the local socket; the daemon outlives pytest (the next run reuses it).
+
+``ensure_images`` gets the official images the tests use as a connected machine does, by
+pulling them, and builds stand-ins (``inv standins.build``) only for those no registry
+serves: a stand-in never takes the name of an image that could be pulled, and an image
+already present, pulled or a stand-in, is left as it is.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import docker.errors
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.engine_start import ensure_engine
+from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.imageref import parse_image_ref
+from layerkeep.core.registry import Credentials, pull_tag, unreachable_registry
+from layerkeep.standins.images import STANDINS, ensure_standins
 
-__all__ = ["Swept", "ensure_engine", "sweep"]
+__all__ = ["Swept", "ensure_engine", "ensure_images", "pull_missing", "sweep"]
+# A pull of one official image, retries included (postgres is about 150 MB).
+PULL_TIME_LIMIT = 600
+
+
+def pull_missing(
+    engine: Engine, references: Sequence[str], *, log: Callable[[str], None] = print
+) -> list[str]:
+    """Pull those of ``references`` the engine lacks; return the ones still missing.
+
+    Once a pull finds no registry reachable at all, the rest are not tried.
+    """
+    missing = [reference for reference in references if engine.image_id(reference) is None]
+    for index, reference in enumerate(missing):
+        ref = parse_image_ref(reference)
+        assert ref is not None, reference
+        try:
+            pull_tag(
+                engine, ref, Credentials("docker.io"), attempts=2,
+                time_limit=PULL_TIME_LIMIT, log=log,
+            )
+        except DockerOperationError as error:
+            if unreachable_registry(error.message) is not None:
+                log(f"no registry reachable ({error.message}): stand-ins for the rest")
+                return missing[index:]
+            log(f"{reference}: {error.message}")
+    return [reference for reference in missing if engine.image_id(reference) is None]
+
+
+def ensure_images(engine: Engine, *, log: Callable[[str], None] = print) -> list[str]:
+    """Every official image the tests use present: pulled, else a stand-in built.
+
+    Returns the stand-ins built.
+    """
+    unpulled = pull_missing(engine, list(STANDINS), log=log)
+    return ensure_standins(engine, names=unpulled, log=log) if unpulled else []
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ Each service is checked the way CI uses it: from another container on a user-def
 network (or, for the registry, through a port published on 127.0.0.1 only). Everything
 a test creates carries ``io.layerkeep.test=1`` and is removed when the test ends. The
 ``engine`` fixture is the session's (conftest.py); the last tests cover engine_setup.
+
+Where the official images are present (pulled: a connected machine), the service checks
+run on them, and the stand-ins' own checks become: left alone. Images of an official
+name that layerkeep did not make, and an engine without the base, are made for real on
+a throw-away engine (``empty_engine``).
 """
 
 from __future__ import annotations
@@ -17,14 +22,18 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker.errors
 import pytest
+from conftest import SESSION_LABEL, TEST_LABEL
 from docker.models.containers import Container
 from engine_setup import Swept, ensure_engine, sweep
+from second_engine import SecondEngineUnavailable, second_engine
 
-from layerkeep.core.engine import Engine
+from layerkeep.core.engine import Engine, connect
 from layerkeep.core.errors import BuildFailed, ConfigError, DockerOperationError, EngineUnavailable
 from layerkeep.standins.images import (
     BASE,
@@ -32,6 +41,7 @@ from layerkeep.standins.images import (
     STANDIN_IMAGE_LABEL,
     STANDIN_LABEL,
     STANDINS,
+    Standin,
     build_base,
     ensure_standins,
 )
@@ -43,10 +53,55 @@ READY_TIMEOUT = 60.0
 RUN_TIMEOUT = 180
 
 
+@dataclass(frozen=True)
+class Ensured:
+    """This module's ensure_standins call: the image ids before it, what it built and said."""
+
+    before: dict[str, str | None]
+    built: list[str]
+    lines: list[str]
+
+
 @pytest.fixture(scope="module")
-def standins(engine: Engine) -> list[str]:
-    """This module's ensure_standins call: what it built (nothing once the session has)."""
-    return ensure_standins(engine)
+def standins(engine: Engine) -> Ensured:
+    """Every stand-in ensured (nothing built once the session has them, or has the
+    official images)."""
+    before = {reference: engine.image_id(reference) for reference in STANDINS}
+    lines: list[str] = []
+    built = ensure_standins(engine, log=lines.append)
+    return Ensured(before, built, lines)
+
+
+def is_standin(attrs: dict[str, Any], standin: Standin) -> bool:
+    """Whether the image is layerkeep's stand-in for ``standin`` (else, say, a pulled one)."""
+    labels = attrs["Config"]["Labels"] or {}
+    return bool(labels.get(STANDIN_IMAGE_LABEL) == standin.reference)
+
+
+@pytest.fixture(scope="module")
+def empty_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """A throw-away engine that starts with no images (skipped where none can run); its
+    tests use names apart from each other's."""
+    try:
+        with second_engine(tmp_path_factory.mktemp("empty-engine")) as second:
+            connected = connect(second.environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
+            try:
+                yield connected
+            finally:
+                connected.close()
+    except SecondEngineUnavailable as error:
+        pytest.skip(str(error))
+
+
+def one_file_image(engine: Engine, reference: str, *, labels: dict[str, str]) -> str:
+    """Import a tiny image (one file) carrying ``labels``, tag it ``reference``; its id."""
+    image_id = engine.import_image(
+        iter([_tar("hello.txt", uuid.uuid4().bytes, 0o644)]),
+        reference=reference,
+        changes=[f'LABEL {key}="{value}"' for key, value in labels.items()],
+    )
+    engine.tag_image(image_id, reference)
+    return image_id
 
 
 @pytest.fixture
@@ -147,32 +202,70 @@ def _tar(name: str, content: bytes, mode: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_every_standin_and_alias_is_present_and_labelled(
-    engine: Engine, standins: list[str]
+def test_every_official_name_is_present_as_a_labelled_standin_or_left_alone(
+    engine: Engine, standins: Ensured
 ) -> None:
-    assert set(standins) <= set(STANDINS)
+    assert set(standins.built) <= set(STANDINS)
     for standin in STANDINS.values():
         attrs = engine.image_attrs(standin.reference)
         assert attrs is not None, standin.reference
-        labels = attrs["Config"]["Labels"]
-        assert labels[STANDIN_LABEL] == "1"
-        assert labels[STANDIN_IMAGE_LABEL] == standin.reference
-        for alias in standin.aliases:
-            assert engine.image_id(alias) == attrs["Id"], alias
+        if is_standin(attrs, standin):
+            assert attrs["Config"]["Labels"][STANDIN_LABEL] == "1"
+            for alias in standin.aliases:
+                assert engine.image_id(alias) == attrs["Id"], alias
+        else:
+            # An image layerkeep did not make, such as the official one pulled: kept.
+            assert attrs["Id"] == standins.before[standin.reference]
+            assert standin.reference not in standins.built
+            assert f"{standin.reference}: present, not a stand-in (left alone)" in (
+                standins.lines
+            )
     postgres = engine.image_attrs("postgres:15")
     assert postgres is not None
     assert postgres["Config"]["StopSignal"] == "SIGINT"
     assert "PGDATA=/var/lib/postgresql/data" in postgres["Config"]["Env"]
 
 
-def test_second_call_builds_nothing(engine: Engine, standins: list[str]) -> None:
+def test_second_call_builds_nothing(engine: Engine, standins: Ensured) -> None:
     lines: list[str] = []
     assert ensure_standins(engine, log=lines.append) == []
-    assert lines == [f"{reference}: already present" for reference in STANDINS]
+    expected = []
+    for reference, standin in STANDINS.items():
+        attrs = engine.image_attrs(reference)
+        assert attrs is not None
+        said = "already present" if is_standin(attrs, standin) else (
+            "present, not a stand-in (left alone)"
+        )
+        expected.append(f"{reference}: {said}")
+    assert lines == expected
+
+
+def test_an_image_layerkeep_did_not_make_is_never_replaced(empty_engine: Engine) -> None:
+    """A pulled official image (here: any image without the stand-in labels) keeps its
+    name and its aliases; a stand-in's missing alias is tagged, a foreign one is not."""
+    foreign = one_file_image(empty_engine, "postgres:15", labels={"org.example": "official"})
+    empty_engine.tag_image(foreign, "redis:7.0")  # an alias of redis:7, not ours either
+    ours = one_file_image(
+        empty_engine, "redis:7", labels={STANDIN_LABEL: "1", STANDIN_IMAGE_LABEL: "redis:7"}
+    )
+    lines: list[str] = []
+
+    assert ensure_standins(empty_engine, names=["postgres:15", "redis:7"], log=lines.append) == []
+    assert ensure_standins(empty_engine, names=["postgres:15"], force=True, log=lines.append) == []
+
+    assert lines == [
+        "postgres:15: present, not a stand-in (left alone)",
+        "redis:7: already present",
+        "postgres:15: present, not a stand-in (left alone)",
+    ]
+    assert empty_engine.image_id("postgres:15") == foreign
+    assert empty_engine.image_id("postgres:15-bookworm") is None
+    assert empty_engine.image_id("redis:7.0") == foreign
+    assert empty_engine.image_id("redis:7-bookworm") == ours
 
 
 def test_python_runs_and_pip_reaches_pypi_with_the_baked_in_ca_bundle(
-    engine: Engine, standins: list[str]
+    engine: Engine, standins: Ensured
 ) -> None:
     code, output = run_once(
         engine, "python:3.11-slim", ["python", "-c", "import sys; print(sys.version_info[:2])"]
@@ -197,7 +290,7 @@ def test_python_runs_and_pip_reaches_pypi_with_the_baked_in_ca_bundle(
 
 
 def test_pip_install_works_inside_docker_build(
-    engine: Engine, standins: list[str], tmp_path: Path
+    engine: Engine, standins: Ensured, tmp_path: Path
 ) -> None:
     # What the CA bundle is for: a user's Dockerfile that installs from PyPI, unchanged.
     reference = f"layerkeep-test/pip-build:{uuid.uuid4().hex[:10]}"
@@ -215,7 +308,7 @@ def test_pip_install_works_inside_docker_build(
 
 
 def test_postgres_initialises_like_the_official_image_and_serves_the_network(
-    engine: Engine, standins: list[str], network: str
+    engine: Engine, standins: Ensured, network: str
 ) -> None:
     password = "s3cret-for-test"  # noqa: S105 - a throwaway container's password
     schema = b"CREATE TABLE greeting (word text);\nINSERT INTO greeting VALUES ('from-sql');\n"
@@ -257,7 +350,7 @@ def test_postgres_initialises_like_the_official_image_and_serves_the_network(
         assert "password authentication failed" in output
 
 
-def test_postgres_without_a_password_refuses_to_start(engine: Engine, standins: list[str]) -> None:
+def test_postgres_without_a_password_refuses_to_start(engine: Engine, standins: Ensured) -> None:
     with started(engine, "postgres:15") as server:
         status = server.wait(timeout=RUN_TIMEOUT)
         output = server.logs().decode(errors="replace")
@@ -265,7 +358,7 @@ def test_postgres_without_a_password_refuses_to_start(engine: Engine, standins: 
     assert "POSTGRES_PASSWORD" in output
 
 
-def test_redis_answers_another_container(engine: Engine, standins: list[str], network: str) -> None:
+def test_redis_answers_another_container(engine: Engine, standins: Ensured, network: str) -> None:
     with started(engine, "redis:7", network=network) as server:
 
         def ready() -> bool:
@@ -279,7 +372,7 @@ def test_redis_answers_another_container(engine: Engine, standins: list[str], ne
         assert (code, output.strip()) == (0, "PONG")
 
 
-def test_registry_answers_v2_on_a_loopback_port(engine: Engine, standins: list[str]) -> None:
+def test_registry_answers_v2_on_a_loopback_port(engine: Engine, standins: Ensured) -> None:
     with started(engine, "registry:2", ports={"5000/tcp": ("127.0.0.1", None)}) as server:
         (binding,) = server.attrs["NetworkSettings"]["Ports"]["5000/tcp"]
         assert binding["HostIp"] == "127.0.0.1"
@@ -306,20 +399,21 @@ def test_unknown_name_is_a_config_error(engine: Engine) -> None:
 
 
 def test_missing_mmdebstrap_is_one_line_and_touches_nothing(
-    engine: Engine, standins: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    empty_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    before = engine.image_id(BASE)
+    # An engine without the base: the one place mmdebstrap is needed.
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(DockerOperationError) as caught:
-        ensure_standins(engine, names=[BASE], force=True, log=lambda _line: None)
+        ensure_standins(empty_engine, names=["python:3.11"], log=lambda _line: None)
     assert caught.value.image == BASE
     assert "apt-get install mmdebstrap" in caught.value.one_line()
     assert "\n" not in caught.value.one_line()
-    assert engine.image_id(BASE) == before
+    assert empty_engine.image_id(BASE) is None
+    assert empty_engine.image_id("python:3.11-slim") is None
 
 
 def test_unreachable_mirror_is_one_line_and_tags_nothing(
-    engine: Engine, standins: list[str]
+    engine: Engine, standins: Ensured
 ) -> None:
     reference = "layerkeep-test/base:unreachable"
     with pytest.raises(DockerOperationError) as caught:
@@ -338,7 +432,7 @@ def test_unreachable_mirror_is_one_line_and_tags_nothing(
 
 
 def test_build_failure_names_the_image_and_keeps_the_last_lines(
-    engine: Engine, standins: list[str], tmp_path: Path
+    engine: Engine, standins: Ensured, tmp_path: Path
 ) -> None:
     reference = "layerkeep-test/broken:1"
     (tmp_path / "Dockerfile").write_text(f"FROM {BASE}\nRUN echo about-to-fail && false\n")
@@ -359,7 +453,7 @@ def test_ensure_engine_does_not_start_a_daemon_for_another_host(tmp_path: Path) 
 
 
 def test_sweep_removes_labelled_containers_networks_and_images(
-    engine: Engine, standins: list[str], tmp_path: Path
+    engine: Engine, standins: Ensured, tmp_path: Path
 ) -> None:
     key, value = "io.layerkeep.sweep-test", uuid.uuid4().hex
     labels = {**TEST_LABELS, key: value}
