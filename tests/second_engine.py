@@ -70,6 +70,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clean_env import clean_environ
+
 DATA_PARENT = Path("/var/tmp")
 EXEC_PARENT = Path("/tmp")
 PREFIX = "layerkeep-engine2-"
@@ -242,12 +244,14 @@ def second_engine(
     stop_timeout: float = 45.0,
     data_parent: Path = DATA_PARENT,
     exec_parent: Path = EXEC_PARENT,
+    daemon_config: Mapping[str, object] | None = None,
 ) -> Iterator[SecondEngine]:
     """Run a second dockerd until the block ends, then remove every trace of it.
 
     Without ``docker26`` it is the system's dockerd (Debian's 20.10). ``folder`` keeps
     its log, configuration and ``DOCKER_CONFIG``. ``stop_timeout`` must exceed dockerd's
     own shutdown timeout (15 s for running containers) before SIGKILL is used.
+    ``daemon_config`` adds keys to its daemon.json (``registry-mirrors``, say).
     """
     if containerd_store and docker26 is None:
         raise ValueError("the containerd image store needs docker26 (20.10 lacks it)")
@@ -267,7 +271,12 @@ def second_engine(
             raise RuntimeError(f"exec root {exec_root} is too deep for unix sockets")
         config_file = folder / "daemon.json"
         config_file.write_text(
-            json.dumps(_daemon_config(block, exec_root, docker26, containerd_store))
+            json.dumps(
+                {
+                    **_daemon_config(block, exec_root, docker26, containerd_store),
+                    **(daemon_config or {}),
+                }
+            )
         )
         log = folder / "dockerd.log"
         socket_path = exec_root / "docker.sock"
@@ -304,7 +313,8 @@ def second_engine(
                     f"second dockerd did not answer in {timeout:.0f} s: {_tail(log)}"
                 )
             time.sleep(_POLL)
-        environ = {k: v for k, v in os.environ.items() if k not in _CLIENT_VARIABLES}
+        # No CI or layerkeep variables: tests load settings and start `inv` with it.
+        environ = {k: v for k, v in clean_environ().items() if k not in _CLIENT_VARIABLES}
         environ["DOCKER_HOST"] = f"unix://{socket_path}"
         environ["DOCKER_CONFIG"] = str(_docker_config(folder, docker26))
         if docker26 is not None:
