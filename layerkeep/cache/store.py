@@ -95,6 +95,12 @@ def unavailable(error: OSError, path: Path) -> CacheUnavailable:
         )
     if code in (errno.ENOTDIR, errno.EEXIST):
         return CacheUnavailable(f"{path} is not a folder", path=path, hint=_DIR_HINT)
+    if code == errno.ELOOP:
+        return CacheUnavailable(
+            f"{path} is a symlink; layerkeep follows no link inside the cache folder",
+            path=path,
+            hint="remove it: the cache folder holds only the files layerkeep writes",
+        )
     if code == errno.EISDIR:
         return CacheUnavailable(
             f"{path} is a folder where the cache keeps a file",
@@ -280,7 +286,8 @@ class CacheDir:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _open_lock(self, *, write: bool) -> IO[str] | None:
+    def _open_lock(self, *, write: bool) -> IO[bytes] | None:
+        # Never through a link: a job sharing the folder must not make us write elsewhere.
         path = self.root / LOCK
         try:
             with _faults(self.root):
@@ -288,12 +295,12 @@ class CacheDir:
                     self.root.mkdir(parents=True, exist_ok=True)
                     if not self.root.is_dir():
                         raise unavailable(OSError(errno.ENOTDIR, "not a folder"), self.root)
-                return path.open("a")
+                return _open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         except CacheUnavailable:
             if write:
                 raise
         try:
-            return path.open("r")
+            return _open_nofollow(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         except OSError as error:
@@ -446,6 +453,12 @@ def _crc32(path: Path) -> tuple[int, int]:
             check = zlib.crc32(chunk, check)
             size += len(chunk)
     return size, check
+
+
+def _open_nofollow(path: Path, flags: int) -> IO[bytes]:
+    """``path`` opened with ``flags``, failing (ELOOP) when it is a symlink."""
+    descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(descriptor, "ab" if flags & os.O_WRONLY else "rb")
 
 
 def _fsync_folder(folder: Path) -> None:
