@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,11 @@ from clean_env import clean_environ
 
 from layerkeep.cache.store import CacheDir, CacheUnavailable
 from layerkeep.core import joblock
+from layerkeep.core.engine import Engine
+from layerkeep.core.job import Job
 from layerkeep.core.joblock import UnsafeLockFolder, hold_build_id
+from layerkeep.core.settings import load_settings
+from layerkeep.testing.testrun import MANIFEST, CaseCounts, run_tests
 
 NOBODY = 65534
 VICTIM_TEXT = "the victim's own content\n"
@@ -35,7 +43,8 @@ def victim(tmp_path: Path) -> Path:
 
 
 def lock_name(build_id: str) -> str:
-    return f"{joblock._key('e', 'p', build_id)}.lock"  # noqa: SLF001: the name an attacker plants
+    # The very name a job would lock: what an attacker plants.
+    return f"{joblock._key('e', 'p', build_id)}.lock"
 
 
 # --- locks ------------------------------------------------------------------------------
@@ -191,3 +200,117 @@ def test_the_cache_folders_lock_is_never_opened_through_a_symlink(tmp_path: Path
             pass
 
     assert not planted.exists()
+
+
+# --- the reports folder -------------------------------------------------------------------
+
+JUNIT = '<testsuite tests="2"><testcase name="a"/><testcase name="b"/></testsuite>'
+# What a test run may leave: JUnit at the top and in a folder of its own, its uid, and a
+# link into the host (which must not come out).
+WRITES_REPORTS = (
+    "id -u > /reports/uid.txt && mkdir /reports/sub"
+    f" && echo '{JUNIT}' > /reports/junit.xml && cp /reports/junit.xml /reports/sub/"
+    " && ln -s /etc/hostname /reports/link.xml"
+)
+
+
+def non_root_image(repository: str) -> str:
+    """The python stand-in run as a uid the host does not know, as many images are."""
+    image = f"{repository}/app:latest"
+    subprocess.run(
+        ["docker", "build", "-q", "-t", image, "-"], input="FROM python:3.11-slim\nUSER 10001\n",
+        text=True, capture_output=True, check=True, timeout=120,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
+    return image
+
+
+@pytest.mark.docker
+def test_a_user_made_reports_folder_keeps_its_mode_and_gets_the_reports(
+    engine: Engine, tmp_path: Path, unique_repository: str
+) -> None:
+    image = non_root_image(unique_repository)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    reports.chmod(0o750)
+    (reports / "mine.txt").write_text("the user's own file\n")
+    settings = load_settings(
+        tmp_path,
+        {
+            "LAYERKEEP_IMAGE": image, "LAYERKEEP_PROJECT": "security-test",
+            "LAYERKEEP_BUILD_ID": uuid.uuid4().hex[:10], "LAYERKEEP_REPORTS_DIR": "reports",
+            "LAYERKEEP_TEST_COMMAND": WRITES_REPORTS,
+            "LAYERKEEP_COMMIT": "abc", "LAYERKEEP_BRANCH": "main",
+        },
+    )
+    lines: list[str] = []
+
+    done = run_tests(engine.for_job(Job.from_settings(settings)), settings, log=lines.append)
+
+    assert done.exit_code == 0, lines
+    assert stat.S_IMODE(reports.stat().st_mode) == 0o750
+    assert (reports / "uid.txt").read_text() == "10001\n"
+    assert done.reports == (reports / "junit.xml", reports / "sub" / "junit.xml")
+    assert done.counts == CaseCounts(passed=4)
+    assert "warning: link.xml is not a regular file; left out" in lines
+    assert sorted(path.name for path in reports.iterdir()) == [
+        MANIFEST, "junit.xml", "mine.txt", "sub", "uid.txt"
+    ]
+    assert (reports / "mine.txt").read_text() == "the user's own file\n"
+
+
+MOVE_AS_USER = """
+import sys
+from pathlib import Path
+from layerkeep.testing.testrun import move_reports
+lines = []
+moved = move_reports(Path(sys.argv[1]), Path(sys.argv[2]), lines.append)
+print("\\n".join(map(str, moved + lines)))
+"""
+
+
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder other users can reach (the test's own tmp_path is root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="layerkeep-test-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)
+
+
+@needs_root
+def test_reports_in_a_folder_the_container_made_as_its_user_are_copied(
+    shared_folder: Path,
+) -> None:
+    """A user who is not root may not move files out of a folder the container made as
+    its own uid: such reports are copied, and become the user's (removable later). A
+    folder the user cannot read is a warning, not a silent loss."""
+    work = shared_folder / "work"
+    outbox, reports = work / "outbox", work / "reports"
+    (outbox / "sub").mkdir(parents=True)
+    (outbox / "closed").mkdir(mode=0o700)
+    reports.mkdir()
+    (outbox / "top.xml").write_text(JUNIT)
+    (outbox / "sub" / "junit.xml").write_text(JUNIT)
+    for path in (work, outbox, reports):
+        os.chown(path, NOBODY, NOBODY)
+    outbox.chmod(0o777)
+    for path in (outbox / "top.xml", outbox / "sub", outbox / "sub" / "junit.xml"):
+        os.chown(path, 10001, 10001)
+    os.chown(outbox / "closed", 10001, 10001)
+
+    done = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+         sys.executable, "-c", MOVE_AS_USER, str(outbox), str(reports)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+
+    assert done.stdout.splitlines() == [
+        str(reports / "sub" / "junit.xml"),
+        str(reports / "top.xml"),
+        f"warning: reports in {outbox / 'closed'} not read: Permission denied",
+    ]
+    assert (reports / "sub" / "junit.xml").read_text() == JUNIT
+    assert (reports / "sub" / "junit.xml").stat().st_uid == NOBODY  # copied: the user's
+    assert (reports / "top.xml").stat().st_uid == 10001  # moved
+    assert not (outbox / "top.xml").exists()

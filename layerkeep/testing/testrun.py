@@ -5,6 +5,14 @@ wrote there is removed before the tests: each run lists the files it wrote in
 ``.layerkeep-reports.json`` in that folder. A run whose tests fail before writing JUnit
 then leaves no stale ``junit.xml`` behind for CI to show.
 
+The container never writes the reports folder itself, whose permissions stay as they
+are: images often run as a user the host does not know, so the tests get a folder of
+their own to write (mode 0777, inside a 0700 folder of layerkeep's in the reports
+folder, so no other user on the host can reach it), and what they wrote is moved into
+the reports folder afterwards (copied, where the container made a folder as its own
+user that we may not move out of). Only regular files come out: a link the tests left
+would point into the host.
+
 Setup and tests are timed apart: the script echoes a marker between the setup commands
 and the test command, and its arrival in the streamed output ends the setup time (the
 container's start included).
@@ -12,13 +20,16 @@ container's start included).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import shutil
+import stat
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +40,8 @@ from layerkeep.testing.app_container import REPORTS_MOUNT, mounts_for, run_in_ap
 Log = Callable[[str], None]
 MANIFEST = ".layerkeep-reports.json"
 SETUP_DONE = "==> layerkeep: setup done, the tests start"
+# The private folder the test container's own folder lives in while the tests run.
+OUTBOX_PREFIX = ".layerkeep-tests-"
 
 
 @dataclass(frozen=True)
@@ -101,13 +114,9 @@ def run_tests(engine: Engine, settings: Settings, *, log: Log = print) -> TestRe
     """Run LAYERKEEP_TEST_COMMAND in the app image against the job's services."""
     reports = settings.reports_dir
     reports.mkdir(parents=True, exist_ok=True)
-    # Images often run as a non-root user whose uid the host does not know: let it
-    # write its reports.
-    reports.chmod(0o777)
     removed = clear_previous_reports(reports)
     if removed:
         log(f"removed {removed} file(s) the previous run wrote in {reports}")
-    before = _snapshot(reports)
     started = time.monotonic()
     setup_done: list[float] = []
 
@@ -119,17 +128,17 @@ def run_tests(engine: Engine, settings: Settings, *, log: Log = print) -> TestRe
             log(line)
 
     log(f"running tests in {settings.require_image()}: {settings.test_command}")
-    exit_code = run_in_app_image(
-        engine,
-        settings,
-        test_script(settings),
-        purpose="tests",
-        mounts=mounts_for(settings, Mount(reports.resolve(), REPORTS_MOUNT)),
-        log=on_line,
-    )
-    ended = time.monotonic()
-    after = _snapshot(reports)
-    written = sorted(path for path, stamp in after.items() if before.get(path) != stamp)
+    with container_outbox(reports, log) as outbox:
+        exit_code = run_in_app_image(
+            engine,
+            settings,
+            test_script(settings),
+            purpose="tests",
+            mounts=mounts_for(settings, Mount(outbox, REPORTS_MOUNT)),
+            log=on_line,
+        )
+        ended = time.monotonic()
+        written = move_reports(outbox, reports, log)
     record_reports(reports, written)
     xml = tuple(path for path in written if path.suffix == ".xml")
     setup = (setup_done[0] if setup_done else ended) - started
@@ -208,12 +217,54 @@ def record_reports(folder: Path, written: Iterable[Path]) -> Path:
     return target
 
 
-def _snapshot(folder: Path) -> dict[Path, tuple[int, int]]:
-    """Each file under ``folder`` (but the manifest) with its mtime and size."""
-    found: dict[Path, tuple[int, int]] = {}
-    for path in folder.rglob("*"):
-        if path.name.startswith(MANIFEST) or not path.is_file():
-            continue
-        stat = path.stat()
-        found[path] = (stat.st_mtime_ns, stat.st_size)
-    return found
+@contextlib.contextmanager
+def container_outbox(reports: Path, log: Log) -> Iterator[Path]:
+    """A folder the test container may write (0777), inside a private one (0700) of
+    layerkeep's in ``reports``; removed afterwards with what is left in it."""
+    private = Path(tempfile.mkdtemp(prefix=OUTBOX_PREFIX, dir=reports)).resolve()
+    try:
+        outbox = private / "reports"
+        outbox.mkdir()
+        outbox.chmod(0o777)  # ours, and only reachable through its private parent
+        yield outbox
+    finally:
+        try:
+            shutil.rmtree(private)
+        except OSError as error:
+            log(
+                f"warning: could not remove {private} ({error.strerror or error}): the tests "
+                "made folders there as another user; remove it as root"
+            )
+
+
+def move_reports(outbox: Path, reports: Path, log: Log) -> list[Path]:
+    """Move the regular files the tests wrote in ``outbox`` to the same place in
+    ``reports``; the files moved, sorted. What cannot be moved is a warning."""
+    moved: list[Path] = []
+
+    def unreadable(error: OSError) -> None:
+        log(f"warning: reports in {error.filename} not read: {error.strerror or error}")
+
+    for folder, _, names in os.walk(outbox, onerror=unreadable):
+        for name in names:
+            source = Path(folder) / name
+            target = reports / source.relative_to(outbox)
+            if not stat.S_ISREG(source.lstat().st_mode):
+                log(f"warning: {target.relative_to(reports)} is not a regular file; left out")
+                continue
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _move(source, target)
+            except OSError as error:
+                log(f"warning: report {target} not written: {error.strerror or error}")
+                continue
+            moved.append(target)
+    return sorted(moved)
+
+
+def _move(source: Path, target: Path) -> None:
+    try:
+        source.replace(target)
+    except PermissionError:
+        # In a folder the container made as its own user: readable, not ours to empty.
+        shutil.copyfile(source, target)
