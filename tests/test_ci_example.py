@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -11,26 +10,22 @@ import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+import machines
 import pytest
-from conftest import SESSION_LABEL, TEST_LABEL
-from second_engine import (
-    SecondEngineUnavailable,
-    ensure_docker26,
-    second_engine,
-    transfer_images,
-)
+from clean_env import clean_environ
 
-from layerkeep.core.engine import Engine, connect
+from layerkeep.core.engine import Engine
 from layerkeep.core.job import BUILD_ID_LABEL
 
 pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parent.parent
 # What a fresh CI machine pulls before it has any cache: the example's base and services.
 BASE_IMAGES = ("python:3.11-slim", "postgres:15", "redis:7")
+Machine = tuple[Engine, dict[str, str]]
 PROJECT_TASKS = """\
 from invoke.tasks import task
 
@@ -60,14 +55,13 @@ class ExampleProject:
     image: str
 
     def environ(self, build_id: str, **extra: str) -> dict[str, str]:
-        return {
-            **os.environ,
-            "LAYERKEEP_IMAGE": self.image,
-            "LAYERKEEP_BUILD_ID": build_id,
-            "LAYERKEEP_CACHE_IMAGES": "",
-            "LAYERKEEP_REPORTS_DIR": str(self.root / "reports" / build_id),
+        return clean_environ(
+            LAYERKEEP_IMAGE=self.image,
+            LAYERKEEP_BUILD_ID=build_id,
+            LAYERKEEP_CACHE_IMAGES="",
+            LAYERKEEP_REPORTS_DIR=str(self.root / "reports" / build_id),
             **extra,
-        }
+        )
 
     def ci(self, build_id: str, **extra: str) -> subprocess.CompletedProcess[str]:
         return self.inv("ci", build_id=build_id, **extra)
@@ -130,27 +124,9 @@ def summary_tasks(output: str) -> list[str]:
     return [line.split()[0] for line in output.rsplit("\ntask ", 1)[-1].splitlines()[1:]]
 
 
-@contextlib.contextmanager
-def fresh_machine(folder: Path, kind: str = "20.10") -> Iterator[tuple[Engine, dict[str, str]]]:
-    """Another machine: a second engine with only the base images; the cache folder is
-    all that travels. Its own builder cache starts empty, so a hit can only come from
-    the restored images (and the shared engine's builder cache is never pruned).
-
-    ``kind``: Debian's 20.10, or Docker 26 with buildx on the classic image store
-    ("26-classic") or the containerd image store ("26-containerd")."""
-    try:
-        docker26 = ensure_docker26() if kind.startswith("26") else None
-        containerd = kind == "26-containerd"
-        with second_engine(folder, docker26=docker26, containerd_store=containerd) as second:
-            transfer_images(dict(os.environ), second.environ, list(BASE_IMAGES))
-            environ = dict(second.environ)
-            connected = connect(environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
-            try:
-                yield connected, environ
-            finally:
-                connected.close()
-    except SecondEngineUnavailable as error:
-        pytest.skip(str(error))
+def fresh_machine(folder: Path, kind: str = "20.10") -> AbstractContextManager[Machine]:
+    """Another machine with the base images a CI job pulls (see machines.py)."""
+    return machines.fresh_machine(folder, kind, images=BASE_IMAGES)
 
 
 def test_cold_then_restored_run(example: ExampleProject, engine: Engine) -> None:
@@ -261,7 +237,7 @@ def test_two_jobs_without_build_ids_both_pass(example: ExampleProject, engine: E
     environ = {
         key: value
         for key, value in example.environ("unused", LAYERKEEP_PROJECT=project).items()
-        if key != "LAYERKEEP_BUILD_ID" and not key.startswith(("CIRCLE", "GITHUB", "CI_"))
+        if key != "LAYERKEEP_BUILD_ID"
     }
     environ["LAYERKEEP_REPORTS_DIR"] = str(example.root / "reports" / project)
     jobs = [

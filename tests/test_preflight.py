@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from clean_env import clean_environ
 from gitrepos import Scripted
 
 from layerkeep.core.engine import BUILD_ID_LABEL, Engine
@@ -265,11 +266,10 @@ def inv_project(root: Path, settings: str) -> None:
 
 
 def inv(root: Path, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("LAYERKEEP_")}
     return subprocess.run(
         [*INV, *args],
         cwd=root,
-        env={**environ, **extra},
+        env=clean_environ(**extra),
         capture_output=True,
         text=True,
         check=False,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import os
 import random
 import re
 import subprocess
@@ -21,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clean_env import clean_environ
 from registry_setup import Registry, running_registry
 
 from layerkeep.core.ci_vars import GitFacts
@@ -399,12 +399,10 @@ def local_tags(engine: Engine, prefix: str) -> list[str]:
 
 
 def run_task(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    clean = {key: value for key, value in os.environ.items() if not key.startswith("LAYERKEEP_")}
     # release.push alone: its graph prerequisites (git.touch ... test.run) need a project.
-    only = {"LAYERKEEP_SKIP_DEPENDENCIES": "yes"}
     return subprocess.run(
         [*INV, *args], cwd=project, capture_output=True, text=True, check=False,
-        env={**clean, **only, **env}, timeout=300,
+        env=clean_environ(LAYERKEEP_SKIP_DEPENDENCIES="yes", **env), timeout=300,
     )
 
 
