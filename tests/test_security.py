@@ -8,6 +8,7 @@ refuses it with one line, or never writes, reads or leaks what it must not.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import stat
@@ -15,18 +16,31 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import zstandard
 from clean_env import clean_environ
+from conftest import SESSION_LABEL, TEST_LABEL
+from second_engine import SecondEngineUnavailable, ensure_docker26, second_engine, transfer_images
 
+from layerkeep.build.image import Builder, build_image, choose_builder
+from layerkeep.cache.backend import save_cache
 from layerkeep.cache.store import CacheDir, CacheUnavailable
 from layerkeep.core import joblock
-from layerkeep.core.engine import Engine
+from layerkeep.core.engine import Engine, connect
+from layerkeep.core.errors import ConfigError
 from layerkeep.core.job import Job
 from layerkeep.core.joblock import UnsafeLockFolder, hold_build_id
-from layerkeep.core.settings import load_settings
+from layerkeep.core.settings import (
+    BuildSecret,
+    Settings,
+    describe_settings,
+    load_settings,
+    secret_build_args,
+)
 from layerkeep.testing.testrun import MANIFEST, CaseCounts, run_tests
 
 NOBODY = 65534
@@ -314,3 +328,219 @@ def test_reports_in_a_folder_the_container_made_as_its_user_are_copied(
     assert (reports / "sub" / "junit.xml").stat().st_uid == NOBODY  # copied: the user's
     assert (reports / "top.xml").stat().st_uid == 10001  # moved
     assert not (outbox / "top.xml").exists()
+
+
+# --- build args and build secrets ---------------------------------------------------------
+
+
+def project_settings(root: Path, **settings: str) -> Settings:
+    return load_settings(
+        root,
+        {"LAYERKEEP_COMMIT": "abc", "LAYERKEEP_BRANCH": "main", "LAYERKEEP_PROJECT": "sec",
+         **{f"LAYERKEEP_{key.upper()}": value for key, value in settings.items()}},
+    )
+
+
+@pytest.mark.parametrize(
+    "name", ["DOCKER_CONFIG", "DOCKER_HOST", "PATH", "HOME", "BUILDX_BUILDER", "BUILDKIT_HOST",
+             "LD_PRELOAD", "SSL_CERT_FILE"],
+)
+def test_a_build_arg_the_docker_cli_reads_itself_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        project_settings(tmp_path, build_args=f"APP=1,{name}=/tmp/attacker-value")
+    line = refused.value.one_line()
+    assert f"build arg {name} would be set in the docker CLI's own environment" in line
+    assert "LAYERKEEP_BUILD_ARGS" in line
+    assert "attacker-value" not in line
+    assert "\n" not in line
+
+
+def test_buildkits_own_build_args_and_proxies_stay_allowed(tmp_path: Path) -> None:
+    allowed = "BUILDKIT_SYNTAX=x,BUILDKIT_CONTEXT_KEEP_GIT_DIR=1,HTTP_PROXY=http://p:3128,APP=1"
+    assert len(project_settings(tmp_path, build_args=allowed).build_args) == 4
+
+
+def test_build_args_holding_secrets_are_named_by_name_or_by_masked_value(tmp_path: Path) -> None:
+    password = uuid.uuid4().hex
+    settings = project_settings(
+        tmp_path, registry_password=password, secrets="LISTED",
+        build_args=f"APP_URL={password},PLAIN=1,NPM_TOKEN=abc,LISTED=v,EMPTY_KEY=",
+    )
+    assert secret_build_args(settings) == ["APP_URL", "NPM_TOKEN", "LISTED"]
+
+
+def test_build_secrets_are_masked_and_shown_by_name(tmp_path: Path) -> None:
+    settings = load_settings(
+        tmp_path,
+        {"LAYERKEEP_COMMIT": "abc", "LAYERKEEP_BRANCH": "main",
+         "LAYERKEEP_BUILD_SECRETS": "npm=NPM_AUTH,API", "NPM_AUTH": "value-one", "API": "two2"},
+    )
+    assert settings.build_secrets == (BuildSecret("npm", "NPM_AUTH"), BuildSecret("API", "API"))
+    assert {"value-one", "two2"} <= set(settings.secret_values)
+    shown = {row.name: row.value for row in describe_settings(settings)}
+    assert shown["LAYERKEEP_BUILD_SECRETS"] == "npm=NPM_AUTH,API"
+    with pytest.raises(ConfigError) as refused:
+        project_settings(tmp_path, build_secrets="npm=")
+    assert "LAYERKEEP_BUILD_SECRETS='npm='" in refused.value.one_line()
+    assert "write VARIABLE or id=VARIABLE" in refused.value.one_line()
+
+
+def test_a_run_with_docker_config_as_a_build_arg_stops_before_any_task(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "tasks.py").write_text(RUN_PROJECT)
+    seen = tmp_path / "seen"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "work"], cwd=project, capture_output=True, text=True,
+        env=clean_environ(
+            TMPDIR=str(tmp_path), LOCKS=str(tmp_path / "locks"), SEEN=str(seen),
+            LAYERKEEP_BUILD_ARGS="DOCKER_CONFIG=/tmp/elsewhere",
+        ),
+        check=False, timeout=120,
+    )
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "build arg DOCKER_CONFIG would be set" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert not seen.exists()  # the task never ran
+
+
+DOCKERFILE_WITH_MOUNT = """\
+FROM debian:bookworm-slim
+ARG DEPLOY_TOKEN
+COPY nonce.txt /nonce.txt
+RUN --mount=type=secret,id=api_token sha256sum /run/secrets/api_token > /secret.sha256 \\
+    && echo "control $DEPLOY_TOKEN" > /control.txt
+"""
+# Records its arguments, then runs the real CLI: what `ps` would have shown.
+ARGV_RECORDER = """#!/bin/sh
+printf '%s\\n' "$@" >> "{log}"
+exec "{cli}" "$@"
+"""
+
+
+@pytest.fixture(scope="module")
+def docker26_buildx(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Engine, dict[str, str]]]:
+    """A throw-away Docker 26 engine whose CLI builds with buildx."""
+    folder = tmp_path_factory.mktemp("security-26")
+    try:
+        with second_engine(folder, docker26=ensure_docker26()) as second:
+            transfer_images(os.environ, second.environ, ["debian:bookworm-slim"])
+            engine = connect(second.environ, labels=dict([TEST_LABEL, SESSION_LABEL]))
+            yield engine, dict(second.environ)
+            engine.close()
+    except SecondEngineUnavailable as error:
+        pytest.skip(f"no Docker 26 engine here: {error}")
+
+
+def found_in_cache(folder: Path, value: bytes) -> list[str]:
+    """The files of a cache folder holding ``value``, compressed blobs read decompressed."""
+    holding = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.suffix == ".zst":
+            data = zstandard.ZstdDecompressor().stream_reader(data).read()
+        if value in data:
+            holding.append(path.relative_to(folder).as_posix())
+    return holding
+
+
+def docker_text(environ: Mapping[str, str], *command: str) -> str:
+    return subprocess.run(
+        ["docker", *command], env=dict(environ), capture_output=True, text=True, check=True,
+        timeout=120,
+    ).stdout
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("cli", ["20.10", "26 buildx"])
+def test_a_build_secret_is_readable_in_the_build_and_kept_nowhere(
+    engine: Engine, tmp_path: Path, unique_repository: str, cli: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    if cli == "20.10":
+        builder_engine, environ = engine, dict(os.environ)
+        builder = Builder("buildkit", "/usr/bin/docker")
+    else:
+        builder_engine, environ = request.getfixturevalue("docker26_buildx")
+        builder = choose_builder("buildkit", environ, engine=builder_engine)
+    secret, control = f"s3cr3t-{uuid.uuid4().hex}", f"c0ntrol-{uuid.uuid4().hex}"
+    argv = tmp_path / "argv.log"
+    recorder = tmp_path / "docker"
+    recorder.write_text(ARGV_RECORDER.format(log=argv, cli=builder.cli))
+    recorder.chmod(0o755)
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text(DOCKERFILE_WITH_MOUNT)
+    (context / "nonce.txt").write_text(uuid.uuid4().hex)  # no other build's cache serves it
+    image = f"{unique_repository}/app"
+    settings = project_settings(
+        tmp_path, image=image, context="context", cache_dir=str(tmp_path / "cache"),
+        build_args=f"DEPLOY_TOKEN={control}", build_secrets="api_token=API_TOKEN",
+    )
+    lines: list[str] = []
+    environ = {**environ, "API_TOKEN": secret}
+
+    build_image(
+        builder_engine, settings, replace(builder, cli=str(recorder)), environ, log=lines.append
+    )
+    save_cache(builder_engine, settings, builder, environ, log=lines.append)
+
+    run = docker_text(environ, "run", "--rm", f"{image}:latest", "cat", "/secret.sha256")
+    assert run.split()[0] == hashlib.sha256(secret.encode()).hexdigest()  # read in the build
+    assert "--secret\nid=api_token,env=API_TOKEN\n" in argv.read_text()
+    assert secret not in argv.read_text()
+    assert not any(secret in line for line in lines)
+    history = docker_text(environ, "history", "--no-trunc", f"{image}:latest")
+    config = docker_text(environ, "image", "inspect", f"{image}:latest")
+    assert secret not in history
+    assert secret not in config
+    assert found_in_cache(tmp_path / "cache", secret.encode()) == []
+    # The build arg, on the other hand, is kept everywhere: what the warning says.
+    assert control in history
+    assert found_in_cache(tmp_path / "cache", control.encode()) != []
+    assert any(
+        line.startswith("warning: build arg DEPLOY_TOKEN holds a secret") for line in lines
+    )
+    if cli != "20.10":
+        builder_engine.remove_image(f"{image}:latest", force=True)
+
+
+@pytest.mark.docker
+def test_build_secrets_stop_a_classic_build_or_one_whose_variable_is_unset(
+    engine: Engine, tmp_path: Path, unique_repository: str
+) -> None:
+    (tmp_path / "Dockerfile").write_text("FROM debian:bookworm-slim\n")
+    settings = project_settings(
+        tmp_path, image=f"{unique_repository}/app", build_secrets="API_TOKEN"
+    )
+    with pytest.raises(ConfigError, match="the classic builder has no build secrets"):
+        build_image(engine, settings, Builder("legacy"), {"API_TOKEN": "x"}, log=print)
+    with pytest.raises(ConfigError, match="names API_TOKEN, not set in the environment"):
+        build_image(
+            engine, settings, Builder("buildkit", "/usr/bin/docker"), {"PATH": "/usr/bin"},
+            log=print,
+        )
+    assert engine.image_id(f"{unique_repository}/app:latest") is None
+
+
+@pytest.mark.docker
+def test_the_docker_cli_never_gets_a_build_arg_that_changes_it(
+    engine: Engine, tmp_path: Path, unique_repository: str
+) -> None:
+    """Settings made by hand skip the loader's check: the CLI call makes it again."""
+    (tmp_path / "Dockerfile").write_text("FROM debian:bookworm-slim\n")
+    ran = tmp_path / "ran"
+    cli = tmp_path / "docker"
+    cli.write_text(f"#!/bin/sh\ntouch {ran}\n")
+    cli.chmod(0o755)
+    settings = replace(
+        project_settings(tmp_path, image=f"{unique_repository}/app"),
+        build_args={"DOCKER_CONFIG": str(tmp_path)},
+    )
+    with pytest.raises(ConfigError, match="build arg DOCKER_CONFIG would be set"):
+        build_image(engine, settings, Builder("buildkit", str(cli)), dict(os.environ), log=print)
+    assert not ran.exists()

@@ -34,7 +34,12 @@ from layerkeep.core.engine import Engine, image_layers
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag
 from layerkeep.core.registry import OFFLINE_HINT, unreachable_registry
-from layerkeep.core.settings import Settings
+from layerkeep.core.settings import (
+    BuildSecret,
+    Settings,
+    cli_variable_among,
+    secret_build_args,
+)
 
 Log = Callable[[str], None]
 _MANIFEST_URL = re.compile(
@@ -198,6 +203,7 @@ def build_image(
     tags or uses it.
     """
     plan = plan_build(settings)
+    _check_secrets(settings, builder, environ, log)
     if export is not None:
         plan = replace(plan, targets=plan.targets[-1:], unnamed_stages=())
     for index in plan.unnamed_stages:
@@ -240,6 +246,7 @@ def build_image(
         job = _Job(
             plan, target, tuple(sources), settings.build_args, excludes, tally, log,
             cache_to=export.cache_to if export is not None else None,
+            secrets=settings.build_secrets,
         )
         try:
             if builder.kind == "buildkit":
@@ -387,6 +394,36 @@ class _Job:
     tally: StepTally
     log: Log
     cache_to: str | None = None
+    secrets: Sequence[BuildSecret] = ()
+
+
+def _check_secrets(
+    settings: Settings, builder: Builder, environ: Mapping[str, str], log: Log
+) -> None:
+    """Stop when the build secrets cannot reach the build; warn of secrets in build args."""
+    for name in secret_build_args(settings):
+        log(
+            f"warning: build arg {name} holds a secret, and a build arg's value stays in "
+            "the image's history, so in the cache and the released image; pass it as "
+            f"LAYERKEEP_BUILD_SECRETS={name} and read /run/secrets/{name} in "
+            f"RUN --mount=type=secret,id={name} instead"
+        )
+    if not settings.build_secrets:
+        return
+    if builder.kind != "buildkit":
+        raise ConfigError(
+            "LAYERKEEP_BUILD_SECRETS is set, but the classic builder has no build secrets",
+            key="LAYERKEEP_BUILD_SECRETS",
+            hint="build with BuildKit (LAYERKEEP_BUILDER=auto or buildkit, with a docker CLI "
+            "that can use it)",
+        )
+    missing = [s.variable for s in settings.build_secrets if s.variable not in environ]
+    if missing:
+        raise ConfigError(
+            f"LAYERKEEP_BUILD_SECRETS names {', '.join(missing)}, not set in the environment",
+            key="LAYERKEEP_BUILD_SECRETS",
+            hint="set it in the environment (your CI's secrets), or leave it out",
+        )
 
 
 def _build_with_api(engine: Engine, job: _Job) -> None:
@@ -448,6 +485,12 @@ def _run_cli(cli: str, job: _Job, environ: Mapping[str, str], dockerfile: Path) 
         command += ["--target", job.target.stage]
     for cached in job.cache_from:
         command += ["--cache-from", cached]
+    problem = cli_variable_among(job.build_args)
+    if problem:  # settings made by hand (dataclasses.replace) skip the loader's check
+        raise ConfigError(problem, key="LAYERKEEP_BUILD_ARGS")
+    for secret in job.secrets:
+        # The CLI reads the value from its own environment: never on a command line.
+        command += ["--secret", f"id={secret.id},env={secret.variable}"]
     build_args = dict(job.build_args)
     if job.cache_to:
         command += ["--cache-to", job.cache_to]

@@ -110,6 +110,70 @@ def _pairs(value: str, _: Path) -> dict[str, str]:
     return parse_pairs(value)
 
 
+# Build args travel to the docker CLI in its environment (so that their values never
+# show on a command line): a name the CLI, its plugins or its loader read themselves
+# would change what it does (where it connects, which login config it uses, which
+# programs it runs). Proxies are Docker's own predefined build args, and stay allowed.
+_CLI_VARIABLES = frozenset(
+    {"PATH", "HOME", "TMPDIR", "GODEBUG", "SSL_CERT_FILE", "SSL_CERT_DIR", "XDG_CONFIG_HOME"}
+)
+_CLI_PREFIXES = ("DOCKER_", "BUILDX_", "BUILDKIT_", "LD_")
+# BuildKit's own build args: read by the Dockerfile frontend, not by the CLI.
+_FRONTEND_ARGS = frozenset(
+    {
+        "BUILDKIT_SYNTAX", "BUILDKIT_INLINE_CACHE", "BUILDKIT_CONTEXT_KEEP_GIT_DIR",
+        "BUILDKIT_CACHE_MOUNT_NS", "BUILDKIT_MULTI_PLATFORM", "BUILDKIT_SANDBOX_HOSTNAME",
+    }
+)
+
+
+def cli_variable_among(names: Collection[str]) -> str:
+    """Why the first of these build-arg names cannot be one ("" when all can)."""
+    for name in names:
+        if name in _FRONTEND_ARGS:
+            continue
+        if name in _CLI_VARIABLES or name.startswith(_CLI_PREFIXES):
+            return (
+                f"build arg {name} would be set in the docker CLI's own environment, where "
+                "build args travel, and change what the CLI does; give the ARG another name "
+                "in the Dockerfile and here"
+            )
+    return ""
+
+
+@dataclass(frozen=True)
+class BuildSecret:
+    """A BuildKit secret: ``RUN --mount=type=secret,id=<id>`` reads the variable's value."""
+
+    id: str
+    variable: str
+
+    def __str__(self) -> str:
+        return self.variable if self.id == self.variable else f"{self.id}={self.variable}"
+
+
+_SECRET_ID = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _build_secrets(value: str, _: Path) -> tuple[BuildSecret, ...]:
+    secrets: list[BuildSecret] = []
+    for item in parse_list(value):
+        secret_id, equals, variable = item.partition("=")
+        variable = variable if equals else secret_id
+        if not _SECRET_ID.fullmatch(secret_id) or not _VARIABLE.fullmatch(variable):
+            raise Invalid(f"{item!r}: write VARIABLE or id=VARIABLE, comma-separated")
+        secrets.append(BuildSecret(secret_id, variable))
+    return tuple(secrets)
+
+
+def _build_args(value: str, _: Path) -> dict[str, str]:
+    pairs = parse_pairs(value)
+    problem = cli_variable_among(pairs)
+    if problem:
+        raise Invalid(problem)
+    return pairs
+
+
 def _flag(value: str, _: Path) -> bool:
     return parse_bool(value)
 
@@ -287,7 +351,15 @@ class Settings:
         Path, setting("Dockerfile", "Dockerfile, relative to the context.", _path)
     ]
     build_args: Annotated[
-        Mapping[str, str], setting("", "Build arguments: comma-separated NAME=value.", _pairs)
+        Mapping[str, str],
+        setting("", "Build arguments: comma-separated NAME=value.", _build_args),
+    ]
+    build_secrets: Annotated[
+        tuple[BuildSecret, ...],
+        setting(
+            "", "BuildKit secrets: environment variables (VARIABLE or id=VARIABLE), "
+            "comma-separated.", _build_secrets,
+        ),
     ]
     builder: Annotated[
         Builder,
@@ -783,6 +855,8 @@ def _secret_values(
     listed: tuple[str, ...] = parsed["secrets"]
     values = {parsed["registry_password"], parsed["db_password"]}
     values.update(environ[name] for name in listed if name in environ)
+    secrets: tuple[BuildSecret, ...] = parsed["build_secrets"]
+    values.update(environ[s.variable] for s in secrets if s.variable in environ)
     specs: tuple[ServiceSpec, ...] = parsed["services"]
     for env in (parsed["test_env"], parsed["build_args"], *(spec.env for spec in specs)):
         values.update(value for name, value in env.items() if is_secret_name(name, listed))
@@ -792,6 +866,15 @@ def _secret_values(
     if raw[f"{PREFIX}DB_PASSWORD"].source == Source.DEFAULT:
         values.discard(parsed["db_password"])
     return tuple(sorted(values, key=lambda value: (-len(value), value)))
+
+
+def secret_build_args(settings: Settings) -> list[str]:
+    """The build args that hold a secret: named so, listed, or a value that is masked."""
+    return [
+        name
+        for name, value in settings.build_args.items()
+        if value and (is_secret_name(name, settings.secrets) or value in settings.secret_values)
+    ]
 
 
 def mask(text: str, secret_values: Collection[str]) -> str:
