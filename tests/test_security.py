@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -27,8 +28,10 @@ from conftest import SESSION_LABEL, TEST_LABEL
 from second_engine import SecondEngineUnavailable, ensure_docker26, second_engine, transfer_images
 
 from layerkeep.build.image import Builder, build_image, choose_builder
-from layerkeep.cache.backend import save_cache
-from layerkeep.cache.store import CacheDir, CacheUnavailable
+from layerkeep.cache.backend import load_cache, save_cache
+from layerkeep.cache.mounts import FORMAT as MOUNTS_FORMAT
+from layerkeep.cache.mounts import MountStore
+from layerkeep.cache.store import CacheDir, CacheUnavailable, CorruptCache
 from layerkeep.core import joblock
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.errors import ConfigError
@@ -544,3 +547,55 @@ def test_the_docker_cli_never_gets_a_build_arg_that_changes_it(
     with pytest.raises(ConfigError, match="build arg DOCKER_CONFIG would be set"):
         build_image(engine, settings, Builder("buildkit", str(cli)), dict(os.environ), log=print)
     assert not ran.exists()
+
+
+# --- what the cache folder names ---------------------------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("named", ["../outside", "absolute"])
+def test_a_manifest_naming_blobs_outside_the_folder_is_a_damaged_cache(
+    engine: Engine, tmp_path: Path, unique_repository: str, named: str
+) -> None:
+    """The blobs are moved out of the folder and the manifest names them there: were they
+    read, the image would come back. It must not: the cache is ignored, with a warning."""
+    (tmp_path / "Dockerfile").write_text("FROM debian:bookworm-slim\nCOPY nonce.txt /\n")
+    (tmp_path / "nonce.txt").write_text(uuid.uuid4().hex)
+    image = f"{unique_repository}/app:latest"
+    settings = project_settings(tmp_path, image=image, cache_dir="cache", builder="legacy")
+    builder = Builder("legacy")
+    build_image(engine, settings, builder, dict(os.environ), log=lambda _: None)
+    save_cache(engine, settings, builder, dict(os.environ), log=lambda _: None)
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    manifest = json.loads((cache / "manifest.json").read_text())
+    for blob in manifest["blobs"].values():
+        moved = (cache / blob["file"]).rename(outside / Path(blob["file"]).name)
+        blob["file"] = f"../outside/{moved.name}" if named == "../outside" else str(moved)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    engine.remove_image(image, force=True)
+    lines: list[str] = []
+
+    load_cache(engine, settings, builder, log=lines.append)
+
+    assert engine.image_id(image) is None
+    warning = next(line for line in lines if line.startswith("warning: ignoring the cache"))
+    assert "not blobs/<digest>.zst" in warning
+    assert "Traceback" not in "\n".join(lines)
+
+
+def test_a_mounts_index_naming_a_file_outside_the_folder_removes_nothing(tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    store = MountStore(tmp_path / "cache")
+    store.folder.mkdir(parents=True)
+    digest = f"sha256:{hashlib.sha256(b'x').hexdigest()}"
+    entry = {"id": "pip", "file": "../../victim.txt", "digest": digest, "size": 1, "saved": 0.0}
+    (store.folder / "index.json").write_text(
+        json.dumps({"format": MOUNTS_FORMAT, "mounts": {"pip,/root/.cache/pip": entry}})
+    )
+
+    with pytest.raises(CorruptCache, match="is not the archive of"):
+        store.read_index()
+    assert store.evict(0) == []
+
+    assert target.read_text() == VICTIM_TEXT

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -66,6 +67,7 @@ Log = Callable[[str], None]
 FOLDER = "mounts"
 INDEX = "index.json"
 FORMAT = "layerkeep-cache-mounts/1"
+_HEX = re.compile(r"[0-9a-f]{64}")
 DIGEST_LABEL = "io.layerkeep.cache-mount.digest"
 SEED_REPOSITORY = "layerkeep-cache-mount-seed"
 CHUNK = 1 << 20
@@ -364,7 +366,12 @@ class MountStore:
             data = json.loads(path.read_text("utf-8"))
             if data.get("format") != FORMAT:
                 raise CorruptCache(f"{path} is not a {FORMAT} index", path=path)
-            return {str(key): KeptMount(**entry) for key, entry in data["mounts"].items()}
+            index = {str(key): KeptMount(**entry) for key, entry in data["mounts"].items()}
+            for kept in index.values():
+                if kept.file != archive_name(kept.digest):
+                    # Joined to the folder: any other name would read or remove elsewhere.
+                    raise ValueError(f"{kept.file!r} is not the archive of {kept.digest!r}")
+            return index
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
@@ -376,7 +383,7 @@ class MountStore:
             index = self._index_or_empty()
             old = index.get(mount.key)
             written = old is None or old.digest != digest or not (self.folder / old.file).is_file()
-            file = old.file if old is not None and not written else f"{digest[7:]}.tar.zst"
+            file = old.file if old is not None and not written else archive_name(digest)
             if written:
                 self._compress(tar, self.folder / file, level)
             index[mount.key] = KeptMount(mount.id, file, digest, size, time.time())
@@ -482,6 +489,14 @@ class MountStore:
             raise unavailable(error, target) from None
         finally:
             temp.unlink(missing_ok=True)
+
+
+def archive_name(digest: str) -> str:
+    """The file a mount's archive is kept in: its content's digest; ValueError for a
+    digest that is not sha256."""
+    if not digest.startswith("sha256:") or not _HEX.fullmatch(digest[7:]):
+        raise ValueError(f"{digest!r} is not a sha256 digest")
+    return f"{digest[7:]}.tar.zst"
 
 
 def describe_mounts(report: MountsReport) -> str:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import threading
 import zlib
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping
@@ -52,6 +53,7 @@ QUEUE_DEPTH = 64
 # so that each thread holds a few MB (peak RSS stays under 100 MB with four threads).
 JOB_SIZE = 2 << 20
 MAX_AUTO_THREADS = 4
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _DIR_HINT = "set LAYERKEEP_CACHE_DIR to a folder of its own, or remove what is in the way"
 
 
@@ -214,13 +216,16 @@ class Manifest:
                 str(tag): CachedImage(
                     str(i["id"]),
                     str(i["config"]),
-                    tuple(map(str, i["layers"])),
+                    tuple(_digest(str(layer)) for layer in i["layers"]),
                     str(i.get("engine_id", "")),
                 )
                 for tag, i in data["images"].items()
             }
             blobs = {
-                str(d): Blob(str(b["file"]), int(b["size"]), int(b["stored"]), int(b["crc32"]))
+                _digest(str(d)): Blob(
+                    _blob_file(str(d), str(b["file"])), int(b["size"]), int(b["stored"]),
+                    int(b["crc32"]),
+                )
                 for d, b in data["blobs"].items()
             }
             names = {str(k): str(v) for k, v in data.get("names", {}).items()}
@@ -230,6 +235,22 @@ class Manifest:
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise CorruptCache(f"{path} is damaged ({error})", path=path) from None
         return cls(images, blobs, names, buildkit)
+
+
+def _digest(text: str) -> str:
+    """``text`` if it is a sha256 digest; ValueError otherwise."""
+    if _DIGEST.fullmatch(text) is None:
+        raise ValueError(f"{text[:80]!r} is not a sha256 digest")
+    return text
+
+
+def _blob_file(digest: str, file: str) -> str:
+    """The blob's file if it is the one layerkeep writes for ``digest``; ValueError
+    otherwise: the manifest is joined to the folder, so any other name (``../x``, an
+    absolute path) would read or remove a file outside it."""
+    if file != f"{BLOBS}/{digest.removeprefix('sha256:')}.zst":
+        raise ValueError(f"blob {digest[:19]} is kept as {file[:80]!r}, not {BLOBS}/<digest>.zst")
+    return file
 
 
 @dataclass(frozen=True)
