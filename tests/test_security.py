@@ -599,3 +599,100 @@ def test_a_mounts_index_naming_a_file_outside_the_folder_removes_nothing(tmp_pat
     assert store.evict(0) == []
 
     assert target.read_text() == VICTIM_TEXT
+
+
+# --- the dockerd layerkeep starts ----------------------------------------------------------
+
+# Records the environment it was started with, as the kernel holds it, then fails.
+FAKE_DOCKERD = """#!/bin/sh
+cat /proc/$$/environ > "{record}"
+exit 3
+"""
+START = """
+import os, sys
+from pathlib import Path
+from layerkeep.core.engine_start import ensure_engine
+from layerkeep.core.errors import EngineUnavailable
+try:
+    ensure_engine(os.environ, log_path=Path(sys.argv[1]), timeout=30)
+except EngineUnavailable as error:
+    print(error.one_line())
+"""
+needs_unshare = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
+)
+
+
+def start_dockerd_alone(tmp_path: Path, environ: Mapping[str, str], log: Path) -> str:
+    """Run layerkeep's engine start where no engine answers: a mount namespace of its own
+    whose /run is empty (the main engine, which other tests use, keeps running)."""
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs none /run && exec "$0" -c "$1" "$2"',
+         sys.executable, START, str(log)],
+        env=dict(environ), capture_output=True, text=True, check=True, timeout=90,
+    )
+    return done.stdout + done.stderr
+
+
+@needs_unshare
+def test_dockerd_is_started_with_only_what_it_reads_of_the_environment(tmp_path: Path) -> None:
+    """A dockerd started for real would have to replace the main engine on its socket,
+    and its environment holds nothing that shows the fault: a fake dockerd first on PATH
+    records the environment layerkeep's start function gave it (/proc/<pid>/environ)."""
+    record = tmp_path / "environ"
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    (bin_folder / "dockerd").write_text(FAKE_DOCKERD.format(record=record))
+    (bin_folder / "dockerd").chmod(0o755)
+    password, token = f"pw-{uuid.uuid4().hex}", f"tok-{uuid.uuid4().hex}"
+    environ = {
+        "PATH": f"{bin_folder}:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LAYERKEEP_REGISTRY_PASSWORD": password,
+        "LAYERKEEP_IMAGE": "myorg/app",
+        "GITHUB_TOKEN": token,
+        "HTTPS_PROXY": "http://proxy.example:3128",
+        "DOCKER_RAMDISK": "true",
+    }
+
+    said = start_dockerd_alone(tmp_path, environ, tmp_path / "dockerd.log")
+
+    assert said.strip().startswith("dockerd exited with status 3 before answering"), said
+    started = dict(
+        item.split("=", 1) for item in record.read_text().split("\0") if "=" in item
+    )
+    assert started == {
+        "PATH": environ["PATH"],
+        "HTTPS_PROXY": "http://proxy.example:3128",
+        "DOCKER_RAMDISK": "true",
+    }
+    assert password not in record.read_text()
+    assert token not in record.read_text()
+
+
+@needs_unshare
+def test_dockerds_log_is_never_written_through_a_symlink(tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    log = tmp_path / "dockerd.log"
+    log.symlink_to(target)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "dockerd").write_text(FAKE_DOCKERD.format(record=tmp_path / "env"))
+    (tmp_path / "bin" / "dockerd").chmod(0o755)
+
+    said = start_dockerd_alone(tmp_path, {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}, log)
+
+    assert said.strip() == (
+        f"cannot write dockerd's log {log}: Too many levels of symbolic links (remove it)"
+    )
+    assert not (tmp_path / "env").exists()  # never started
+    assert target.read_text() == VICTIM_TEXT
+
+    log.unlink()
+    log.write_text("another user's file\n")
+    os.chown(log, NOBODY, NOBODY)
+    said = start_dockerd_alone(tmp_path, {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin"}, log)
+    assert said.strip() == (
+        f"dockerd's log {log} belongs to uid {NOBODY}; not starting dockerd with it (remove it)"
+    )
+    assert log.read_text() == "another user's file\n"
+    assert not (tmp_path / "env").exists()

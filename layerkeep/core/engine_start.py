@@ -5,6 +5,9 @@ machine: as root, with ``dockerd`` installed, for the local socket (``DOCKER_HOS
 or naming it). Anything else (a remote engine, another user's, Docker Desktop) is left
 alone and reported in one line. The daemon gets its own session so that it outlives the
 run (the next run reuses it), and logs to :data:`DOCKERD_LOG`.
+
+It gets only what dockerd reads from its environment (:func:`dockerd_environment`): a
+root daemon that outlives the job has no use for the job's registry password or tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ DAEMON_HOSTS = (DEFAULT_HOST, "unix:///run/docker.sock")
 START_HINT = "start it (`sudo systemctl start docker`, or `dockerd &` as root) or set DOCKER_HOST"
 _POLL = 0.5
 _LOG_TAIL = 5
+# What dockerd reads from its environment: where its helpers are (containerd, runc,
+# docker-proxy), the proxies its pulls go through, its own temp-folder and ramdisk
+# switches, and the CA bundle Go's TLS reads.
+_DOCKERD_VARIABLES = (
+    "PATH", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy",
+    "DOCKER_TMPDIR", "DOCKER_RAMDISK", "SSL_CERT_FILE", "SSL_CERT_DIR",
+)
+_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 Log = Callable[[str], None]
 
@@ -65,7 +76,7 @@ def ensure_engine(
             f"not starting one: {reason}",
             hint=START_HINT,
         )
-    pid = _spawn_detached([dockerd], log_path, environ)
+    pid = _spawn_detached([dockerd], log_path, dockerd_environment(environ))
     began = time.monotonic()
     while not _answers(environ):
         exited, status = os.waitpid(pid, os.WNOHANG)
@@ -87,6 +98,14 @@ def ensure_engine(
             f"{time.monotonic() - began:.1f} s, log {log_path}); it keeps running afterwards"
         )
     return True
+
+
+def dockerd_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables of ``environ`` that dockerd reads, and nothing else (no LAYERKEEP_*,
+    no passwords or tokens); PATH defaults to the system's."""
+    kept = {name: environ[name] for name in _DOCKERD_VARIABLES if name in environ}
+    kept.setdefault("PATH", _SYSTEM_PATH)
+    return kept
 
 
 def connect_or_start(
@@ -131,15 +150,15 @@ def _socket_answers(environ: Mapping[str, str]) -> bool:
     return True
 
 
-def _spawn_detached(argv: list[str], log_path: Path, environ: Mapping[str, str]) -> int:
+def _spawn_detached(argv: list[str], log_path: Path, environ: dict[str, str]) -> int:
     # posix_spawn rather than Popen: the daemon must outlive this process, and a Popen
     # object that is never waited for raises ResourceWarning when collected.
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = _open_log(log_path)
     try:
         return os.posix_spawn(
             argv[0],
             argv,
-            dict(environ),
+            environ,
             file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_DUP2, fd, 1),
@@ -149,6 +168,25 @@ def _spawn_detached(argv: list[str], log_path: Path, environ: Mapping[str, str])
         )
     finally:
         os.close(fd)
+
+
+def _open_log(path: Path) -> int:
+    """The log file, for appending: never through a symlink (it lives in the shared temp
+    folder and root writes it), and only a file of our own."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        raise EngineUnavailable(
+            f"cannot write dockerd's log {path}: {error.strerror}", hint="remove it"
+        ) from None
+    owner = os.fstat(fd).st_uid
+    if owner != os.geteuid():
+        os.close(fd)
+        raise EngineUnavailable(
+            f"dockerd's log {path} belongs to uid {owner}; not starting dockerd with it",
+            hint="remove it",
+        )
+    return fd
 
 
 def _tail(path: Path) -> str:
