@@ -203,6 +203,29 @@ def test_a_run_keeps_its_lock_in_the_private_folder_and_removes_it(tmp_path: Pat
     assert list(locks.iterdir()) == []
 
 
+@needs_root
+def test_a_run_whose_lock_folder_another_user_made_stops_in_one_line(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "tasks.py").write_text(RUN_PROJECT)
+    locks = tmp_path / f"layerkeep-locks-{os.geteuid()}"
+    locks.mkdir()
+    os.chown(locks, NOBODY, NOBODY)
+    seen = tmp_path / "seen"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "invoke", "work"], cwd=project, capture_output=True, text=True,
+        env=clean_environ(TMPDIR=str(tmp_path), LOCKS=str(locks), SEEN=str(seen)),
+        check=False, timeout=120,
+    )
+
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    assert f"lock folder {locks} belongs to uid {NOBODY}" in output
+    assert "Traceback" not in output
+    assert not seen.exists()
+
+
 def test_the_cache_folders_lock_is_never_opened_through_a_symlink(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()

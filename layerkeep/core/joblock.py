@@ -59,7 +59,7 @@ class UnsafeLockFolder(LayerkeepError):
     def __init__(self, folder: Path, problem: str) -> None:
         super().__init__(
             f"lock folder {folder} {problem}; layerkeep keeps no lock there",
-            hint="remove it if nothing of yours is in it (another user may have made it), "
+            hint="another user may have made it: remove it if nothing of yours is in it, "
             "or set TMPDIR to a folder of your own",
         )
         self.path = folder
