@@ -272,10 +272,12 @@ def test_a_cache_export_that_fills_the_disk_is_a_warning_and_the_cache_stays(
         (project.root / "blob.bin").write_bytes(os.urandom(48 << 20))
         lines: list[str] = []
         built, saved = project.ci(lines)
-        assert any("BuildKit could not export its cache" in line for line in lines), lines[-20:]
+        # The build's export fails, and so does the one cache.save tries again.
+        failed = [line for line in lines if "BuildKit could not export its cache" in line]
+        assert len(failed) == 2, lines[-20:]
         assert built.tally.total > 0
         assert containerd.engine.image_id(f"{project.image}:latest")
-        assert saved.buildkit is None or saved.buildkit.unchanged
+        assert saved.buildkit is None
         assert (project.manifest(), project.blobs()) == before
     finally:
         subprocess.run(["umount", str(project.cache)], check=False)

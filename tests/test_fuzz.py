@@ -15,8 +15,8 @@ import pytest
 
 from layerkeep.core.ci_vars import GitFacts, safe_build_id
 from layerkeep.core.errors import ConfigError
-from layerkeep.core.imageref import ImageRef, is_valid_tag, parse_image_ref
-from layerkeep.core.settings import KEYS, Settings, load_settings, read_env_file
+from layerkeep.core.imageref import is_valid_tag, parse_image_ref
+from layerkeep.core.settings import KEYS, load_settings, read_env_file
 from layerkeep.core.values import (
     Invalid,
     parse_bool,
@@ -105,7 +105,6 @@ def test_settings_from_random_env_files(tmp_path: Path) -> None:
         except ConfigError as error:
             refusals.append((data, error.one_line()))
             continue
-        assert isinstance(settings, Settings)
         assert SAFE_ID.fullmatch(settings.build_id), (number, data)
         loaded += 1
     assert min(loaded, len(refusals)) > CASES // 20, (loaded, len(refusals))
@@ -122,10 +121,8 @@ def test_references_tags_and_build_ids_of_random_text() -> None:
         image = parse_image_ref(text)
         if image is not None:
             valid += 1
-            assert isinstance(image, ImageRef)
             assert text.isascii(), (number, text)
             assert parse_image_ref(str(image)) == image, (number, text)
-        assert is_valid_tag(text) in (True, False)
         if is_valid_tag(text):
             assert text.isascii(), (number, text)
             assert len(text) <= 128, (number, text)
