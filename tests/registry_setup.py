@@ -198,6 +198,7 @@ class TokenServer:
     lifetime: int = 300
     answer_key: str = "token"
     requests: list[TokenRequest] = field(default_factory=list)
+    issued: list[str] = field(default_factory=list, repr=False)  # every token, in order
 
     def answer(self, query: str, authorization: str) -> tuple[int, dict[str, Any]]:
         """The status and JSON body for one GET of the realm."""
@@ -212,7 +213,8 @@ class TokenServer:
         )
         if not granted:
             return 401, {"details": "incorrect username or password"}
-        return 200, {self.answer_key: self.issue(scopes), "expires_in": self.lifetime}
+        self.issued.append(self.issue(scopes))
+        return 200, {self.answer_key: self.issued[-1], "expires_in": self.lifetime}
 
     def issue(self, scopes: tuple[str, ...]) -> str:
         """A signed JWT granting ``scopes`` (``type:name:action,action``)."""

@@ -120,6 +120,15 @@ def result_of(output: str, task: str) -> str:
     return words[2] if words[1] == "(cleanup)" else words[1]
 
 
+def wait_for_running(engine: Engine, build_id: str, purpose: str) -> None:
+    """Poll until the job's container for ``purpose`` runs (at most a minute)."""
+    selector = [f"{BUILD_ID_LABEL}={build_id}", f"io.layerkeep.purpose={purpose}"]
+    deadline = time.monotonic() + 60
+    while not any(c["State"] == "running" for c in engine.list_containers(selector)):
+        assert time.monotonic() < deadline, f"no running {purpose} container of {build_id}"
+        time.sleep(0.1)
+
+
 def summary_tasks(output: str) -> list[str]:
     return [line.split()[0] for line in output.rsplit("\ntask ", 1)[-1].splitlines()[1:]]
 
@@ -282,7 +291,8 @@ def test_sigterm_during_the_tests_leaves_nothing_behind(
             break
     assert seen, "the job printed nothing"
     assert seen[-1].startswith("running tests in "), "".join(seen)[-3000:]
-    time.sleep(1)
+    # The signal lands while the tests' container runs (`sleep 300`).
+    wait_for_running(engine, build_id, "tests")
     job.send_signal(signal.SIGTERM)
     rest, errors = job.communicate(timeout=120)
     output = "".join(seen) + rest

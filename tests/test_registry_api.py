@@ -17,7 +17,9 @@ import socket
 import ssl
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
@@ -489,16 +491,36 @@ def test_a_token_server_may_answer_access_token(tmp_path: Path) -> None:
     assert len(tokens.requests) == 1
 
 
+def refuses(registry: Registry, token: str, path: str) -> bool:
+    """Whether the registry turns ``token`` away (401) for a GET of ``path``."""
+    request = urllib.request.Request(f"http://{registry.address}{path}")
+    request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10):  # noqa: S310 - loopback
+            return False
+    except urllib.error.HTTPError as error:
+        return error.code == 401
+
+
 def test_an_expired_token_is_replaced(tmp_path: Path) -> None:
+    path = "/v2/team/app/manifests/v1"
     with token_registry(tmp_path) as (tokens, registry):
         # The registry allows 60 s of clock skew: this token is good for about 2 s.
         tokens.lifetime = -58
         with client_for(registry.address, "alice", PASSWORD) as client:
             assert client.manifest_digest("team/app", "v1") is None
+            asked = len(tokens.requests)
+            held = tokens.issued[-1]
             tokens.lifetime = 300
-            time.sleep(3)
+            # Until the registry itself refuses the token the client holds (polled).
+            deadline = time.monotonic() + 30
+            while not refuses(registry, held, path):
+                assert time.monotonic() < deadline, "the token never expired"
+                time.sleep(0.2)
             assert client.manifest_digest("team/app", "v1") is None
-    assert len(tokens.requests) == 2
+    # One more token, for the refused one; the new one was good.
+    assert len(tokens.requests) == asked + 1
+    assert tokens.requests[-1].granted
 
 
 def test_the_token_server_refusing_our_login(tmp_path: Path) -> None:
