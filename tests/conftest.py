@@ -23,6 +23,21 @@ TEST_REPOSITORY = f"layerkeep-test/{SESSION}"
 # Leftovers of a killed session are swept once they are this old (seconds).
 STALE_AFTER = 6 * 3600
 SETUP_LOCK = Path(tempfile.gettempdir()) / "layerkeep-test-setup.lock"
+# Set by git for hooks: a suite run from one must not work on the user's repository.
+GIT_LOCATORS = (
+    "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
+    "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """git in the tests (and in the `inv` runs they start) reads no user or system
+    config, as on a fresh CI machine: a contributor's commit signing, hooks or templates
+    would break the commits the tests make."""
+    os.environ["GIT_CONFIG_GLOBAL"] = os.devnull
+    os.environ["GIT_CONFIG_NOSYSTEM"] = "1"
+    for name in GIT_LOCATORS:
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")
