@@ -166,6 +166,12 @@ def test_stage_chains_are_ordered_shortest_first() -> None:
 # ---- the fixture on real engines ------------------------------------------------------
 
 
+# The BuildKit targets run on second engines of their own (the classic one on the main).
+PRIVATE_KINDS = [
+    pytest.param(kind, marks=pytest.mark.private_engines) for kind in ("buildkit", "buildx")
+]
+
+
 @dataclass(frozen=True)
 class Target:
     """An engine to run the job on, the environment reaching it, and its builder."""
@@ -252,7 +258,7 @@ def listing(target: Target, image: str) -> list[str]:
 
 
 @pytest.mark.docker
-@pytest.mark.parametrize("kind", ["legacy", "buildkit", "buildx"])
+@pytest.mark.parametrize("kind", ["legacy", *PRIVATE_KINDS])
 def test_copy_dot_project_with_default_settings_reuses_every_step_after_a_restore(
     engine: Engine, tmp_path: Path, kind: str
 ) -> None:
@@ -298,7 +304,7 @@ def test_copy_dot_project_with_default_settings_reuses_every_step_after_a_restor
 
 
 @pytest.mark.docker
-@pytest.mark.parametrize("kind", ["legacy", "buildkit"])
+@pytest.mark.parametrize("kind", ["legacy", PRIVATE_KINDS[0]])
 def test_cache_images_a_partial_restore_did_not_reuse_are_removed(
     engine: Engine, tmp_path: Path, kind: str
 ) -> None:

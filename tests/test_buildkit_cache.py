@@ -39,7 +39,7 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.settings import Settings, load_settings
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.private_engines]
 
 BASE = "debian:bookworm-slim"
 DOCKERFILE = """\

@@ -41,7 +41,7 @@ from second_engine import (
     transfer_images,
 )
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.private_engines]
 
 BASE = "debian:bookworm-slim"
 HOPS = ("cold", "edit", "edit", "same")

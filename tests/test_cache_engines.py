@@ -138,6 +138,7 @@ def archive_kinds(engine: Engine, image: str) -> tuple[set[str], set[str]]:
     return names, starts
 
 
+@pytest.mark.private_engines
 def test_save_reads_the_engines_layout_and_keys_layers_by_diff_id(
     kind: Kind, tmp_path: Path
 ) -> None:
@@ -164,6 +165,7 @@ def test_save_reads_the_engines_layout_and_keys_layers_by_diff_id(
         assert len(content) == blob.size
 
 
+@pytest.mark.private_engines
 def test_save_wipe_load_and_build_again(kind: Kind, tmp_path: Path) -> None:
     settings = make_project(tmp_path, f"lkc/{kind.name}-cycle", kind.engine)
     cold, cold_total = build_on(kind.engine, kind.environ, settings, "buildkit")

@@ -167,6 +167,7 @@ def test_cold_then_restored_run(example: ExampleProject, engine: Engine) -> None
     assert set(junit_cases(example.root / "reports" / build_id).values()) == {"passed"}
 
 
+@pytest.mark.private_engines
 @pytest.mark.parametrize("kind", ["26-classic", "26-containerd"])
 def test_inv_ci_on_docker_26_cold_then_on_another_fresh_machine(
     example: ExampleProject, kind: str

@@ -37,7 +37,7 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.settings import Settings, load_settings
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.private_engines]
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "example"
 BASE = "python:3.11-slim"
