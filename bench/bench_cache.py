@@ -15,7 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
-from layerkeep.build.image import build_image, choose_builder, images_to_cache
+from layerkeep.building.image import build_image, choose_builder, images_to_cache
 from layerkeep.cache.layers import load_images, save_images
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.engine import Engine, connect

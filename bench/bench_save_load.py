@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerkeep.build.image import build_image, choose_builder, images_to_cache
+from layerkeep.building.image import build_image, choose_builder, images_to_cache
 from layerkeep.cache.archive import LayerSource, legacy_archive
 from layerkeep.cache.layers import SaveReport, load_images, save_images
 from layerkeep.cache.store import CacheDir

@@ -6,12 +6,12 @@ list of files); none of them connects to the engine or a registry.
 
 from __future__ import annotations
 
-from layerkeep.build.image import images_to_cache, plan_build
+from layerkeep.building.image import images_to_cache, plan_build
 from layerkeep.cache.registry_backend import cache_location
 from layerkeep.core.job import Job
 from layerkeep.core.settings import Settings
 from layerkeep.release.push import plan_release
-from layerkeep.testing.database import database_service
+from layerkeep.testrun.database import database_service
 
 
 def touch_plan(settings: Settings) -> list[str]:

@@ -19,10 +19,10 @@ import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
-from layerkeep.build.context import preflight_context
-from layerkeep.build.dockerfile import instructions
-from layerkeep.build.explain import ignore_file, read_ignore_file
-from layerkeep.build.image import buildkit_cli
+from layerkeep.building.context import preflight_context
+from layerkeep.building.dockerfile import instructions
+from layerkeep.building.explain import ignore_file, read_ignore_file
+from layerkeep.building.image import buildkit_cli
 from layerkeep.core.engine import context_files
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from layerkeep.build.image import BuildReport, build_image, choose_builder
+from layerkeep.building.image import BuildReport, build_image, choose_builder
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Settings, load_settings

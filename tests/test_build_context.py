@@ -28,12 +28,12 @@ import pytest
 from conftest import SESSION_LABEL, TEST_LABEL, TEST_REPOSITORY, remove_test_images
 from second_engine import SecondEngineUnavailable, ensure_docker26, second_engine, transfer_images
 
-from layerkeep.build.context import (
+from layerkeep.building.context import (
     context_excludes,
     dockerfile_with_excludes,
     preflight_context,
 )
-from layerkeep.build.image import (
+from layerkeep.building.image import (
     Builder,
     BuildReport,
     _shortest_first,
@@ -46,7 +46,7 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.job import Job
 from layerkeep.core.settings import Settings, load_settings
-from layerkeep.testing.testrun import run_tests
+from layerkeep.testrun.run import run_tests
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "copyapp"
 PYTHON = "python:3.11-slim"

@@ -25,7 +25,7 @@ from second_engine import (
     transfer_images,
 )
 
-from layerkeep.build.image import Builder, BuildReport, choose_builder
+from layerkeep.building.image import Builder, BuildReport, choose_builder
 from layerkeep.cache.backend import SaveOutcome, build_with_cache, save_cache
 from layerkeep.cache.buildkit_dir import (
     CONFIG_TYPE,

@@ -21,7 +21,7 @@ from conftest import SESSION_LABEL, TEST_LABEL
 from sample_project import make_project
 from second_engine import SecondEngineUnavailable, ensure_docker26, second_engine, transfer_images
 
-from layerkeep.build.image import build_image, choose_builder, images_to_cache
+from layerkeep.building.image import build_image, choose_builder, images_to_cache
 from layerkeep.cache.archive import read_saved
 from layerkeep.cache.layers import load_images, save_images
 from layerkeep.cache.store import BlobWriter, CacheDir

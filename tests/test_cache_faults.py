@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from sample_project import build, make_project
 
-from layerkeep.build.image import images_to_cache
+from layerkeep.building.image import images_to_cache
 from layerkeep.cache.layers import cache_reference, cache_sources, load_images, save_images
 from layerkeep.cache.store import Blob, BlobWriter, CacheDir, CacheUnavailable, Manifest
 from layerkeep.core.engine import Engine

@@ -27,9 +27,9 @@ from second_engine import (
     transfer_images,
 )
 
-from layerkeep.build.cache_mounts import CacheMount, find_cache_mounts
-from layerkeep.build.image import Builder, build_image, choose_builder, plan_build
-from layerkeep.cache.mounts import (
+from layerkeep.building.cache_mounts import CacheMount, find_cache_mounts
+from layerkeep.building.image import Builder, build_image, choose_builder, plan_build
+from layerkeep.cache.mount_store import (
     MountStore,
     cache_mounts,
     describe_mounts,

@@ -82,7 +82,7 @@ class ExampleProject:
 def example(tmp_path: Path, engine: Engine, unique_repository: str) -> ExampleProject:
     root = tmp_path / "project"
     shutil.copytree(REPO / "example", root / "example")
-    shutil.copy(REPO / ".env", root / ".env")
+    shutil.copy(REPO / "layerkeep.env", root / "layerkeep.env")
     (root / "tasks.py").write_text(PROJECT_TASKS)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q", str(root)], check=True)

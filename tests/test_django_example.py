@@ -22,7 +22,7 @@ from clean_env import clean_environ
 from machines import fresh_machine
 
 from layerkeep.core.engine import BUILD_ID_LABEL, Engine
-from layerkeep.testing.testrun import MANIFEST, count_testcases
+from layerkeep.testrun.run import MANIFEST, count_testcases
 
 pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from layerkeep.build.image import _remove_replaced
+from layerkeep.building.image import _remove_replaced
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, translate
 from layerkeep.core.errors import (

@@ -30,7 +30,7 @@ from second_engine import (
     transfer_images,
 )
 
-from layerkeep.build.image import Builder, BuildReport, choose_builder, images_to_cache
+from layerkeep.building.image import Builder, BuildReport, choose_builder, images_to_cache
 from layerkeep.cache.backend import build_with_cache, load_cache, save_cache
 from layerkeep.cache.layers import LoadReport
 from layerkeep.core.ci_vars import GitFacts

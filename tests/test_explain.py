@@ -20,7 +20,7 @@ import pytest
 from gitrepos import Scripted
 from registry_setup import running_registry
 
-from layerkeep.build.explain import (
+from layerkeep.building.explain import (
     RECORDS_FILE,
     ContextFiles,
     Maker,
@@ -34,8 +34,8 @@ from layerkeep.build.explain import (
     record_image,
     records_text,
 )
-from layerkeep.build.image import BuildReport, build_image, choose_builder, images_to_cache
-from layerkeep.build.output import StepTally
+from layerkeep.building.image import BuildReport, build_image, choose_builder, images_to_cache
+from layerkeep.building.output import StepTally
 from layerkeep.cache.backend import load_cache, save_cache
 from layerkeep.cache.registry_backend import cache_location, cache_scope
 from layerkeep.core.ci_vars import GitFacts

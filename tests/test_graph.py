@@ -27,7 +27,7 @@ from invoke.tasks import Task, task
 from layerkeep.core.errors import LayerkeepError
 from layerkeep.core.joblock import LOCK_FOLDER, BuildIdInUse, hold_build_id
 from layerkeep.core.outcome import SCHEMA_PATH
-from layerkeep.tasks import ci_tasks, collection, image_tasks, testing_tasks
+from layerkeep.tasks import ci_tasks, collection, image_tasks, testrun_tasks
 from layerkeep.tasks.graph import expansion, title_of
 
 INV = [sys.executable, "-m", "invoke"]
@@ -46,7 +46,7 @@ def test_ci_expands_to_every_task_in_order() -> None:
 
 
 def test_test_run_and_image_build_carry_their_prerequisites() -> None:
-    assert titles(expansion(testing_tasks.run)) == [
+    assert titles(expansion(testrun_tasks.run)) == [
         "git.touch", "cache.load", "image.build", "services.up", "db.init", "test.run",
         "services.down",
     ]

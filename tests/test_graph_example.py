@@ -32,7 +32,7 @@ INV = [sys.executable, "-m", "invoke"]
 
 @dataclass
 class Example:
-    """A copy of the example, configured like the repository's .env, with its own image."""
+    """A copy of the example, configured like the repository's layerkeep.env, with its own image."""
 
     root: Path
     image: str
@@ -64,7 +64,7 @@ def example(tmp_path_factory: pytest.TempPathFactory, engine: Engine) -> Iterato
     """One project for the module: its image builds once, later builds are cached."""
     root = tmp_path_factory.mktemp("graph") / "project"
     shutil.copytree(REPO / "example", root / "example")
-    shutil.copy(REPO / ".env", root / ".env")
+    shutil.copy(REPO / "layerkeep.env", root / "layerkeep.env")
     (root / "tasks.py").write_text("from layerkeep.tasks import ns\n")
     (root / ".gitignore").write_text("cache/\nreports/\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]

@@ -10,7 +10,7 @@ import base64
 import json
 from typing import Any
 
-from layerkeep.build.inline_cache import (
+from layerkeep.building.inline_cache import (
     CACHE_KEY,
     complete,
     covered_layers,

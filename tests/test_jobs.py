@@ -16,8 +16,8 @@ from layerkeep.core.job import BUILD_ID_LABEL, Job
 from layerkeep.core.settings import MASK as REDACTED
 from layerkeep.core.settings import Settings, load_settings
 from layerkeep.services.containers import services_down, services_up
-from layerkeep.testing.database import init_database
-from layerkeep.testing.testrun import run_tests
+from layerkeep.testrun.database import init_database
+from layerkeep.testrun.run import run_tests
 
 pytestmark = pytest.mark.docker
 PASSWORD = "Sup3r-s3cret-pw"  # noqa: S105 - a throwaway test database password

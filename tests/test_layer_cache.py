@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sample_project import build, make_project
 
-from layerkeep.build.image import images_to_cache
+from layerkeep.building.image import images_to_cache
 from layerkeep.cache.layers import load_images, save_images
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.engine import Engine

@@ -1,5 +1,5 @@
-"""The package's areas import only downwards: core < git, build, standins < cache <
-services < testing < release < the run's own modules (preflight, dryrun).
+"""The package's areas import only downwards: core < git, building, standins < cache <
+services < testrun < release < the run's own modules (preflight, dryrun) < tasks.
 
 A source scan: each ``from layerkeep.<area> import`` is checked against the importing
 area's floor, so an import that would make a cycle (or tie two areas of one floor
@@ -14,12 +14,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "layerkeep"
 FLOORS = {
     "core": 0,
-    "git": 1, "build": 1, "standins": 1,
+    "git": 1, "building": 1, "standins": 1,
     "cache": 2,
     "services": 3,
-    "testing": 4,
+    "testrun": 4,
     "release": 5,
     "preflight": 6, "dryrun": 6,
+    "tasks": 7,
 }
 
 

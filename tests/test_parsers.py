@@ -7,8 +7,8 @@ import tarfile
 
 import pytest
 
-from layerkeep.build.dockerfile import instructions, read_stages
-from layerkeep.build.output import BuildkitParser, LegacyParser, StepTally
+from layerkeep.building.dockerfile import instructions, read_stages
+from layerkeep.building.output import BuildkitParser, LegacyParser, StepTally
 from layerkeep.core.imageref import is_valid_tag, parse_image_ref
 from layerkeep.core.tarstream import Entry, reader_over, write_tar
 from layerkeep.core.values import Invalid, parse_number, parse_port, parse_whole_number

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from layerkeep.build.output import ReuseSource, StepTally
+from layerkeep.building.output import ReuseSource, StepTally
 
 
 def tally(reused: int, total: int) -> StepTally:

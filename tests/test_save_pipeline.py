@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sample_project import build, make_project
 
-from layerkeep.build.image import build_image, choose_builder, images_to_cache
+from layerkeep.building.image import build_image, choose_builder, images_to_cache
 from layerkeep.cache.archive import LayerSource, legacy_archive
 from layerkeep.cache.layers import SaveReport, load_images, save_images
 from layerkeep.cache.store import CacheDir

@@ -27,10 +27,10 @@ from clean_env import clean_environ
 from conftest import SESSION_LABEL, TEST_LABEL
 from second_engine import SecondEngineUnavailable, ensure_docker26, second_engine, transfer_images
 
-from layerkeep.build.image import Builder, build_image, choose_builder
+from layerkeep.building.image import Builder, build_image, choose_builder
 from layerkeep.cache.backend import load_cache, save_cache
-from layerkeep.cache.mounts import FORMAT as MOUNTS_FORMAT
-from layerkeep.cache.mounts import MountStore
+from layerkeep.cache.mount_store import FORMAT as MOUNTS_FORMAT
+from layerkeep.cache.mount_store import MountStore
 from layerkeep.cache.store import CacheDir, CacheUnavailable, CorruptCache
 from layerkeep.core import joblock
 from layerkeep.core.engine import Engine, connect
@@ -44,7 +44,7 @@ from layerkeep.core.settings import (
     load_settings,
     secret_build_args,
 )
-from layerkeep.testing.testrun import MANIFEST, CaseCounts, run_tests
+from layerkeep.testrun.run import MANIFEST, CaseCounts, run_tests
 
 NOBODY = 65534
 VICTIM_TEXT = "the victim's own content\n"
@@ -302,7 +302,7 @@ def test_a_user_made_reports_folder_keeps_its_mode_and_gets_the_reports(
 MOVE_AS_USER = """
 import sys
 from pathlib import Path
-from layerkeep.testing.testrun import move_reports
+from layerkeep.testrun.run import move_reports
 lines = []
 moved = move_reports(Path(sys.argv[1]), Path(sys.argv[2]), lines.append)
 print("\\n".join(map(str, moved + lines)))

@@ -11,8 +11,8 @@ import pytest
 from layerkeep.core.engine import Engine
 from layerkeep.core.job import Job
 from layerkeep.core.settings import Settings, load_settings
-from layerkeep.testing import testrun
-from layerkeep.testing.testrun import (
+from layerkeep.testrun import run as testrun
+from layerkeep.testrun.run import (
     MANIFEST,
     SETUP_DONE,
     CaseCounts,

@@ -11,17 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from layerkeep.build.image import (
+from layerkeep.building.image import (
     Builder,
     BuildReport,
     build_image,
     images_to_cache,
     own_layers_from,
-)
-from layerkeep.cache.build_records import (
-    pull_build_records,
-    push_build_records,
-    write_records_file,
 )
 from layerkeep.cache.buildkit_build import (
     build_with_buildkit_cache,
@@ -35,6 +30,11 @@ from layerkeep.cache.layers import (
     cache_sources,
     load_images,
     save_images,
+)
+from layerkeep.cache.record_store import (
+    pull_build_records,
+    push_build_records,
+    write_records_file,
 )
 from layerkeep.cache.registry_backend import (
     RegistryLoadReport,

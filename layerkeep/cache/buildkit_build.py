@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerkeep.build.cli_config import docker_config_with
-from layerkeep.build.image import (
+from layerkeep.building.cli_config import docker_config_with
+from layerkeep.building.image import (
     Builder,
     BuildReport,
     CacheExport,

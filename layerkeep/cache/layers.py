@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerkeep.build.inline_cache import (
+from layerkeep.building.inline_cache import (
     CACHE_KEY,
     complete,
     has_inline_cache,

@@ -42,8 +42,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerkeep.build.image import plan_build
-from layerkeep.build.inline_cache import complete
+from layerkeep.building.image import plan_build
+from layerkeep.building.inline_cache import complete
 from layerkeep.cache.archive import image_id_of
 from layerkeep.cache.layers import LoadReport, SaveReport, unchanged
 from layerkeep.cache.store import CachedImage, config_layers

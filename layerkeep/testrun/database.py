@@ -14,7 +14,7 @@ from layerkeep.core.errors import CommandFailed, ConfigError, DockerOperationErr
 from layerkeep.core.service_specs import ServiceSpec
 from layerkeep.core.settings import Settings
 from layerkeep.services.readiness import ServiceWait, wait_ready
-from layerkeep.testing.app_container import mounts_for, run_in_app_image
+from layerkeep.testrun.app_container import mounts_for, run_in_app_image
 
 Log = Callable[[str], None]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")

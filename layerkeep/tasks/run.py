@@ -25,7 +25,7 @@ from invoke.exceptions import Exit, UnexpectedExit
 from invoke.parser import ParseResult
 from invoke.tasks import Call, Task
 
-from layerkeep.build.image import Builder, choose_builder
+from layerkeep.building.image import Builder, choose_builder
 from layerkeep.core.engine import ENGINE_ERRORS, Engine, translate
 from layerkeep.core.errors import ConfigError, LayerkeepError
 from layerkeep.core.joblock import JobLock, hold_build_id
@@ -44,8 +44,7 @@ from .taskkit import engine_for, environ, load_project_settings, say
 
 Role = Literal["work", "cache", "cleanup", "group"]
 _SIGNAL_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-# Where the executor lives, as Invoke's tasks.executor_class setting names it: this
-# package is `tasks` in layerkeep's own checkout and `layerkeep.tasks` once installed.
+# Where the executor lives, as Invoke's tasks.executor_class setting names it.
 EXECUTOR_PATH = f"{__package__}.executor.LayerkeepExecutor"
 
 

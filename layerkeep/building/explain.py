@@ -14,7 +14,7 @@ containerd store (a manifest's), so a cache crossing stores is matched by conten
 
 Where records live: the build keeps them in a tiny local image ``<image>:<tag>-build-
 record`` whose one file is the JSON (the engine is where the images they describe are),
-and cache.save carries them with the cache (cache.build_records):
+and cache.save carries them with the cache (cache.record_store):
 
 - dir backend: ``build-records.json`` in LAYERKEEP_CACHE_DIR, written after the layers
   (a build never touches the cache folder; only a save changes it), read from there by
@@ -41,9 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from layerkeep.build.context import IGNORE_SUFFIX
-from layerkeep.build.dockerfile import instructions
-from layerkeep.build.output import StepTally
+from layerkeep.building.context import IGNORE_SUFFIX
+from layerkeep.building.dockerfile import instructions
+from layerkeep.building.output import StepTally
 from layerkeep.core.engine import Engine, context_files, image_content
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import ImageRef, is_valid_tag
@@ -53,7 +53,7 @@ Log = Callable[[str], None]
 FORMAT = "layerkeep-build-record/1"
 RECORDS_FILE = "build-records.json"
 RECORD_TAG_SUFFIX = "-build-record"
-RECORD_LABEL = "io.layerkeep.build-record"
+RECORD_LABEL = "io.layerkeep.building-record"
 _KEEP = 5  # records kept: a cache may hold images of a build older than the last one
 _SHOWN = 3  # paths named in a line before "and N more"
 _TEXT = 80  # characters of an instruction shown
@@ -657,7 +657,7 @@ def _expand(text: str, values: Mapping[str, str | None]) -> str:
 def _ignore_rules(
     context: Path, dockerfile: Path, builder: str, excludes: Sequence[str]
 ) -> list[str]:
-    """The ignore patterns the builder applies; layerkeep's own come last (build.context)."""
+    """The ignore patterns the builder applies; layerkeep's own come last (building.context)."""
     return [*read_ignore_file(ignore_file(context, dockerfile, builder)), *excludes]
 
 

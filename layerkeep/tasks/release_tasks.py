@@ -7,7 +7,7 @@ from layerkeep.release.push import push_release
 
 from .graph import Done, Note, Skipped, engine, is_dry, say_plan, settings, step
 from .taskkit import masked_log, meters
-from .testing_tasks import run as run_tests
+from .testrun_tasks import run as run_tests
 
 
 @step(

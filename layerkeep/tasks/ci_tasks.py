@@ -8,15 +8,15 @@ from typing import NoReturn
 
 from invoke.context import Context
 
-from .cache_tasks import save
+from .cache_load_tasks import load
+from .cache_save_tasks import save
 from .db_tasks import init
 from .git_tasks import touch
 from .graph import Note, step
 from .image_tasks import build
 from .release_tasks import push
-from .restore_tasks import load
 from .services_tasks import up
-from .testing_tasks import run
+from .testrun_tasks import run
 
 
 @step("ci", pre=[touch, load, build, save, up, init, run, push], role="group")

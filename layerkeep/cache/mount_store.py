@@ -1,7 +1,7 @@
 """LAYERKEEP_CACHE_MOUNTS: the contents of BuildKit cache mounts, kept in the layerkeep cache.
 
 ``save_cache_mounts`` (after the build) copies each cache mount of the Dockerfile out of
-the builder (see build.cache_mounts) and keeps it unless the same contents (sha256 of
+the builder (see building.cache_mounts) and keeps it unless the same contents (sha256 of
 the tar) are kept already; ``restore_cache_mounts`` (before the build) puts each kept
 mount back into the builder, where that mount is still empty.
 
@@ -37,9 +37,9 @@ from typing import IO
 
 import zstandard
 
-from layerkeep.build.cache_mounts import EMPTY_TAR, CacheMount, export_mount, import_mount
-from layerkeep.build.cache_mounts import find_cache_mounts as find_in_dockerfile
-from layerkeep.build.image import Builder, plan_build
+from layerkeep.building.cache_mounts import EMPTY_TAR, CacheMount, export_mount, import_mount
+from layerkeep.building.cache_mounts import find_cache_mounts as find_in_dockerfile
+from layerkeep.building.image import Builder, plan_build
 from layerkeep.cache.registry_backend import (
     CacheLocation,
     CacheScope,

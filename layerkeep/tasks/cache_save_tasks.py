@@ -7,12 +7,12 @@ Run alone, a failure exits non-zero with one line.
 from invoke.context import Context
 
 from layerkeep.cache.backend import describe_save, save_cache
-from layerkeep.cache.mounts import describe_mounts, save_cache_mounts
+from layerkeep.cache.mount_store import describe_mounts, save_cache_mounts
 from layerkeep.dryrun import save_plan
 
+from .cache_load_tasks import CACHE_FLAGS
 from .graph import Done, Note, engine, is_dry, resolved_builder, say_plan, settings, step
 from .image_tasks import build
-from .restore_tasks import CACHE_FLAGS
 from .taskkit import environ, masked_log, meters
 
 

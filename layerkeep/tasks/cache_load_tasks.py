@@ -7,7 +7,7 @@ goes on: the cache is an optimisation. Run alone, a failure exits non-zero.
 from invoke.context import Context
 
 from layerkeep.cache.backend import describe_load, load_cache
-from layerkeep.cache.mounts import describe_mounts, restore_cache_mounts
+from layerkeep.cache.mount_store import describe_mounts, restore_cache_mounts
 from layerkeep.dryrun import load_plan
 
 from .graph import Done, Note, engine, is_dry, resolved_builder, say_plan, settings, step

@@ -2,13 +2,13 @@
 
 from invoke.context import Context
 
-from layerkeep.build.explain import miss_files
+from layerkeep.building.explain import miss_files
 from layerkeep.cache.backend import build_with_cache
 from layerkeep.dryrun import build_plan
 
+from .cache_load_tasks import load
 from .git_tasks import touch
 from .graph import Done, Note, engine, is_dry, resolved_builder, say_plan, settings, step
-from .restore_tasks import load
 from .taskkit import environ, masked_log
 
 

@@ -4,7 +4,7 @@ from invoke.context import Context
 
 from layerkeep.core.errors import CommandFailed
 from layerkeep.dryrun import tests_plan
-from layerkeep.testing.testrun import run_tests
+from layerkeep.testrun.run import run_tests
 
 from .db_tasks import init
 from .graph import Done, Note, engine, is_dry, say_plan, settings, step

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Mount, Settings
-from layerkeep.testing.app_container import REPORTS_MOUNT, mounts_for, run_in_app_image
+from layerkeep.testrun.app_container import REPORTS_MOUNT, mounts_for, run_in_app_image
 
 Log = Callable[[str], None]
 MANIFEST = ".layerkeep-reports.json"

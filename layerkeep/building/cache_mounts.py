@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from layerkeep.build.dockerfile import Stage, instructions, read_stages
+from layerkeep.building.dockerfile import Stage, instructions, read_stages
 from layerkeep.core.errors import BuildFailed
 
 CHUNK = 1 << 20

@@ -3,7 +3,7 @@
 from invoke.context import Context
 
 from layerkeep.dryrun import db_plan
-from layerkeep.testing.database import init_database
+from layerkeep.testrun.database import init_database
 
 from .graph import Note, Skipped, engine, is_dry, say_plan, settings, step
 from .image_tasks import build

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerkeep.build.dockerfile import instructions
+from layerkeep.building.dockerfile import instructions
 from layerkeep.core.settings import Settings
 
 IGNORE_SUFFIX = ".dockerignore"

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from layerkeep.build.context import context_excludes, dockerfile_with_excludes
-from layerkeep.build.dockerfile import read_stages
-from layerkeep.build.explain import engine_lookup, explain_misses
-from layerkeep.build.output import BuildkitParser, LegacyParser, ReuseSource, StepTally
+from layerkeep.building.context import context_excludes, dockerfile_with_excludes
+from layerkeep.building.dockerfile import read_stages
+from layerkeep.building.explain import engine_lookup, explain_misses
+from layerkeep.building.output import BuildkitParser, LegacyParser, ReuseSource, StepTally
 from layerkeep.core.engine import Engine, image_layers
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag
@@ -199,7 +199,7 @@ def build_image(
     (a builder that ``exports_cache``), the cache is BuildKit's own instead: one build of
     the app image imports it and exports it again, every stage included (``mode=max``),
     and no stage image is built. layerkeep's own folders inside the context are left
-    out of it (see build.context); an image a build replaced is removed once nothing
+    out of it (see building.context); an image a build replaced is removed once nothing
     tags or uses it.
     """
     plan = plan_build(settings)

@@ -6,6 +6,7 @@ from layerkeep.dryrun import down_plan, services_plan
 from layerkeep.services.containers import services_down, services_up
 from layerkeep.services.containers import sweep as sweep_leftovers
 
+from .cache_load_tasks import load
 from .graph import (
     Done,
     Note,
@@ -17,7 +18,6 @@ from .graph import (
     settings,
     step,
 )
-from .restore_tasks import load
 from .taskkit import masked_log, meters, say
 
 

@@ -1,0 +1,1 @@
+"""Building the app image: the Dockerfile, its context, the build itself and what it reused."""

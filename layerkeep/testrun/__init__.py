@@ -1,0 +1,1 @@
+"""The job's test run: the app container, its database (db.init) and the tests (test.run)."""
