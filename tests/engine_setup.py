@@ -25,13 +25,14 @@ already present, pulled or a stand-in, is left as it is.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import docker.errors
 
-from layerkeep.core.engine import Engine
+from layerkeep.core.engine import Engine, connect
 from layerkeep.core.engine_start import ensure_engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import parse_image_ref
@@ -135,3 +136,11 @@ def sweep(
             break
         pending = left
     return Swept(containers=containers, networks=networks, images=images)
+
+
+if __name__ == "__main__":
+    # `python3 tests/engine_setup.py`: CI gets the engine's images once, before the runs
+    # that share it start.
+    ensure_engine(os.environ)
+    with connect(os.environ) as engine:
+        ensure_images(engine)

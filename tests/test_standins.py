@@ -425,8 +425,11 @@ def test_unreachable_mirror_is_one_line_and_tags_nothing(
         )
     message = caught.value.one_line()
     assert "mmdebstrap failed" in message
-    assert "127.0.0.1:9" in message
-    assert "mirror is unreachable" in message
+    if os.geteuid() == 0:
+        assert "127.0.0.1:9" in message
+        assert "mirror is unreachable" in message
+    else:  # mmdebstrap stops before the network: it needs root for its chroot
+        assert "run `inv standins.build` as root once" in message
     assert "\n" not in message
     assert engine.image_id(reference) is None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -156,9 +157,13 @@ def test_installed_package_carries_the_collection(tmp_path: Path) -> None:
     inner_site = run([str(python), "-c", "import site; print(site.getsitepackages()[0])"], tmp_path)
     paths = [*site.getsitepackages(), site.getusersitepackages()]
     (Path(inner_site.stdout.strip()) / "outer.pth").write_text("\n".join(paths) + "\n")
+    # From a copy of the source: pip writes its egg-info beside pyproject.toml, and the
+    # checkout may be read-only (another user's, as in CI's non-root run).
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.egg-info", "__pycache__", ".*_cache", "reports", ".layerkeep-cache"))
     install = run(
-        [str(python), "-m", "pip", "install", "-q", "--no-deps",
-         str(REPO)], tmp_path)
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(source)], tmp_path)
     assert install.returncode == 0, install.stderr
     where = run([str(python), "-c", "import layerkeep.tasks as t; print(t.__file__)"], tmp_path)
     assert where.stdout.strip().startswith(str(env_dir))

@@ -30,6 +30,7 @@ a present image without it, such as a real pulled one, is never replaced.
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import shutil
 import subprocess
@@ -234,9 +235,7 @@ def build_base(
             raise DockerOperationError(
                 f"building {reference}: mmdebstrap failed: {reason}{also}",
                 image=reference,
-                hint="the Debian mirror is unreachable: check HTTP access to it from here"
-                if unreachable
-                else "",
+                hint=_mmdebstrap_hint(unreachable=unreachable),
             )
     if import_error is not None:
         raise import_error
@@ -326,6 +325,18 @@ def _hook(option: str, command: str, *paths: Path | str) -> str:
 def _chunks(pipe: IO[bytes]) -> Iterator[bytes]:
     while chunk := pipe.read(_PIPE_CHUNK):
         yield chunk
+
+
+def _mmdebstrap_hint(*, unreachable: bool) -> str:
+    """What to do about a failed bootstrap: the network, or a user who is not root."""
+    if unreachable:
+        return "the Debian mirror is unreachable: check HTTP access to it from here"
+    if os.geteuid() != 0:
+        return (
+            "mmdebstrap builds the base image as root (its chroot mode): run "
+            "`inv standins.build` as root once, or pull debian:bookworm-slim"
+        )
+    return ""
 
 
 def _mmdebstrap_reason(stderr: IO[bytes]) -> tuple[str, bool]:
