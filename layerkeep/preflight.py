@@ -126,7 +126,7 @@ def _build_problems(
         ]
     except UnicodeDecodeError:
         return [f"LAYERKEEP_DOCKERFILE: {dockerfile} is not UTF-8 text: save it as UTF-8"]
-    problems = preflight_context(settings)
+    problems = preflight_context(settings) + _secret_problems(settings, environ)
     features = buildkit_features(text)
     if not features or settings.builder == "buildkit" or not check_builder:
         # LAYERKEEP_BUILDER=buildkit without a usable CLI is image.build's own error.
@@ -235,6 +235,18 @@ def _shown(path: Path, project: Path) -> str:
         return path.relative_to(project).as_posix()
     except ValueError:
         return str(path)
+
+
+def _secret_problems(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """The build secrets whose variable this environment lacks (found before the build
+    rather than after the cache was restored)."""
+    missing = [s.variable for s in settings.build_secrets if s.variable not in environ]
+    if not missing:
+        return []
+    return [
+        f"LAYERKEEP_BUILD_SECRETS names {', '.join(missing)}, not set in the environment: "
+        "set it (your CI's secrets) or leave it out of LAYERKEEP_BUILD_SECRETS"
+    ]
 
 
 def _database_problems(settings: Settings) -> list[str]:

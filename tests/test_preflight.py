@@ -67,6 +67,19 @@ def test_each_missing_mount_source_is_named(tmp_path: Path) -> None:
     assert preflight(settings, {"image.build"}, os.environ) == []
 
 
+def test_a_build_secret_whose_variable_is_unset_stops_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    settings = project(tmp_path, LAYERKEEP_BUILD_SECRETS="npm=NPM_AUTH,API_TOKEN")
+    problems = preflight(settings, {"image.build"}, {"API_TOKEN": "set"})
+    assert problems == [
+        "LAYERKEEP_BUILD_SECRETS names NPM_AUTH, not set in the environment: set it (your "
+        "CI's secrets) or leave it out of LAYERKEEP_BUILD_SECRETS"
+    ]
+    assert preflight(settings, {"image.build"}, {"API_TOKEN": "a", "NPM_AUTH": "b"}) == []
+    assert preflight(settings, {"services.up"}, {}) == []  # no build, no secret needed
+
+
 def test_buildkit_only_dockerfile_with_the_legacy_builder(tmp_path: Path) -> None:
     settings = project(tmp_path, BUILDKIT_ONLY, LAYERKEEP_BUILDER="legacy")
     [problem] = preflight(settings, {"image.build"}, os.environ)
