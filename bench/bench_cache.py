@@ -16,7 +16,8 @@ import uuid
 from pathlib import Path
 
 from layerkeep.building.image import build_image, choose_builder, images_to_cache
-from layerkeep.cache.layers import load_images, save_images
+from layerkeep.cache.layer_load import load_images
+from layerkeep.cache.layer_save import save_images
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.settings import Settings, load_settings

@@ -38,7 +38,8 @@ from pathlib import Path
 
 from layerkeep.building.image import build_image, choose_builder, images_to_cache
 from layerkeep.cache.archive import LayerSource, legacy_archive
-from layerkeep.cache.layers import SaveReport, load_images, save_images
+from layerkeep.cache.layer_load import load_images
+from layerkeep.cache.layer_save import SaveReport, save_images
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
@@ -58,7 +59,7 @@ COPY --from=blob /x /opt/x
 SAVE_SCRIPT = """
 import os, sys, time
 from pathlib import Path
-from layerkeep.cache.layers import save_images
+from layerkeep.cache.layer_save import save_images
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.engine import connect
 started = time.monotonic()

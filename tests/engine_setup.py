@@ -36,7 +36,9 @@ from layerkeep.core.engine import Engine, connect
 from layerkeep.core.engine_start import ensure_engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import parse_image_ref
-from layerkeep.core.registry import Credentials, pull_tag, unreachable_registry
+from layerkeep.core.registry import pull_tag
+from layerkeep.core.registry_credentials import Credentials
+from layerkeep.core.registry_failures import Retries, unreachable_registry
 from layerkeep.standins.images import STANDINS, ensure_standins
 
 __all__ = ["Swept", "ensure_engine", "ensure_images", "pull_missing", "sweep"]
@@ -56,10 +58,7 @@ def pull_missing(
         ref = parse_image_ref(reference)
         assert ref is not None, reference
         try:
-            pull_tag(
-                engine, ref, Credentials("docker.io"), attempts=2,
-                time_limit=PULL_TIME_LIMIT, log=log,
-            )
+            pull_tag(engine, ref, Credentials("docker.io"), Retries(2, log, PULL_TIME_LIMIT))
         except DockerOperationError as error:
             if unreachable_registry(error.message) is not None:
                 log(f"no registry reachable ({error.message}): stand-ins for the rest")

@@ -23,7 +23,8 @@ from second_engine import SecondEngineUnavailable, ensure_docker26, second_engin
 
 from layerkeep.building.image import build_image, choose_builder, images_to_cache
 from layerkeep.cache.archive import read_saved
-from layerkeep.cache.layers import load_images, save_images
+from layerkeep.cache.layer_load import load_images
+from layerkeep.cache.layer_save import save_images
 from layerkeep.cache.store import BlobWriter, CacheDir
 from layerkeep.core.engine import Engine, connect, describe_host
 from layerkeep.core.errors import DockerOperationError

@@ -17,7 +17,8 @@ import pytest
 from sample_project import build, make_project
 
 from layerkeep.building.image import images_to_cache
-from layerkeep.cache.layers import cache_reference, cache_sources, load_images, save_images
+from layerkeep.cache.layer_load import cache_reference, cache_sources, load_images
+from layerkeep.cache.layer_save import save_images
 from layerkeep.cache.store import Blob, BlobWriter, CacheDir, CacheUnavailable, Manifest
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import LayerkeepError

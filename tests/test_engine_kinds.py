@@ -32,7 +32,7 @@ from second_engine import (
 
 from layerkeep.building.image import Builder, BuildReport, choose_builder, images_to_cache
 from layerkeep.cache.backend import build_with_cache, load_cache, save_cache
-from layerkeep.cache.layers import LoadReport
+from layerkeep.cache.layer_load import LoadReport
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.settings import Settings, load_settings

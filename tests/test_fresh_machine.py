@@ -18,7 +18,8 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.engine_start import ensure_engine, start_refusal
 from layerkeep.core.errors import BuildFailed, DockerOperationError
-from layerkeep.core.registry import DOCKER_HUB, registry_host, unreachable_registry
+from layerkeep.core.registry_credentials import DOCKER_HUB, registry_host
+from layerkeep.core.registry_failures import unreachable_registry
 from layerkeep.core.settings import Settings, load_settings
 from layerkeep.services.containers import ensure_image
 

@@ -14,7 +14,8 @@ import pytest
 from sample_project import build, make_project
 
 from layerkeep.building.image import images_to_cache
-from layerkeep.cache.layers import load_images, save_images
+from layerkeep.cache.layer_load import load_images
+from layerkeep.cache.layer_save import save_images
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Settings
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.docker
 SAVE_SCRIPT = """
 import os, sys
 from pathlib import Path
-from layerkeep.cache.layers import save_images
+from layerkeep.cache.layer_save import save_images
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.engine import connect
 save_images(connect(os.environ), CacheDir(Path(sys.argv[1])), sys.argv[2:], log=print)

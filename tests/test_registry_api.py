@@ -30,13 +30,6 @@ from registry_setup import Registry, TokenServer, running_registry, self_signed,
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
-from layerkeep.core.registry import (
-    Credentials,
-    RegistryAuthError,
-    RegistryUnavailable,
-    TagNotFound,
-    with_retries,
-)
 from layerkeep.core.registry_api import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
@@ -46,6 +39,13 @@ from layerkeep.core.registry_api import (
     RegistryClient,
     api_base,
     digest_of,
+)
+from layerkeep.core.registry_credentials import Credentials
+from layerkeep.core.registry_failures import (
+    RegistryAuthError,
+    RegistryUnavailable,
+    TagNotFound,
+    with_retries,
 )
 
 docker = pytest.mark.docker

@@ -37,7 +37,7 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.imageref import is_valid_tag
-from layerkeep.core.registry import RegistryAuthError
+from layerkeep.core.registry_failures import RegistryAuthError
 from layerkeep.core.settings import Settings, load_settings
 
 docker = pytest.mark.docker  # the scheme tests need no engine

@@ -27,13 +27,9 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef
-from layerkeep.core.registry import (
-    Credentials,
-    RegistryUnavailable,
-    pull_tag,
-    push_tag,
-    remote_digest,
-)
+from layerkeep.core.registry import pull_tag, push_tag, remote_digest
+from layerkeep.core.registry_credentials import Credentials
+from layerkeep.core.registry_failures import RegistryUnavailable, Retries
 from layerkeep.core.settings import load_settings
 
 docker = pytest.mark.docker
@@ -158,7 +154,7 @@ def test_push_to_a_silent_registry_is_retried_until_the_time_limit(
         started = time.monotonic()
         with pytest.raises(RegistryUnavailable) as raised:
             push_tag(engine, reference, Credentials(registry.address),
-                     attempts=5, time_limit=30, log=lines.append)
+                     Retries(5, lines.append, time_limit=30))
         took = time.monotonic() - started
     # The engine gives a silent registry 25 s (10 s for HTTPS, 15 s for HTTP) and calls
     # it a timeout: retried; the second attempt is stopped at the limit (uncut, at 51 s).
@@ -186,12 +182,10 @@ def test_pull_and_lookup_at_a_silent_registry_stop_at_the_time_limit(engine: Eng
         credentials = Credentials(registry.address)
 
         def pull() -> object:
-            return pull_tag(engine, reference, credentials, attempts=3, time_limit=3, log=quiet)
+            return pull_tag(engine, reference, credentials, Retries(3, quiet, time_limit=3))
 
         def look_up() -> object:
-            return remote_digest(
-                engine, reference, credentials, attempts=3, time_limit=3, log=quiet
-            )
+            return remote_digest(engine, reference, credentials, Retries(3, quiet, time_limit=3))
 
         for action, call in [("pull", pull), ("look up", look_up)]:
             started = time.monotonic()
@@ -224,7 +218,7 @@ def test_push_to_a_registry_answering_500_is_cut_at_the_limit_in_one_line(
         started = time.monotonic()
         with pytest.raises(RegistryUnavailable) as raised:
             push_tag(engine, reference, Credentials(registry.address),
-                     attempts=3, time_limit=7, log=lines.append)
+                     Retries(3, lines.append, time_limit=7))
         failed = time.monotonic()
         # Left alone, the engine would try the upload again 15 s after it began: wait
         # past that to see it never comes (an absence: nothing to poll for).
@@ -257,8 +251,8 @@ def test_pull_from_a_registry_answering_500_backs_off_within_the_limit(
         lines: list[str] = []
         slept = RecordedSleep()
         with pytest.raises(RegistryUnavailable) as raised:
-            pull_tag(engine, reference, credentials, attempts=3, time_limit=60,
-                     log=lines.append, sleep=slept)
+            pull_tag(engine, reference, credentials,
+                     Retries(3, lines.append, time_limit=60, sleep=slept))
         assert slept.delays == [1, 2]
         message = raised.value.message
         assert message == (
@@ -277,8 +271,7 @@ def test_pull_from_a_registry_answering_500_backs_off_within_the_limit(
         # attempt, 2 s more would end past it.
         slept = RecordedSleep()
         with pytest.raises(RegistryUnavailable) as raised:
-            pull_tag(engine, reference, credentials, attempts=5, time_limit=2, log=quiet,
-                     sleep=slept)
+            pull_tag(engine, reference, credentials, Retries(5, quiet, time_limit=2, sleep=slept))
         assert slept.delays == [1]
         assert raised.value.attempts == 2
         message = raised.value.message
@@ -320,7 +313,7 @@ def test_the_engine_retry_countdown_is_one_line_per_attempt() -> None:
     lines: list[str] = []
     with pytest.raises(RegistryUnavailable) as raised:
         push_tag(cast(Engine, recorded), reference, Credentials("127.0.0.1:5"),
-                 attempts=3, time_limit=300, log=lines.append, sleep=quiet_sleep)
+                 Retries(3, lines.append, time_limit=300, sleep=quiet_sleep))
     engine_lines = [line for line in lines if "the engine retries it itself" in line]
     assert [line.split(": ")[1] for line in engine_lines] == [
         "attempt 1/3", "attempt 2/3", "attempt 3/3"
@@ -350,14 +343,14 @@ def test_a_push_cut_mid_upload_leaves_no_tag_and_the_next_push_works(
             started = time.monotonic()
             with pytest.raises(RegistryUnavailable) as raised:
                 push_tag(engine, reference, Credentials(registry.address),
-                         attempts=3, time_limit=2, log=quiet)
+                         Retries(3, quiet, time_limit=2))
             assert time.monotonic() - started < 2 + CUT_SLACK
             assert raised.value.message.endswith("stopped at the 2 s time limit")
             path = f"{unique_repository}/python"
             assert registry.digest_of(path, "1") is None
 
             pushed = push_tag(engine, reference, Credentials(registry.address),
-                              attempts=1, time_limit=120, log=quiet)
+                              Retries(1, quiet, time_limit=120))
             assert pushed.attempts == 1
             assert registry.digest_of(path, "1") == pushed.digest
         finally:

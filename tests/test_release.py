@@ -27,16 +27,16 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import is_valid_tag
-from layerkeep.core.registry import (
-    Credentials,
+from layerkeep.core.registry_credentials import Credentials
+from layerkeep.core.registry_failures import (
     RegistryAuthError,
     RegistryUnavailable,
     TagNotFound,
     classify,
-    safe_tag,
     with_retries,
 )
 from layerkeep.core.settings import MASK, Settings, load_settings
+from layerkeep.core.tag_names import safe_tag
 from layerkeep.release.push import branch_tag, plan_release, push_release
 
 docker = pytest.mark.docker  # the fast tests here need no engine

@@ -16,7 +16,8 @@ from sample_project import build, make_project
 
 from layerkeep.building.image import build_image, choose_builder, images_to_cache
 from layerkeep.cache.archive import LayerSource, legacy_archive
-from layerkeep.cache.layers import SaveReport, load_images, save_images
+from layerkeep.cache.layer_load import load_images
+from layerkeep.cache.layer_save import SaveReport, save_images
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine

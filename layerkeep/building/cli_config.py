@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from layerkeep.core.registry import Credentials
+from layerkeep.core.registry_credentials import Credentials
 
 
 def docker_config_with(

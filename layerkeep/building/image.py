@@ -33,7 +33,7 @@ from layerkeep.building.output import BuildkitParser, LegacyParser, ReuseSource,
 from layerkeep.core.engine import Engine, image_layers
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag
-from layerkeep.core.registry import OFFLINE_HINT, unreachable_registry
+from layerkeep.core.registry_failures import OFFLINE_HINT, unreachable_registry
 from layerkeep.core.settings import (
     BuildSecret,
     Settings,

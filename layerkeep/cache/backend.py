@@ -24,13 +24,8 @@ from layerkeep.cache.buildkit_build import (
     save_buildkit_cache,
 )
 from layerkeep.cache.buildkit_dir import CommitReport, describe_commit
-from layerkeep.cache.layers import (
-    LoadReport,
-    SaveReport,
-    cache_sources,
-    load_images,
-    save_images,
-)
+from layerkeep.cache.layer_load import LoadReport, cache_sources, load_images
+from layerkeep.cache.layer_save import SaveReport, save_images
 from layerkeep.cache.record_store import (
     pull_build_records,
     push_build_records,

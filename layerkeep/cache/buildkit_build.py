@@ -45,8 +45,9 @@ from layerkeep.cache.registry_backend import CacheLocation, cache_location, cach
 from layerkeep.cache.store import CacheDir, CacheError
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import BuildFailed
-from layerkeep.core.registry import RegistryAuthError, RegistryUnavailable, path_in_registry
 from layerkeep.core.registry_api import RegistryClient
+from layerkeep.core.registry_credentials import path_in_registry
+from layerkeep.core.registry_failures import RegistryAuthError, RegistryUnavailable
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]

@@ -50,18 +50,15 @@ from layerkeep.cache.store import TEMP_PREFIX, CacheDir, CorruptCache, unavailab
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError, ResourceConflict
 from layerkeep.core.imageref import ImageRef
-from layerkeep.core.registry import (
-    TAG_MAX,
+from layerkeep.core.registry import local_digests, pull_tag, push_tag, remote_digest
+from layerkeep.core.registry_failures import (
     RegistryAuthError,
     RegistryUnavailable,
+    Retries,
     TagNotFound,
-    local_digests,
-    pull_tag,
-    push_tag,
-    remote_digest,
-    safe_tag,
 )
 from layerkeep.core.settings import Settings
+from layerkeep.core.tag_names import TAG_MAX, safe_tag
 
 Log = Callable[[str], None]
 FOLDER = "mounts"
@@ -257,8 +254,7 @@ class _Registry:
         labels = ((old or {}).get("Config") or {}).get("Labels") or {}
         if old is not None and labels.get(DIGEST_LABEL) == digest:
             current = remote_digest(
-                engine, target, self.location.credentials, attempts=self.settings.push_retries,
-                time_limit=self.settings.push_timeout, log=self.log,
+                engine, target, self.location.credentials, Retries.of(self.settings, self.log)
             )
             if current is not None and f"{target.repository}@{current}" in local_digests(
                 engine, str(target)
@@ -275,8 +271,7 @@ class _Registry:
             with contextlib.suppress(ResourceConflict):
                 engine.remove_image(str(old["Id"]))
         pushed = push_tag(
-            engine, target, self.location.credentials, attempts=self.settings.push_retries,
-            time_limit=self.settings.push_timeout, log=self.log,
+            engine, target, self.location.credentials, Retries.of(self.settings, self.log)
         )
         report.saved.append(mount.id)
         report.bytes += pushed.bytes_pushed
@@ -291,8 +286,7 @@ class _Registry:
             try:
                 pulled = pull_tag(
                     self.engine, source, self.location.credentials,
-                    attempts=self.settings.push_retries, time_limit=self.settings.push_timeout,
-                    log=self.log,
+                    Retries.of(self.settings, self.log),
                 )
             except TagNotFound:
                 continue

@@ -25,7 +25,8 @@ from layerkeep.cache.store import TEMP_PREFIX, CacheDir
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import ImageRef
-from layerkeep.core.registry import Sleep, TagNotFound, pull_tag, push_tag
+from layerkeep.core.registry import pull_tag, push_tag
+from layerkeep.core.registry_failures import Retries, Sleep, TagNotFound
 from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
@@ -69,15 +70,7 @@ def push_build_records(
     target = ImageRef(location.repository, scope.tag(local.tag))
     try:
         engine.tag_image(str(local), str(target))
-        push_tag(
-            engine,
-            target,
-            location.credentials,
-            attempts=settings.push_retries,
-            time_limit=settings.push_timeout,
-            log=log,
-            sleep=sleep,
-        )
+        push_tag(engine, target, location.credentials, Retries.of(settings, log, sleep))
     except DockerOperationError as error:
         log(
             f"warning: build records not pushed, later misses may be unexplained: "
@@ -99,15 +92,7 @@ def pull_build_records(
     for tag in cache_scope(settings).sources(local.tag):
         source = ImageRef(location.repository, tag)
         try:
-            pull_tag(
-                engine,
-                source,
-                location.credentials,
-                attempts=settings.push_retries,
-                time_limit=settings.push_timeout,
-                log=log,
-                sleep=sleep,
-            )
+            pull_tag(engine, source, location.credentials, Retries.of(settings, log, sleep))
         except TagNotFound:
             continue  # not saved in this scope (or before records existed)
         except DockerOperationError as error:

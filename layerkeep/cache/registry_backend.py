@@ -12,7 +12,7 @@ The cache repository is LAYERKEEP_CACHE_REPOSITORY, by default
 Branch scope: each of those tags is kept per branch, as ``<scope>--<tag>``
 (``main--latest``, ``feature-login-<10 hex>--latest-stage-deps``), where the scope is the
 branch's name when that is a valid tag of at most 48 characters without ``--`` and not
-ending in ``-``, else :func:`~layerkeep.core.registry.safe_tag`'s hashed form; so the
+ending in ``-``, else :func:`~layerkeep.core.tag_names.safe_tag`'s hashed form; so the
 first ``--`` ends the scope, and two branches never share a tag. A build saves under its
 branch's scope (LAYERKEEP_BRANCH; an unknown branch counts as the fallback branch) and
 loads each image from there or, where that scope has no such tag yet, from the scope of
@@ -45,29 +45,30 @@ from typing import Any
 from layerkeep.building.image import plan_build
 from layerkeep.building.inline_cache import complete
 from layerkeep.cache.archive import image_id_of
-from layerkeep.cache.layers import LoadReport, SaveReport, unchanged
+from layerkeep.cache.layer_load import LoadReport
+from layerkeep.cache.layer_save import SaveReport, unchanged
 from layerkeep.cache.store import CachedImage, config_layers
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef, parse_image_ref
 from layerkeep.core.progress import MeterFactory, silent
-from layerkeep.core.registry import (
-    TAG_MAX,
+from layerkeep.core.registry import Pulled, pull_tag, push_tag
+from layerkeep.core.registry_api import RegistryClient
+from layerkeep.core.registry_credentials import (
     Credentials,
-    Pulled,
-    RegistryAuthError,
-    RegistryUnavailable,
-    Sleep,
-    TagNotFound,
     credentials_for,
     path_in_registry,
-    pull_tag,
-    push_tag,
     registry_host,
-    safe_tag,
 )
-from layerkeep.core.registry_api import RegistryClient
+from layerkeep.core.registry_failures import (
+    RegistryAuthError,
+    RegistryUnavailable,
+    Retries,
+    Sleep,
+    TagNotFound,
+)
 from layerkeep.core.settings import Settings
+from layerkeep.core.tag_names import TAG_MAX, safe_tag
 
 Log = Callable[[str], None]
 EXTRA_PREFIX = "extra-"
@@ -237,9 +238,8 @@ def save_to_registry(
                 continue
             engine.tag_image(image, str(target))
             pushed = push_tag(
-                engine, target, location.credentials,
-                attempts=settings.push_retries, time_limit=settings.push_timeout,
-                log=log, sleep=sleep, progress=progress,
+                engine, target, location.credentials, Retries.of(settings, log, sleep),
+                progress=progress,
             )
             report.saved.append(image)
             report.layers_written += pushed.layers_pushed
@@ -380,9 +380,8 @@ def _pull_first(
         source = ImageRef(location.repository, tag)
         try:
             return source, pull_tag(
-                engine, source, location.credentials,
-                attempts=settings.push_retries, time_limit=settings.push_timeout,
-                log=log, sleep=sleep, progress=progress,
+                engine, source, location.credentials, Retries.of(settings, log, sleep),
+                progress=progress,
             )
         except TagNotFound:
             if index == len(tags) - 1:

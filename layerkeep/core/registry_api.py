@@ -12,7 +12,7 @@ Auth: anonymous until the registry answers 401, then as its ``WWW-Authenticate``
 ``Basic`` with our login, or ``Bearer``: a token from its realm for its service and
 scope (with our login when we have one), kept per scope for the client's life and asked
 for again when the registry refuses it (tokens expire). Our login is the one
-:func:`~layerkeep.core.registry.credentials_for` gives; without a user, what
+:func:`~layerkeep.core.registry_credentials.credentials_for` gives; without a user, what
 `docker login` stored for the host (:func:`~layerkeep.core.engine.docker_login`, read
 only once a registry asks for a login).
 
@@ -20,7 +20,7 @@ Errors are one line, never with the password or a token in it: RegistryUnavailab
 connection, a timeout, 5xx or 429), RegistryAuthError (refused after authenticating),
 TagNotFound (no such manifest), DeleteDisabled, DigestMismatch, and RegistryAPIError
 for any other refusal. Nothing is retried here (the 401 challenge aside): callers wrap a
-call in :func:`~layerkeep.core.registry.with_retries`, which retries what is transient.
+call in :func:`~layerkeep.core.registry_failures.with_retries`, which retries what is transient.
 It sorts these errors by their text, as it does the engine's: auth and "no such
 manifest" come out as RegistryAuthError and TagNotFound again, but DeleteDisabled,
 DigestMismatch and RegistryAPIError as a plain DockerOperationError without their hint.
@@ -44,9 +44,8 @@ import requests
 from layerkeep.core.engine import docker_login
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.job import Masker
-from layerkeep.core.registry import (
-    DOCKER_HUB,
-    Credentials,
+from layerkeep.core.registry_credentials import DOCKER_HUB, Credentials
+from layerkeep.core.registry_failures import (
     RegistryAuthError,
     RegistryUnavailable,
     TagNotFound,

@@ -31,17 +31,15 @@ from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef, is_valid_tag
 from layerkeep.core.progress import MeterFactory, silent
-from layerkeep.core.registry import (
+from layerkeep.core.registry import Pushed, push_tag, remote_digest
+from layerkeep.core.registry_credentials import (
     Credentials,
-    Pushed,
-    Sleep,
     credentials_for,
     path_in_registry,
-    push_tag,
-    remote_digest,
-    safe_tag,
 )
+from layerkeep.core.registry_failures import Retries, Sleep
 from layerkeep.core.settings import Settings
+from layerkeep.core.tag_names import safe_tag
 
 Log = Callable[[str], None]
 GitTag = Callable[[Path], str]
@@ -64,7 +62,7 @@ def branch_tag(branch: str) -> str:
     """The tag a branch's images get: valid, never ``latest``, never another branch's.
 
     The branch itself when it is a valid tag; otherwise its readable form with a short
-    hash of the name (the rule is :func:`~layerkeep.core.registry.safe_tag`'s).
+    hash of the name (the rule is :func:`~layerkeep.core.tag_names.safe_tag`'s).
     """
     return safe_tag(branch)
 
@@ -216,9 +214,8 @@ def push_release(
             engine.tag_image(plan.source, str(reference))
         for reference in plan.references:
             pushed = push_tag(
-                engine, reference, credentials,
-                attempts=settings.push_retries, time_limit=settings.push_timeout,
-                log=log, sleep=sleep, progress=progress,
+                engine, reference, credentials, Retries.of(settings, log, sleep),
+                progress=progress,
             )
             _record(report, pushed)
             log(
@@ -229,10 +226,7 @@ def push_release(
         for name in created:
             # Only the names we made: a laptop does not collect one tag per commit.
             engine.remove_image(name, prune=False)
-    report.verify_seconds = _verify(
-        engine, report, credentials, attempts=settings.push_retries,
-        time_limit=settings.push_timeout, log=log, sleep=sleep,
-    )
+    report.verify_seconds = _verify(engine, report, credentials, Retries.of(settings, log, sleep))
     report.seconds = time.monotonic() - started
     log(
         f"released {plan.source} to {plan.registry}: {len(report.pushed)} tag(s) at "
@@ -255,21 +249,14 @@ def _verify(
     engine: Engine,
     report: ReleaseReport,
     credentials: Credentials,
-    *,
-    attempts: int,
-    time_limit: float,
-    log: Log,
-    sleep: Sleep,
+    retries: Retries,
 ) -> float:
     """Ask the registry what each tag resolves to; it must be the digest we pushed."""
     started = time.monotonic()
     for index, (reference, pushed) in enumerate(
         zip(report.plan.references, report.pushed, strict=True)
     ):
-        found = remote_digest(
-            engine, reference, credentials, attempts=attempts, time_limit=time_limit,
-            log=log, sleep=sleep,
-        )
+        found = remote_digest(engine, reference, credentials, retries)
         if found != pushed.digest:
             raise DockerOperationError(
                 f"{pushed.reference} resolves to {found or 'nothing'} in {credentials.registry}, "

@@ -25,13 +25,9 @@ from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import parse_image_ref
 from layerkeep.core.job import BUILD_ID_LABEL, PROJECT_LABEL, Job
 from layerkeep.core.progress import MeterFactory, silent
-from layerkeep.core.registry import (
-    OFFLINE_HINT,
-    credentials_for,
-    pull_tag,
-    registry_host,
-    unreachable_registry,
-)
+from layerkeep.core.registry import pull_tag
+from layerkeep.core.registry_credentials import credentials_for, registry_host
+from layerkeep.core.registry_failures import OFFLINE_HINT, Retries, unreachable_registry
 from layerkeep.core.service_specs import ServiceSpec, service_key
 from layerkeep.core.settings import Settings
 from layerkeep.services.readiness import ServiceWait, wait_ready
@@ -130,15 +126,7 @@ def ensure_image(
     if ref is not None:
         credentials = credentials_for(settings, registry_host(ref.repository))
         try:
-            pull_tag(
-                engine,
-                ref,
-                credentials,
-                attempts=settings.push_retries,
-                time_limit=settings.push_timeout,
-                log=log,
-                progress=progress,
-            )
+            pull_tag(engine, ref, credentials, Retries.of(settings, log), progress=progress)
             reason = "the engine reports success but has no such image"
         except DockerOperationError as error:
             reason = error.message
