@@ -46,7 +46,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from second_engine import SecondEngine, ensure_docker26, second_engine, transfer_images  # noqa: E402
 
 from layerkeep.building.image import Builder, build_image, choose_builder  # noqa: E402
-from layerkeep.cache.mount_store import MountStore, restore_cache_mounts, save_cache_mounts  # noqa: E402
+from layerkeep.cache.mount_folder import MountStore  # noqa: E402
+from layerkeep.cache.mount_store import restore_cache_mounts, save_cache_mounts  # noqa: E402
 from layerkeep.core.ci_vars import GitFacts  # noqa: E402
 from layerkeep.core.engine import Engine, connect  # noqa: E402
 from layerkeep.core.settings import Settings, load_settings  # noqa: E402

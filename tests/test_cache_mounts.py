@@ -29,8 +29,8 @@ from second_engine import (
 
 from layerkeep.building.cache_mounts import CacheMount, find_cache_mounts
 from layerkeep.building.image import Builder, build_image, choose_builder, plan_build
+from layerkeep.cache.mount_folder import MountStore
 from layerkeep.cache.mount_store import (
-    MountStore,
     cache_mounts,
     describe_mounts,
     restore_cache_mounts,

@@ -29,8 +29,8 @@ from second_engine import SecondEngineUnavailable, ensure_docker26, second_engin
 
 from layerkeep.building.image import Builder, build_image, choose_builder
 from layerkeep.cache.backend import load_cache, save_cache
-from layerkeep.cache.mount_store import FORMAT as MOUNTS_FORMAT
-from layerkeep.cache.mount_store import MountStore
+from layerkeep.cache.mount_folder import FORMAT as MOUNTS_FORMAT
+from layerkeep.cache.mount_folder import MountStore
 from layerkeep.cache.store import CacheDir, CacheUnavailable, CorruptCache
 from layerkeep.core import joblock
 from layerkeep.core.engine import Engine, connect

@@ -33,6 +33,7 @@ from layerkeep.core.tarstream import (
     ChunkStream,
     Entry,
     Member,
+    chunks_of,
     read_members,
     reader_over,
     resolve_link,
@@ -243,8 +244,7 @@ def _decompressed(pieces: Iterable[bytes], kind: str) -> Iterator[bytes]:
     reader = zstandard.ZstdDecompressor().stream_reader(
         reader_over(pieces), read_across_frames=True
     )
-    while chunk := reader.read(CHUNK):
-        yield chunk
+    yield from chunks_of(reader, CHUNK)
 
 
 @dataclass(frozen=True)

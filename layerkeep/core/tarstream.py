@@ -7,7 +7,7 @@ import posixpath
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import IO, TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -44,6 +44,12 @@ class _ChunkReader(io.RawIOBase):
 def reader_over(chunks: Iterable[bytes]) -> io.BufferedReader:
     """A buffered binary file over byte chunks (what docker-py streams)."""
     return io.BufferedReader(_ChunkReader(chunks), buffer_size=1 << 20)
+
+
+def chunks_of(stream: IO[bytes], size: int) -> Iterator[bytes]:
+    """``stream`` read to its end, ``size`` bytes at a time (``reader_over`` the other way)."""
+    while chunk := stream.read(size):
+        yield chunk
 
 
 def resolve_link(name: str, linkname: str) -> str:
