@@ -27,11 +27,10 @@ from second_engine import (
 
 from layerkeep.building.image import Builder, BuildReport, choose_builder
 from layerkeep.cache.backend import SaveOutcome, build_with_cache, save_cache
-from layerkeep.cache.buildkit_dir import (
+from layerkeep.cache.buildkit_dir import FOLDER, STAGINGS
+from layerkeep.cache.buildkit_layout import (
     CONFIG_TYPE,
-    FOLDER,
     INDEX_TYPE,
-    STAGINGS,
     blob_path,
     without_blobs,
 )

@@ -1,12 +1,14 @@
-"""The folder cache's BuildKit part: BuildKit's own cache (``type=local``, ``mode=max``).
+"""The folder cache's BuildKit part: BuildKit's own cache (``type=local``, ``mode=max``),
+staged for each build and committed by cache.save.
 
 Where the engine exports BuildKit's cache (the containerd image store with buildx's
 ``docker`` driver, or a buildx builder of another driver), the app's layers are kept as
 BuildKit keeps them, in ``buildkit/`` of the cache folder: ``blobs/sha256/<hex>`` (the
 layers as BuildKit compressed them, its cache config, the cache manifest) and an
-``index.json`` naming the cache manifest. No app image is saved or loaded: BuildKit
-reads from the folder only the blobs the build needs, and every step's result, of every
-stage, is there (``mode=max``), whatever the builds before reused.
+``index.json`` naming the cache manifest (:mod:`layerkeep.cache.buildkit_layout`). No
+app image is saved or loaded: BuildKit reads from the folder only the blobs the build
+needs, and every step's result, of every stage, is there (``mode=max``), whatever the
+builds before reused.
 
 A build never writes into the shared folder. It gets a staging folder of its own,
 ``.staging/<build id>/``, holding hard links to the current blobs and an index naming
@@ -30,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -40,20 +41,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from layerkeep.cache.store import CacheDir, CorruptCache, Manifest, unavailable
+from layerkeep.cache.buildkit_layout import (
+    blob_descriptors,
+    blob_path,
+    cache_metadata,
+    check_export,
+    content_is,
+    exported,
+    has_size,
+    without_blobs,
+    write_index,
+)
+from layerkeep.cache.layers import read_or_empty
+from layerkeep.cache.store import CacheDir, CorruptCache, unavailable
 from layerkeep.core.atomic import atomic_write, fsync_folder
 
 Log = Callable[[str], None]
 FOLDER = "buildkit"
 STAGINGS = ".staging"
 BUILT = "built.json"
-INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
-CONFIG_TYPE = "application/vnd.buildkit.cacheconfig.v0"
-_REF_NAME = "org.opencontainers.image.ref.name"
-_TAG = "latest"
-_DIGEST = re.compile(r"sha256:(?P<hex>[0-9a-f]{64})")
 _NOT_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-_CHUNK = 1 << 20
+
 
 
 @dataclass
@@ -95,14 +103,6 @@ class CommitReport:
     unchanged: bool = False
 
 
-def blob_path(root: Path, digest: str) -> Path:
-    """Where an OCI layout at ``root`` keeps a blob; CorruptCache for a non-digest name."""
-    match = _DIGEST.fullmatch(digest)
-    if match is None:
-        raise CorruptCache(f"{digest!r} is not a sha256 digest", path=root)
-    return root / "blobs" / "sha256" / match["hex"]
-
-
 def stage(
     cache: CacheDir, build_id: str, *, app_images: Collection[str] = (), log: Log
 ) -> Staging:
@@ -116,7 +116,7 @@ def stage(
     stagings = cache.root / STAGINGS
     try:
         with cache.locked():
-            manifest = _manifest_or_empty(cache, log)
+            manifest = read_or_empty(cache, log)
             stagings.mkdir(exist_ok=True)
             folder, lock = _claim(stagings, build_id)
             try:
@@ -156,18 +156,18 @@ def find_built(cache: CacheDir, build_id: str, image_id: str) -> Path | None:
 def commit(cache: CacheDir, folder: Path, *, log: Log) -> CommitReport:
     """Make the export in the staging ``folder`` the cache (see module notes)."""
     report = CommitReport()
-    descriptor = _exported(folder)
+    descriptor = exported(folder)
     shared = cache.root / FOLDER
     try:
         with cache.locked():
-            manifest = _manifest_or_empty(cache, log)
-            wanted = _blob_descriptors(folder, descriptor)
+            manifest = read_or_empty(cache, log)
+            wanted = blob_descriptors(folder, descriptor)
             new = [
                 each for each in wanted
-                if not _sized(blob_path(shared, str(each["digest"])), int(each["size"]))
+                if not has_size(blob_path(shared, str(each["digest"])), int(each["size"]))
             ]
             for each in new:  # every new blob checked before the first is linked in
-                _check_export(blob_path(folder, str(each["digest"])), each)
+                check_export(blob_path(folder, str(each["digest"])), each)
             for each in new:
                 digest = str(each["digest"])
                 _link(blob_path(folder, digest), blob_path(shared, digest))
@@ -179,7 +179,7 @@ def commit(cache: CacheDir, folder: Path, *, log: Log) -> CommitReport:
                 fsync_folder(blob_path(shared, str(descriptor["digest"])).parent)
             manifest.buildkit = descriptor
             cache.write_manifest(manifest)
-            _write_index(shared, descriptor)
+            write_index(shared, descriptor)
             keep = {blob_path(shared, str(each["digest"])).name for each in wanted}
             report.bytes_freed = _remove_other_blobs(shared, keep)
             _remove_stagings(cache.root / STAGINGS, folder)
@@ -193,9 +193,9 @@ def damaged_blobs(staging: Staging) -> list[str]:
     if staging.descriptor is None:
         return []
     damaged = []
-    for each in _blob_descriptors(staging.folder, staging.descriptor, missing_ok=True):
+    for each in blob_descriptors(staging.folder, staging.descriptor, missing_ok=True):
         digest = str(each["digest"])
-        if not _content_is(blob_path(staging.folder, digest), digest):
+        if not content_is(blob_path(staging.folder, digest), digest):
             damaged.append(digest)
     return damaged
 
@@ -211,12 +211,12 @@ def drop_blobs(cache: CacheDir, staging: Staging, digests: Iterable[str], *, log
                 with contextlib.suppress(FileNotFoundError):
                     blob_path(root, digest).unlink()
     if staging.descriptor is not None:
-        wanted = _blob_descriptors(staging.folder, staging.descriptor, missing_ok=True)
-        if set(gone) & _metadata(wanted) or len(wanted) == 1:
+        wanted = blob_descriptors(staging.folder, staging.descriptor, missing_ok=True)
+        if set(gone) & cache_metadata(wanted) or len(wanted) == 1:
             staging.descriptor = None  # nothing left to import: a cold build
         else:
             staging.descriptor = without_blobs(staging.folder, staging.descriptor, set(gone))
-            _write_index(staging.folder, staging.descriptor)
+            write_index(staging.folder, staging.descriptor)
         staging.dropped += gone
     log(
         f"warning: dropped {len(gone)} damaged blob(s) from the BuildKit cache "
@@ -233,14 +233,6 @@ def describe_commit(report: CommitReport) -> str:
         f"{report.bytes_written / 1e6:.1f} MB written, {report.bytes_freed / 1e6:.1f} MB freed "
         f"({report.size / 1e6:.1f} MB in all)"
     )
-
-
-def _manifest_or_empty(cache: CacheDir, log: Log) -> Manifest:
-    try:
-        return cache.read_manifest()
-    except CorruptCache as error:
-        log(f"warning: ignoring the cache: {error.message}")
-        return Manifest()
 
 
 def _folder_name(build_id: str) -> str:
@@ -279,7 +271,7 @@ def _link_current(
 ) -> None:
     """Link the cache's blobs into the staging; drop those missing or damaged."""
     try:
-        wanted = _blob_descriptors(shared, descriptor)
+        wanted = blob_descriptors(shared, descriptor)
     except CorruptCache as error:
         log(f"warning: the BuildKit cache is unreadable, building without it: {error.message}")
         return
@@ -287,11 +279,11 @@ def _link_current(
     for each in wanted:  # read whole: a blob BuildKit never reads would stay damaged
         digest = str(each["digest"])
         source = blob_path(shared, digest)
-        if not (_sized(source, int(each["size"])) and _content_is(source, digest)):
+        if not (has_size(source, int(each["size"])) and content_is(source, digest)):
             damaged.add(digest)
             continue
         _link(source, blob_path(staging.folder, digest))
-    if damaged & _metadata(wanted):
+    if damaged & cache_metadata(wanted):
         log("warning: the BuildKit cache's own config is damaged, building without it")
         return
     staging.descriptor = descriptor
@@ -303,114 +295,7 @@ def _link_current(
             f"({', '.join(sorted(d[:19] for d in damaged))}): the steps that made them "
             "run again"
         )
-    _write_index(staging.folder, staging.descriptor)
-
-
-def _metadata(descriptors: Iterable[dict[str, Any]]) -> set[str]:
-    """The digests of the cache manifest and its config: without them, no cache at all."""
-    return {
-        str(each["digest"])
-        for each in descriptors
-        if each.get("mediaType") in (INDEX_TYPE, CONFIG_TYPE)
-    }
-
-
-def _blob_descriptors(
-    root: Path, descriptor: dict[str, Any], *, missing_ok: bool = False
-) -> list[dict[str, Any]]:
-    """The cache manifest's descriptor, then every blob it names (config, layers)."""
-    try:
-        content = json.loads(blob_path(root, str(descriptor["digest"])).read_bytes())
-        listed = content["manifests"]
-        if not isinstance(listed, list):
-            raise TypeError("manifests is not a list")
-        unique = {str(each["digest"]): dict(each) for each in [descriptor, *listed]}
-        return list(unique.values())
-    except FileNotFoundError:
-        if missing_ok:
-            return [descriptor]
-        raise CorruptCache(
-            f"the BuildKit cache manifest {str(descriptor.get('digest'))[:19]} is missing",
-            path=root,
-        ) from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CorruptCache(f"the BuildKit cache manifest is damaged ({error})", path=root) from None
-
-
-def without_blobs(
-    root: Path, descriptor: dict[str, Any], damaged: set[str]
-) -> dict[str, Any]:
-    """A cache manifest like ``descriptor``'s whose config gives no result over a damaged
-    blob (or a layer above one); written into ``root``. Returns its descriptor."""
-    manifest = json.loads(blob_path(root, str(descriptor["digest"])).read_bytes())
-    entries = manifest["manifests"]
-    config_entry = next(e for e in entries if e.get("mediaType") == CONFIG_TYPE)
-    config = json.loads(blob_path(root, str(config_entry["digest"])).read_bytes())
-    layers = config.get("layers") or []
-    bad: set[int] = set()
-    for index, layer in enumerate(layers):  # parents come first in BuildKit's order
-        parent = layer.get("parent", -1)
-        if layer.get("blob") in damaged or (isinstance(parent, int) and parent in bad):
-            bad.add(index)
-    changed = True
-    while changed:  # and in any order
-        changed = False
-        for index, layer in enumerate(layers):
-            if index not in bad and layer.get("parent", -1) in bad:
-                bad.add(index)
-                changed = True
-    for record in config.get("records") or []:
-        if "layers" in record:
-            record["layers"] = [r for r in record["layers"] if r.get("layer") not in bad]
-        if "chains" in record:
-            record["chains"] = [
-                c for c in record["chains"] if not bad & set(c.get("layers") or [])
-            ]
-    config_entry.update(_write_blob(root, json.dumps(config).encode(), CONFIG_TYPE))
-    return {**_write_blob(root, json.dumps(manifest).encode(), INDEX_TYPE)}
-
-
-def _write_blob(root: Path, data: bytes, media_type: str) -> dict[str, Any]:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    atomic_write(blob_path(root, digest), data)
-    return {"mediaType": media_type, "digest": digest, "size": len(data)}
-
-
-def _write_index(root: Path, descriptor: dict[str, Any]) -> None:
-    """The OCI layout's index naming ``descriptor`` (what BuildKit's importer reads)."""
-    entry = {**descriptor, "annotations": {_REF_NAME: _TAG}}
-    index = {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": [entry]}
-    atomic_write(root / "index.json", json.dumps(index).encode())
-    layout = root / "oci-layout"
-    if not layout.is_file():
-        atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
-
-
-def _exported(folder: Path) -> dict[str, Any]:
-    """The descriptor of the cache manifest BuildKit exported into ``folder``."""
-    try:
-        index = json.loads((folder / "index.json").read_bytes())
-        entries = [e for e in index["manifests"] if isinstance(e, dict)]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CorruptCache(
-            f"BuildKit's export in {folder} has no readable index.json ({error})", path=folder
-        ) from None
-    tagged = [e for e in entries if (e.get("annotations") or {}).get(_REF_NAME) == _TAG]
-    found = (tagged or entries)[-1:] if entries else []
-    if not found:
-        raise CorruptCache(f"BuildKit's export in {folder} names no cache", path=folder)
-    return {key: found[0][key] for key in ("mediaType", "digest", "size") if key in found[0]}
-
-
-def _check_export(source: Path, descriptor: dict[str, Any]) -> None:
-    """A blob BuildKit wrote must be what its descriptor says: else nothing is saved."""
-    digest = str(descriptor["digest"])
-    if not (_sized(source, int(descriptor["size"])) and _content_is(source, digest)):
-        raise CorruptCache(
-            f"BuildKit's export wrote {digest[:19]} with other content; the cache was left "
-            "as it was",
-            path=source,
-        )
+    write_index(staging.folder, staging.descriptor)
 
 
 def _link(source: Path, target: Path) -> None:
@@ -429,23 +314,6 @@ def _link(source: Path, target: Path) -> None:
         temporary.unlink(missing_ok=True)
         raise
 
-
-def _sized(path: Path, size: int) -> bool:
-    try:
-        return path.stat().st_size == size
-    except OSError:
-        return False
-
-
-def _content_is(path: Path, digest: str) -> bool:
-    hasher = hashlib.sha256()
-    try:
-        with path.open("rb") as stream:
-            while chunk := stream.read(_CHUNK):
-                hasher.update(chunk)
-    except OSError:
-        return False
-    return "sha256:" + hasher.hexdigest() == digest
 
 
 def _remove_other_blobs(shared: Path, keep: set[str]) -> int:
