@@ -33,12 +33,14 @@ from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.registry_api import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
-    DeleteDisabled,
-    DigestMismatch,
-    RegistryAPIError,
     RegistryClient,
     api_base,
     digest_of,
+)
+from layerkeep.core.registry_api_errors import (
+    DeleteDisabled,
+    DigestMismatch,
+    RegistryAPIError,
 )
 from layerkeep.core.registry_credentials import Credentials
 from layerkeep.core.registry_failures import (

@@ -19,11 +19,15 @@ only once a registry asks for a login).
 Errors are one line, never with the password or a token in it: RegistryUnavailable (no
 connection, a timeout, 5xx or 429), RegistryAuthError (refused after authenticating),
 TagNotFound (no such manifest), DeleteDisabled, DigestMismatch, and RegistryAPIError
-for any other refusal. Nothing is retried here (the 401 challenge aside): callers wrap a
-call in :func:`~layerkeep.core.registry_failures.with_retries`, which retries what is transient.
+for any other refusal (:mod:`layerkeep.core.registry_api_errors`). Nothing is retried
+here (the 401 challenge aside): callers wrap a call in
+:func:`~layerkeep.core.registry_failures.with_retries`, which retries what is transient.
 It sorts these errors by their text, as it does the engine's: auth and "no such
 manifest" come out as RegistryAuthError and TagNotFound again, but DeleteDisabled,
 DigestMismatch and RegistryAPIError as a plain DockerOperationError without their hint.
+
+Past 450 lines on purpose: it is one class, whose requests, 401 answers and errors share
+one session, one login and one masking of secrets.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
-import json
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -44,6 +47,14 @@ import requests
 from layerkeep.core.engine import docker_login
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.job import Masker
+from layerkeep.core.registry_api_errors import (
+    DeleteDisabled,
+    DigestMismatch,
+    RegistryAPIError,
+    reference_name,
+    registry_says,
+    root_reason,
+)
 from layerkeep.core.registry_credentials import DOCKER_HUB, Credentials
 from layerkeep.core.registry_failures import (
     RegistryAuthError,
@@ -65,9 +76,6 @@ _HASHES: Mapping[str, Callable[[bytes], Any]] = {
 # What a request needs in a Bearer token's scope, by method (Distribution's rule).
 _ACTIONS = {"GET": "pull", "HEAD": "pull", "POST": "pull,push", "PUT": "pull,push"}
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^\s,]*))')
-_MESSAGE_MAX = 300
-
-
 @dataclass(frozen=True)
 class Manifest:
     """A manifest as the registry holds it: its bytes, media type and digest."""
@@ -75,34 +83,6 @@ class Manifest:
     content: bytes
     media_type: str
     digest: str
-
-
-class RegistryAPIError(DockerOperationError):
-    """The registry refused a request: where (host, repository, reference) and its status."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        host: str,
-        repository: str,
-        reference: str,
-        status: int | None,
-        hint: str = "",
-    ) -> None:
-        image = _name(host, repository, reference)
-        super().__init__(message, image=image, hint=hint, status=status)
-        self.host = host
-        self.repository = repository
-        self.reference = reference
-
-
-class DeleteDisabled(RegistryAPIError):
-    """The registry does not allow deletes (Docker Distribution: storage.delete.enabled)."""
-
-
-class DigestMismatch(RegistryAPIError):
-    """What the registry sent or stored does not match its digest."""
 
 
 @dataclass(frozen=True)
@@ -291,7 +271,7 @@ class RegistryClient:
         return f"{self.base}/v2/{repository}/{kind}/{reference}"
 
     def _name(self, call: _Call) -> str:
-        return _name(self.host, call.repository, call.reference)
+        return reference_name(self.host, call.repository, call.reference)
 
     def _request(
         self, method: str, url: str, call: _Call, *, ok: Collection[int], **kwargs: Any
@@ -365,7 +345,7 @@ class RegistryClient:
         except requests.RequestException as error:
             raise self._unreachable(error, call, f"the token server {realm}") from None
         if response.status_code in (401, 403):
-            said = _registry_says(response)
+            said = registry_says(response)
             raise self._auth_error(call, f"the token server {realm} answered {said}")
         if response.status_code != 200:
             raise self._refused("GET", response, call)
@@ -426,7 +406,7 @@ class RegistryClient:
     ) -> DockerOperationError:
         """The error for a status we did not expect."""
         status = response.status_code
-        said = self._mask(_registry_says(response))
+        said = self._mask(registry_says(response))
         message = self._mask(f"{call.action} {self._name(call)} failed: {said}")
         where = {"host": self.host, "repository": call.repository, "reference": call.reference}
         if status in (401, 403):
@@ -456,7 +436,7 @@ class RegistryClient:
         if isinstance(error, requests.Timeout):
             reason = f"no answer within {self.timeout:g} s (timed out)"
         else:
-            reason = _root_reason(error)
+            reason = root_reason(error)
         hint = f"is {self.host} up and reachable from this machine?"
         if isinstance(error, requests.exceptions.SSLError):
             hint = (
@@ -487,42 +467,7 @@ class RegistryClient:
         return digests[0] if digests else digest_of(content)
 
 
-def _name(host: str, repository: str, reference: str) -> str:
-    """``host/repository:tag`` or ``host/repository@digest`` (no reference: the repository)."""
-    if not reference:
-        return f"{host}/{repository}"
-    return f"{host}/{repository}{'@' if ':' in reference else ':'}{reference}"
-
-
 def _algorithm(digest: str) -> str:
     """``sha256`` of ``sha256:...``; empty for what is not a digest (a tag)."""
     algorithm, colon, _ = digest.partition(":")
     return algorithm if colon else ""
-
-
-def _registry_says(response: requests.Response) -> str:
-    """The status and the registry's first error (``CODE: message``), on one short line."""
-    said = ""
-    try:
-        errors = json.loads(response.content).get("errors") or []
-        said = f"{errors[0].get('code', '')}: {errors[0].get('message', '')}"
-    except (ValueError, AttributeError, IndexError, TypeError):
-        said = response.text
-    text = " ".join(f"{response.status_code} {response.reason or ''} {said}".split())
-    return text[:_MESSAGE_MAX]
-
-
-def _root_reason(error: BaseException) -> str:
-    """The operating system's words under a requests error (``Connection refused``)."""
-    pending: list[BaseException] = [error]
-    seen: set[int] = set()
-    while pending:
-        current = pending.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.strerror:
-            return str(current.strerror)
-        linked = (getattr(current, "reason", None), current.__cause__, *current.args)
-        pending.extend(item for item in linked if isinstance(item, BaseException))
-    return " ".join(str(error).split())[:_MESSAGE_MAX]
