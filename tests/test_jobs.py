@@ -13,7 +13,7 @@ from clean_env import clean_environ
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import CommandFailed, ConfigError
 from layerkeep.core.job import BUILD_ID_LABEL, Job
-from layerkeep.core.settings import MASK as REDACTED
+from layerkeep.core.secrets import MASK as REDACTED
 from layerkeep.core.settings import Settings, load_settings
 from layerkeep.services.containers import services_down, services_up
 from layerkeep.testrun.database import init_database

@@ -35,7 +35,8 @@ from layerkeep.core.registry_failures import (
     classify,
     with_retries,
 )
-from layerkeep.core.settings import MASK, Settings, load_settings
+from layerkeep.core.secrets import MASK
+from layerkeep.core.settings import Settings, load_settings
 from layerkeep.core.tag_names import safe_tag
 from layerkeep.release.push import branch_tag, plan_release, push_release
 

@@ -24,7 +24,8 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.job import BUILD_ID_LABEL, Job
-from layerkeep.core.settings import MASK, Settings, load_settings, render_template
+from layerkeep.core.secrets import MASK
+from layerkeep.core.settings import Settings, load_settings, render_template
 from layerkeep.services.containers import (
     SERVICE_LABEL,
     ensure_image,

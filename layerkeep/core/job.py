@@ -1,53 +1,23 @@
 """One CI job's identity: project, build id, the labels and names derived from them, and
-the masker for its secrets. Built once from the settings; the engine and every module
-take names, labels and masking from here, so they cannot disagree.
+the masker for its secrets (core.secrets). Built once from the settings; the engine and
+every module take names, labels and masking from here, so they cannot disagree.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
-from layerkeep.core.settings import MASK, Settings
+from layerkeep.core.secrets import Masker
+from layerkeep.core.settings import Settings
 
 LABEL_PREFIX = "io.layerkeep"
 PROJECT_LABEL = f"{LABEL_PREFIX}.project"
 BUILD_ID_LABEL = f"{LABEL_PREFIX}.build-id"
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 _MAX_PART = 60
-
-
-@dataclass(frozen=True)
-class Masker:
-    """Replaces every known secret, in each form it may take in output, by MASK."""
-
-    values: tuple[str, ...] = field(default=(), repr=False)
-
-    @classmethod
-    def of(cls, secrets: Iterable[str], *, logins: Iterable[tuple[str, str]] = ()) -> Masker:
-        """Mask ``secrets`` plain and URL-quoted, and each (user, password) as Basic auth."""
-        found: set[str] = set()
-        for value in secrets:
-            found.update((value, quote(value, safe=""), quote(value)))
-        for user, password in logins:
-            if password:
-                found.add(base64.b64encode(f"{user}:{password}".encode()).decode())
-        # Longest first, so a secret containing another is hidden whole.
-        return cls(tuple(sorted(found - {""}, key=len, reverse=True)))
-
-    def plus(self, secrets: Iterable[str]) -> Masker:
-        """This masker with more values (their quoted forms too)."""
-        return Masker.of([*self.values, *secrets])
-
-    def mask(self, text: str) -> str:
-        """``text`` with every secret replaced."""
-        for value in self.values:
-            text = text.replace(value, MASK)
-        return text
 
 
 @dataclass(frozen=True)
@@ -65,9 +35,7 @@ class Job:
         Those are the settings' ``secret_values`` (passwords, LAYERKEEP_SECRETS, secret-
         named variables), here also URL-quoted and the registry login as Basic auth.
         """
-        logins = [(settings.registry_user, settings.registry_password)]
-        masker = Masker.of([*settings.secret_values, *extra_secrets], logins=logins)
-        return cls(settings.project, settings.build_id, masker)
+        return cls(settings.project, settings.build_id, settings.masker.plus(extra_secrets))
 
     @property
     def labels(self) -> dict[str, str]:

@@ -46,7 +46,6 @@ import requests
 
 from layerkeep.core.engine import docker_login
 from layerkeep.core.errors import DockerOperationError
-from layerkeep.core.job import Masker
 from layerkeep.core.registry_api_errors import (
     DeleteDisabled,
     DigestMismatch,
@@ -61,6 +60,7 @@ from layerkeep.core.registry_failures import (
     RegistryUnavailable,
     TagNotFound,
 )
+from layerkeep.core.secrets import Masker
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from layerkeep.core.errors import ConfigError
-from layerkeep.core.job import Masker
+from layerkeep.core.secrets import Masker
 from layerkeep.core.settings import Settings
 
 DOCKER_HUB = "docker.io"

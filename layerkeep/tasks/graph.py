@@ -9,9 +9,9 @@ runs it as one :class:`~.run.Run`: the lock, the checks before start, one line p
 failure, cleanup, signals, the summary and the report.
 
 A task flag is declared once, with its setting (``setting(..., flag="--image")`` in
-core/settings.py): its help text comes from the setting's doc, and the executor applies
-the flags of every task named in a command to that command's settings, so that
-``inv image.build --image X`` also restores X in cache.load, its prerequisite.
+core/settings/declarations.py): its help text comes from the setting's doc, and the
+executor applies the flags of every task named in a command to that command's settings,
+so that ``inv image.build --image X`` also restores X in cache.load, its prerequisite.
 
 Task bodies reach the run through the helpers here: :func:`settings`, :func:`engine`,
 :func:`resolved_builder`, :func:`register_cleanup`, :func:`is_dry`.
@@ -72,11 +72,11 @@ def step(
 ) -> Callable[[Callable[..., Note]], LayerkeepTask]:
     """Make a layerkeep task: Invoke's ``@task`` with a title, a role and setting flags.
 
-    ``flags`` names setting flags (``"--image"``, see core/settings.py's ``FLAGS``): the
-    task takes them, with help from the setting's doc, and the body does not (it reads
-    the run's settings). ``help`` is for the body's own parameters. ``uses_job``: the
-    task works for the job (settings loaded before the run, build id locked); only a
-    read-only view says no.
+    ``flags`` names setting flags (``"--image"``, see ``FLAGS`` in
+    core/settings/declarations.py): the task takes them, with help from the setting's
+    doc, and the body does not (it reads the run's settings). ``help`` is for the body's
+    own parameters. ``uses_job``: the task works for the job (settings loaded before the
+    run, build id locked); only a read-only view says no.
     """
     keys = [FLAGS[flag] for flag in flags]
 

@@ -68,7 +68,8 @@ Note = str | Skipped | Done | None
 
 class LayerkeepTask(Task[Any]):
     """An Invoke task with a title for the summary, a role in the run, and the setting
-    flags it takes (``flags``: declared with their settings, see core/settings.py)."""
+    flags it takes (``flags``: declared with their settings in core/settings/declarations.py).
+    """
 
     def __init__(
         self,
