@@ -23,6 +23,8 @@ from layerkeep.core.settings import (
     load_settings,
     read_env_file,
 )
+from layerkeep.core.settings.reference import COMMAND as REFERENCE_COMMAND
+from layerkeep.core.settings.reference import reference
 
 REPO = Path(__file__).resolve().parent.parent
 NO_GIT = GitFacts(commit="", branch="")
@@ -272,6 +274,21 @@ def test_env_example_documents_exactly_the_keys_the_code_reads() -> None:
     assert known - documented == set(), "read by the code but missing from .env.example"
     defaults = {name: value for name, (value, _) in example.items()}
     assert defaults == {key.name: key.default for key in KEYS} | dict.fromkeys(service_keys, "")
+
+
+def test_the_settings_reference_is_made_from_the_declarations() -> None:
+    written = (REPO / "docs" / "settings.md").read_text(encoding="utf-8")
+    assert written == reference(), (
+        "docs/settings.md is out of date with the settings' declarations: run "
+        f"`{REFERENCE_COMMAND}` and commit it"
+    )
+    for key in KEYS:
+        assert f"| `{key.name}` |" in written
+    sections = [key.section for key in KEYS]
+    assert sections[0], "the first setting opens a section (heading=)"
+    # Each section in one run of declarations, so that the reference shows it once.
+    runs = [section for i, section in enumerate(sections) if i == 0 or sections[i - 1] != section]
+    assert len(runs) == len(set(runs))
 
 
 def test_ci_variables_win_over_git() -> None:
