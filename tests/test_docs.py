@@ -31,7 +31,9 @@ def test_every_relative_link_and_anchor_resolves(page: Path) -> None:
             continue
         path, _, anchor = target.partition("#")
         linked = (page.parent / path).resolve() if path else page
-        if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+        if not linked.exists() or (
+            anchor and linked.suffix == ".md" and anchor not in anchors(linked)
+        ):
             broken.append(target)
     assert not broken, f"{page.relative_to(REPO)}: {broken}"
 
