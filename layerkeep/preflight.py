@@ -19,9 +19,8 @@ import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
-from layerkeep.building.context import preflight_context
+from layerkeep.building.context import ignore_file, preflight_context, read_ignore_file
 from layerkeep.building.dockerfile import instructions
-from layerkeep.building.explain import ignore_file, read_ignore_file
 from layerkeep.building.image import buildkit_cli
 from layerkeep.core.engine import context_files
 from layerkeep.core.errors import ConfigError

@@ -20,22 +20,17 @@ import pytest
 from gitrepos import Scripted
 from registry_setup import running_registry
 
-from layerkeep.building.explain import (
+from layerkeep.building.build_records import (
     RECORDS_FILE,
-    ContextFiles,
     Maker,
-    MissLine,
-    StageInputs,
-    files_changed,
-    first_misses,
     kept_records,
-    miss_files,
-    read_inputs,
     record_image,
     records_text,
 )
+from layerkeep.building.explain import MissLine, files_changed, first_misses, miss_files
 from layerkeep.building.image import BuildReport, build_image, choose_builder, images_to_cache
 from layerkeep.building.output import StepTally
+from layerkeep.building.step_inputs import ContextFiles, StageInputs, read_inputs
 from layerkeep.cache.backend import load_cache, save_cache
 from layerkeep.cache.registry_backend import cache_location, cache_scope
 from layerkeep.core.ci_vars import GitFacts

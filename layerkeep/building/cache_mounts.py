@@ -22,30 +22,24 @@ out. The classic builder has no cache mounts.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import os
-import re
 import subprocess
 import tarfile
 import tempfile
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from layerkeep.building.dockerfile import Stage, instructions, read_stages
+from layerkeep.building.dockerfile import Stage, expand, parse_dockerfile, root_stage
 from layerkeep.core.errors import BuildFailed
 
 CHUNK = 1 << 20
 # What an export of an empty mount is: a tar with no member, just its two zero blocks.
 EMPTY_TAR = 1024
-_RUN = re.compile(r"^RUN\s+(?P<flags>(?:--\S+\s+)*)", re.IGNORECASE)
-_FROM_LINE = re.compile(r"^FROM\s", re.IGNORECASE)
-_ARG = re.compile(r"^ARG\s+(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:=(?P<value>\S*))?\s*$", re.I)
-_VARIABLE = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<plain>[A-Za-z_]\w*))")
 _OPTIONS = ("uid", "gid", "mode")
 _SHARING = ("shared", "private", "locked")
 # Inside the generated builds: where the mount, the seed and the results are.
@@ -96,48 +90,28 @@ def find_cache_mounts(text: str, build_args: Mapping[str, str]) -> Found:
     comes from ``scratch`` or from an image named by a variable the build args and
     global ``ARG`` defaults do not give.
     """
-    stages = read_stages(text)
-    arguments: dict[str, str] = {}
+    dockerfile = parse_dockerfile(text)
+    values = {**dockerfile.global_args, **build_args}
     mounts: dict[str, CacheMount] = {}
     notes: list[str] = []
-    index = -1
-    for line in instructions(text):
-        if _FROM_LINE.match(line):
-            index += 1
-            continue
-        argument = _ARG.match(line)
-        if index < 0 and argument:
-            arguments[argument["name"]] = argument["value"] or ""
-            continue
-        run = _RUN.match(line)
-        if index < 0 or not run:
-            continue
-        for flag in run["flags"].split():
-            if not flag.lower().startswith("--mount="):
-                continue
-            fields = _fields(flag.split("=", 1)[1])
-            if fields.get("type") != "cache":
-                continue
-            mount, note = _cache_mount(fields, stages, index, {**arguments, **build_args})
-            if mount is None:
-                notes.append(note)
-            else:
-                mounts.setdefault(mount.key, mount)
+    for stage in dockerfile.stages:
+        for instruction in stage.instructions:
+            for fields in instruction.mounts():
+                if fields.get("type") != "cache":
+                    continue
+                mount, note = _cache_mount(fields, dockerfile.stages, stage.index, values)
+                if mount is None:
+                    notes.append(note)
+                else:
+                    mounts.setdefault(mount.key, mount)
     return Found(tuple(mounts.values()), tuple(notes))
 
 
-def _fields(value: str) -> dict[str, str]:
-    """``type=cache,target=/x,ro`` -> {"type": "cache", "target": "/x", "ro": ""}."""
-    row = next(csv.reader([value]), [])
-    fields: dict[str, str] = {}
-    for item in row:
-        name, _, text = item.partition("=")
-        fields[name.strip().lower()] = text.strip()
-    return fields
-
-
 def _cache_mount(
-    fields: Mapping[str, str], stages: list[Stage], index: int, arguments: Mapping[str, str]
+    fields: Mapping[str, str],
+    stages: Sequence[Stage],
+    index: int,
+    values: Mapping[str, str | None],
 ) -> tuple[CacheMount | None, str]:
     target = fields.get("target") or fields.get("dst") or fields.get("destination") or ""
     cache_id = fields.get("id") or target
@@ -146,30 +120,14 @@ def _cache_mount(
         return None, f"{where} is seeded from {fields['from']}: not kept"
     if not target or any(char in cache_id + target for char in '$,"'):
         return None, f"{where}: its id or target is not a plain path: not kept"
-    base = _root_base(stages, index, arguments)
-    if base is None:
+    base = expand(root_stage(stages, index).base, values)
+    if base.lower() == "scratch" or "$" in base or not base:
         return None, f"{where}: its stage comes from scratch or an unknown image: not kept"
     sharing = fields.get("sharing", "shared") or "shared"
     if sharing not in _SHARING:
         return None, f"{where}: sharing={sharing} is not one BuildKit knows: not kept"
     options = tuple(f"{name}={fields[name]}" for name in _OPTIONS if name in fields)
     return CacheMount(cache_id, target, base, sharing, options), ""
-
-
-def _root_base(stages: list[Stage], index: int, arguments: Mapping[str, str]) -> str | None:
-    """The image a stage finally comes from (a stage named as a base is followed)."""
-    names = {stage.name: stage.index for stage in stages[:index] if stage.name}
-    base = stages[index].base
-    if base.lower() in names:
-        return _root_base(stages, names[base.lower()], arguments)
-
-    def value(match: re.Match[str]) -> str:
-        return arguments.get(match["braced"] or match["plain"], "\0")
-
-    base = _VARIABLE.sub(value, base)
-    if base.lower() == "scratch" or "$" in base or "\0" in base or not base:
-        return None
-    return base
 
 
 # --- the generated builds --------------------------------------------------------------

@@ -18,7 +18,6 @@ copy of the last cache inside the next one). So every build leaves them out:
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,11 +25,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from layerkeep.building.dockerfile import instructions
+from layerkeep.building.dockerfile import parse_dockerfile
 from layerkeep.core.settings import Settings
 
 IGNORE_SUFFIX = ".dockerignore"
-_COPY = re.compile(r"^(COPY|ADD)\s+(?P<args>.*)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ def _copied_outputs(settings: Settings, context: Path) -> list[str]:
     """Outputs the Dockerfile names in COPY/ADD: excluding them would break the build."""
     dockerfile = context / settings.dockerfile
     try:
-        lines = instructions(dockerfile.read_text(encoding="utf-8"))
+        parsed = parse_dockerfile(dockerfile.read_text(encoding="utf-8"))
     except OSError:
         return []  # plan_build reports an unreadable Dockerfile
     excluded = {
@@ -98,21 +96,39 @@ def _copied_outputs(settings: Settings, context: Path) -> list[str]:
         if (pattern := output.pattern(context))
     }
     problems: list[str] = []
-    for line in lines:
-        match = _COPY.match(line)
-        if match is None or "--from" in match["args"]:
-            continue
-        sources = [part for part in match["args"].split()[:-1] if not part.startswith("--")]
-        for source in sources:
-            clean = Path(os.path.normpath(source.strip('"[],'))).as_posix()
-            for folder, output in excluded.items():
-                if clean == folder or clean.startswith(f"{folder}/"):
-                    problems.append(
-                        f"{dockerfile.name} copies {source} from {output.key}={output.path}, "
-                        "which layerkeep keeps out of the build context: point "
-                        f"{output.key} elsewhere, or copy the files from another folder"
-                    )
+    sources = [
+        source
+        for stage in parsed.stages
+        for instruction in stage.instructions
+        if instruction.flag("from") is None  # a COPY --from reads a stage or an image
+        for source in instruction.sources()
+    ]
+    for source in sources:
+        clean = Path(os.path.normpath(source)).as_posix()
+        for folder, output in excluded.items():
+            if clean == folder or clean.startswith(f"{folder}/"):
+                problems.append(
+                    f"{dockerfile.name} copies {source} from {output.key}={output.path}, "
+                    "which layerkeep keeps out of the build context: point "
+                    f"{output.key} elsewhere, or copy the files from another folder"
+                )
     return problems
+
+
+def ignore_file(context: Path, dockerfile: Path, builder: str) -> Path:
+    """The ignore file the builder reads (it may not exist): BuildKit reads
+    ``<Dockerfile>.dockerignore`` when there is one, the classic builder only the
+    context's ``.dockerignore``."""
+    own = dockerfile.with_name(dockerfile.name + IGNORE_SUFFIX)
+    return own if builder == "buildkit" and own.is_file() else context / ".dockerignore"
+
+
+def read_ignore_file(path: Path) -> list[str]:
+    """The patterns of an ignore file, in order; none when there is no such file."""
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 @contextmanager
@@ -125,8 +141,7 @@ def dockerfile_with_excludes(
     own ``<name>.dockerignore`` if there is one, else the context's ``.dockerignore``.
     Later patterns win, so the user cannot re-include layerkeep's files by accident.
     """
-    own = dockerfile.with_name(dockerfile.name + IGNORE_SUFFIX)
-    rules = own if own.is_file() else context / ".dockerignore"
+    rules = ignore_file(context, dockerfile, "buildkit")
     text = rules.read_text(encoding="utf-8") if rules.is_file() else ""
     with tempfile.TemporaryDirectory(prefix="layerkeep-dockerfile-") as folder:
         copy = Path(folder) / dockerfile.name

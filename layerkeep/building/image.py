@@ -28,8 +28,9 @@ from pathlib import Path
 
 from layerkeep.building.context import context_excludes, dockerfile_with_excludes
 from layerkeep.building.dockerfile import read_stages
-from layerkeep.building.explain import engine_lookup, explain_misses
+from layerkeep.building.explain import explain_misses
 from layerkeep.building.output import BuildkitParser, LegacyParser, ReuseSource, StepTally
+from layerkeep.building.step_inputs import engine_lookup
 from layerkeep.core.engine import Engine, image_layers
 from layerkeep.core.errors import BuildFailed, ConfigError, ResourceConflict
 from layerkeep.core.imageref import ImageRef, is_valid_tag

@@ -1,4 +1,4 @@
-"""The build records (building.explain) travel with the cache: saved beside it, read back.
+"""The build records (building.build_records) travel with the cache: saved beside it, read back.
 
 - dir backend: ``write_records_file`` puts the records this engine keeps (and those the
   folder had) into ``build-records.json`` in the cache folder, after a save succeeded,
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from layerkeep.building.explain import RECORDS_FILE, kept_records, record_image, records_text
+from layerkeep.building.build_records import RECORDS_FILE, kept_records, record_image, records_text
 from layerkeep.cache.registry_backend import cache_location, cache_scope
 from layerkeep.cache.store import TEMP_PREFIX, CacheDir
 from layerkeep.core.engine import Engine
@@ -84,7 +84,7 @@ def pull_build_records(
     engine: Engine, settings: Settings, *, log: Log, sleep: Sleep = time.sleep
 ) -> bool:
     """Pull the record image (this branch's scope, else the fallback branch's) and name it
-    where building.explain reads it; whether it came."""
+    where building.build_records reads it; whether it came."""
     local = record_image(settings)
     if local is None:
         return False
