@@ -15,7 +15,9 @@ import time
 import uuid
 from pathlib import Path
 
-from layerkeep.building.image import build_image, choose_builder, images_to_cache
+from layerkeep.building.build_plan import images_to_cache
+from layerkeep.building.builder import choose_builder
+from layerkeep.building.image import build_image
 from layerkeep.cache.layer_load import load_images
 from layerkeep.cache.layer_save import save_images
 from layerkeep.cache.store import CacheDir

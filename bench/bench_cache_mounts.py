@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from second_engine import SecondEngine, ensure_docker26, second_engine, transfer_images  # noqa: E402
 
-from layerkeep.building.image import Builder, build_image, choose_builder  # noqa: E402
+from layerkeep.building.builder import Builder, choose_builder  # noqa: E402
+from layerkeep.building.image import build_image  # noqa: E402
 from layerkeep.cache.mount_folder import MountStore  # noqa: E402
 from layerkeep.cache.mount_store import restore_cache_mounts, save_cache_mounts  # noqa: E402
 from layerkeep.core.ci_vars import GitFacts  # noqa: E402

@@ -6,7 +6,7 @@ list of files); none of them connects to the engine or a registry.
 
 from __future__ import annotations
 
-from layerkeep.building.image import images_to_cache, plan_build
+from layerkeep.building.build_plan import images_to_cache, plan_build
 from layerkeep.cache.registry_backend import cache_location
 from layerkeep.core.job import Job
 from layerkeep.core.settings import Settings

@@ -19,9 +19,9 @@ import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
+from layerkeep.building.builder import buildkit_cli
 from layerkeep.building.context import ignore_file, preflight_context, read_ignore_file
 from layerkeep.building.dockerfile import instructions
-from layerkeep.building.image import buildkit_cli
 from layerkeep.core.engine import context_files
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings

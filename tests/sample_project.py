@@ -17,7 +17,8 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from layerkeep.building.image import BuildReport, build_image, choose_builder
+from layerkeep.building.builder import choose_builder
+from layerkeep.building.image import BuildReport, build_image
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Settings, load_settings

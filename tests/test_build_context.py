@@ -28,19 +28,14 @@ import pytest
 from conftest import SESSION_LABEL, TEST_LABEL, TEST_REPOSITORY, remove_test_images
 from second_engine import SecondEngineUnavailable, ensure_docker26, second_engine, transfer_images
 
+from layerkeep.building.build_plan import plan_build
+from layerkeep.building.builder import Builder, choose_builder
 from layerkeep.building.context import (
     context_excludes,
     dockerfile_with_excludes,
     preflight_context,
 )
-from layerkeep.building.image import (
-    Builder,
-    BuildReport,
-    _shortest_first,
-    build_image,
-    choose_builder,
-    plan_build,
-)
+from layerkeep.building.image import BuildReport, _shortest_first, build_image
 from layerkeep.cache.backend import load_cache, save_cache
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
@@ -131,6 +126,18 @@ def test_preflight_names_a_copy_of_an_excluded_folder(tmp_path: Path) -> None:
         "which layerkeep keeps out of the build context: point LAYERKEEP_REPORTS_DIR "
         "elsewhere, or copy the files from another folder"
     ]
+
+
+def test_preflight_reads_a_copy_in_json_form(tmp_path: Path) -> None:
+    project = copy_fixture(tmp_path)
+    dockerfile = project / "Dockerfile"
+    dockerfile.write_text(
+        dockerfile.read_text() + 'COPY ["app.py","reports/junit.xml","/opt/"]\n'
+        "COPY --from=0 reports/ /opt/reports/\n"
+    )
+    problems = preflight_context(settings_for(project))
+    assert len(problems) == 1
+    assert problems[0].startswith("Dockerfile copies reports/junit.xml from LAYERKEEP_REPORTS_DIR")
 
 
 def test_buildkit_ignore_file_keeps_the_users_rules_first(tmp_path: Path) -> None:

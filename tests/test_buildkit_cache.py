@@ -25,7 +25,8 @@ from second_engine import (
     transfer_images,
 )
 
-from layerkeep.building.image import Builder, BuildReport, choose_builder
+from layerkeep.building.builder import Builder, choose_builder
+from layerkeep.building.image import BuildReport
 from layerkeep.cache.backend import SaveOutcome, build_with_cache, save_cache
 from layerkeep.cache.buildkit_dir import FOLDER, STAGINGS
 from layerkeep.cache.buildkit_layout import (

@@ -21,7 +21,9 @@ from conftest import SESSION_LABEL, TEST_LABEL
 from sample_project import make_project
 from second_engine import SecondEngineUnavailable, ensure_docker26, second_engine, transfer_images
 
-from layerkeep.building.image import build_image, choose_builder, images_to_cache
+from layerkeep.building.build_plan import images_to_cache
+from layerkeep.building.builder import choose_builder
+from layerkeep.building.image import build_image
 from layerkeep.cache.archive import read_saved
 from layerkeep.cache.layer_load import load_images
 from layerkeep.cache.layer_save import save_images

@@ -27,8 +27,10 @@ from second_engine import (
     transfer_images,
 )
 
+from layerkeep.building.build_plan import plan_build
+from layerkeep.building.builder import Builder, choose_builder
 from layerkeep.building.cache_mounts import CacheMount, find_cache_mounts
-from layerkeep.building.image import Builder, build_image, choose_builder, plan_build
+from layerkeep.building.image import build_image
 from layerkeep.cache.mount_folder import MountStore
 from layerkeep.cache.mount_store import (
     cache_mounts,
@@ -91,6 +93,21 @@ def test_a_build_arg_names_the_base_the_generated_builds_use() -> None:
     unknown = find_cache_mounts("FROM $IMAGE\nRUN --mount=type=cache,target=/c true\n", {})
     assert unknown.mounts == ()
     assert "unknown image" in unknown.notes[0]
+
+
+def test_global_args_are_read_as_the_builder_reads_them() -> None:
+    # Quotes are not part of a default, one ARG may declare several names, and a name
+    # without a default gives no base.
+    text = (
+        'ARG REGISTRY="docker.io/library" PYTHON=3.11 TAG\n'
+        "FROM ${REGISTRY}/python:${PYTHON}-slim\n"
+        "RUN --mount=type=cache,target=/c true\n"
+        "FROM python:${TAG}\n"
+        "RUN --mount=type=cache,target=/d true\n"
+    )
+    found = find_cache_mounts(text, {})
+    assert [(m.id, m.base) for m in found.mounts] == [("/c", "docker.io/library/python:3.11-slim")]
+    assert [note.split(":")[0] for note in found.notes] == ["cache mount /d (stage 1)"]
 
 
 def test_the_classic_builder_and_the_opt_out_keep_nothing(tmp_path: Path) -> None:

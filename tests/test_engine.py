@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pytest
 
-from layerkeep.building.image import _remove_replaced
+from layerkeep.building.replaced_images import remove_replaced
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, translate
 from layerkeep.core.errors import (
@@ -350,7 +350,7 @@ def test_space_a_build_freed_while_another_job_asks_is_unknown(
     def replace_and_remove() -> int | None:
         old = tiny_image(engine, reference)
         tiny_image(engine, reference)  # the build's new image takes the tag
-        freed = _remove_replaced(engine, [old], lines.append)
+        freed = remove_replaced(engine, [old], lines.append)
         assert engine.image_attrs(old) is None  # removed, whatever the figure says
         return freed
 

@@ -30,7 +30,9 @@ from second_engine import (
     transfer_images,
 )
 
-from layerkeep.building.image import Builder, BuildReport, choose_builder, images_to_cache
+from layerkeep.building.build_plan import images_to_cache
+from layerkeep.building.builder import Builder, choose_builder
+from layerkeep.building.image import BuildReport
 from layerkeep.cache.backend import build_with_cache, load_cache, save_cache
 from layerkeep.cache.layer_load import LoadReport
 from layerkeep.core.ci_vars import GitFacts

@@ -20,6 +20,7 @@ import pytest
 from gitrepos import Scripted
 from registry_setup import running_registry
 
+from layerkeep.building.build_plan import images_to_cache
 from layerkeep.building.build_records import (
     RECORDS_FILE,
     Maker,
@@ -27,8 +28,9 @@ from layerkeep.building.build_records import (
     record_image,
     records_text,
 )
+from layerkeep.building.builder import choose_builder
 from layerkeep.building.explain import MissLine, files_changed, first_misses, miss_files
-from layerkeep.building.image import BuildReport, build_image, choose_builder, images_to_cache
+from layerkeep.building.image import BuildReport, build_image
 from layerkeep.building.output import StepTally
 from layerkeep.building.step_inputs import ContextFiles, StageInputs, read_inputs
 from layerkeep.cache.backend import load_cache, save_cache

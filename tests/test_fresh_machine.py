@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from clean_env import clean_environ
 
-from layerkeep.building.image import Builder, build_image
+from layerkeep.building.builder import Builder
+from layerkeep.building.image import build_image
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.engine_start import ensure_engine, start_refusal

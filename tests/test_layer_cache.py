@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sample_project import build, make_project
 
-from layerkeep.building.image import images_to_cache
+from layerkeep.building.build_plan import images_to_cache
 from layerkeep.cache.layer_load import load_images
 from layerkeep.cache.layer_save import save_images
 from layerkeep.cache.store import CacheDir

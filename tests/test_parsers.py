@@ -7,7 +7,13 @@ import tarfile
 
 import pytest
 
-from layerkeep.building.dockerfile import instructions, read_stages
+from layerkeep.building.dockerfile import (
+    expand,
+    instructions,
+    parse_dockerfile,
+    read_stages,
+    root_stage,
+)
 from layerkeep.building.output import BuildkitParser, LegacyParser, StepTally
 from layerkeep.core.imageref import is_valid_tag, parse_image_ref
 from layerkeep.core.tarstream import Entry, reader_over, write_tar
@@ -46,6 +52,35 @@ def test_escape_directive() -> None:
     text = "# escape=`\nFROM base AS a\nRUN echo `\n  hi\nFROM a\n"
     assert instructions(text)[1].split() == ["RUN", "echo", "hi"]
     assert [s.name for s in read_stages(text)] == ["a", None]
+
+
+def test_instructions_parts_args_and_stage_references() -> None:
+    parsed = parse_dockerfile(
+        'ARG BASE="python:3.11-slim" TOOL\n'
+        "FROM ${BASE} AS deps\n"
+        "RUN --mount=type=cache,target=/root/.cache,id=pip --mount=type=secret,id=t \\\n"
+        "    pip   install x\n"
+        'COPY --from=deps --chown=1:1 ["a","b c","/dst/"]\n'
+        "ADD src/ lib/ /app/\n"
+        "FROM deps AS app\n"
+        "ARG TOOL=make\n"
+        "FROM app\n"
+    )
+    assert parsed.global_args == {"BASE": "python:3.11-slim", "TOOL": None}
+    deps, app, final = parsed.stages
+    run, copy, add = deps.instructions[1:]
+    assert run.text.endswith("id=t pip install x")
+    assert (run.keyword, run.args) == ("RUN", "pip install x")
+    assert run.mounts() == [
+        {"type": "cache", "target": "/root/.cache", "id": "pip"},
+        {"type": "secret", "id": "t"},
+    ]
+    assert (copy.flag("from"), copy.flag("chown"), copy.sources()) == ("deps", "1:1", ["a", "b c"])
+    assert (add.flag("from"), add.sources(), add.mounts()) == (None, ["src/", "lib/"], [])
+    assert app.instructions[1].declared() == {"TOOL": "make"}
+    assert root_stage(parsed.stages, final.index) == deps
+    assert expand(deps.base, parsed.global_args) == "python:3.11-slim"
+    assert expand("$TOOL:${BASE}", parsed.global_args) == "$TOOL:python:3.11-slim"
 
 
 def test_legacy_tally_counts_first_sightings_and_skips_from() -> None:

@@ -22,7 +22,8 @@ from registry_setup import Registry, running_registry
 from sample_project import build, make_project
 from second_engine import SecondEngineUnavailable, second_engine
 
-from layerkeep.building.image import Builder, images_to_cache
+from layerkeep.building.build_plan import images_to_cache
+from layerkeep.building.builder import Builder
 from layerkeep.cache.backend import save_cache
 from layerkeep.cache.registry_backend import (
     cache_location,

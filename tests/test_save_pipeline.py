@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from sample_project import build, make_project
 
-from layerkeep.building.image import build_image, choose_builder, images_to_cache
+from layerkeep.building.build_plan import images_to_cache
+from layerkeep.building.builder import choose_builder
+from layerkeep.building.image import build_image
 from layerkeep.cache.archive import LayerSource, legacy_archive
 from layerkeep.cache.layer_load import load_images
 from layerkeep.cache.layer_save import SaveReport, save_images

@@ -27,7 +27,8 @@ from clean_env import clean_environ
 from conftest import SESSION_LABEL, TEST_LABEL
 from second_engine import SecondEngineUnavailable, ensure_docker26, second_engine, transfer_images
 
-from layerkeep.building.image import Builder, build_image, choose_builder
+from layerkeep.building.builder import Builder, choose_builder
+from layerkeep.building.image import build_image
 from layerkeep.cache.backend import load_cache, save_cache
 from layerkeep.cache.mount_folder import FORMAT as MOUNTS_FORMAT
 from layerkeep.cache.mount_folder import MountStore

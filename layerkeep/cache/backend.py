@@ -11,13 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from layerkeep.building.image import (
-    Builder,
-    BuildReport,
-    build_image,
-    images_to_cache,
-    own_layers_from,
-)
+from layerkeep.building.build_plan import images_to_cache, own_layers_from
+from layerkeep.building.builder import Builder
+from layerkeep.building.image import BuildReport, build_image
 from layerkeep.cache.buildkit_build import (
     build_with_buildkit_cache,
     registry_export,

@@ -22,16 +22,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from layerkeep.building.build_plan import images_to_cache, plan_build
+from layerkeep.building.builder import Builder
 from layerkeep.building.cli_config import docker_config_with
-from layerkeep.building.image import (
-    Builder,
-    BuildReport,
-    CacheExport,
-    CacheExportFailed,
-    build_image,
-    images_to_cache,
-    plan_build,
-)
+from layerkeep.building.image import BuildReport, CacheExport, build_image
+from layerkeep.building.target_build import CacheExportFailed
 from layerkeep.cache.buildkit_dir import (
     CommitReport,
     commit,

@@ -25,9 +25,10 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layerkeep.building.build_plan import plan_build
+from layerkeep.building.builder import Builder
 from layerkeep.building.cache_mounts import EMPTY_TAR, CacheMount, export_mount, import_mount
 from layerkeep.building.cache_mounts import find_cache_mounts as find_in_dockerfile
-from layerkeep.building.image import Builder, plan_build
 from layerkeep.cache.mount_folder import CHUNK, MountStore
 from layerkeep.cache.mount_registry import MountRegistry, mount_registry
 from layerkeep.cache.store import CorruptCache

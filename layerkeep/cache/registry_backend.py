@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from layerkeep.building.image import plan_build
+from layerkeep.building.build_plan import plan_build
 from layerkeep.building.inline_cache import complete
 from layerkeep.cache.archive import image_id_of
 from layerkeep.cache.layer_load import LoadReport

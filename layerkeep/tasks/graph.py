@@ -28,7 +28,7 @@ from invoke.collection import Collection
 from invoke.context import Context
 from invoke.tasks import Call, Task
 
-from layerkeep.building.image import Builder
+from layerkeep.building.builder import Builder
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import LayerkeepError
 from layerkeep.core.settings import FLAGS, Key, Settings

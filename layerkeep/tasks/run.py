@@ -25,7 +25,7 @@ from invoke.exceptions import Exit, UnexpectedExit
 from invoke.parser import ParseResult
 from invoke.tasks import Call, Task
 
-from layerkeep.building.image import Builder, choose_builder
+from layerkeep.building.builder import Builder, choose_builder
 from layerkeep.core.engine import ENGINE_ERRORS, Engine, translate
 from layerkeep.core.errors import ConfigError, LayerkeepError
 from layerkeep.core.joblock import JobLock, hold_build_id
