@@ -372,9 +372,9 @@ def stages_of(tmp_path: Path, dockerfile: str) -> list[StageInputs]:
     (tmp_path / "Dockerfile").write_text(dockerfile)
     (tmp_path / ".env").write_text("LAYERKEEP_IMAGE=app\n")
     settings = load_settings(tmp_path, {}, git_facts=lambda _: GitFacts("", ""))
+    files = ContextFiles(tmp_path, [], {})
     return read_inputs(
-        settings, dockerfile=tmp_path / "Dockerfile", builder="legacy", excludes=(),
-        lookup=lambda _: None,
+        tmp_path / "Dockerfile", settings.build_args, lookup=lambda _: None, files=files
     )
 
 

@@ -90,10 +90,7 @@ def explain_misses(
         settings, dockerfile=dockerfile, builder=builder, excludes=excludes,
         known=last.files if last else {},
     )
-    stages = read_inputs(
-        settings, dockerfile=dockerfile, builder=builder, excludes=excludes, lookup=lookup,
-        files=files,
-    )
+    stages = read_inputs(dockerfile, settings.build_args, lookup=lookup, files=files)
     maker = Maker(str(engine.server_version().get("Version", "")), builder)
     cached = {image: found for image, found in before.items() if found}
     missed = first_misses(tally, builder, stages)

@@ -85,25 +85,19 @@ class StageInputs:
 
 
 def read_inputs(
-    settings: Settings,
-    *,
     dockerfile: Path,
-    builder: str,
-    excludes: Sequence[str],
+    build_args: Mapping[str, str],
+    *,
     lookup: ImageLookup,
-    files: ContextFiles | None = None,
+    files: ContextFiles,
 ) -> list[StageInputs]:
     """Every stage's steps and their inputs, as the builder sees them now.
 
     ``lookup`` finds a base or ``--from`` image (``engine_lookup``); ``files`` is the
-    context (by default read whole).
+    context as the builder reads it (``ContextFiles.for_build``).
     """
     parsed = parse_dockerfile(dockerfile.read_text("utf-8"))
-    if files is None:
-        files = ContextFiles.for_build(
-            settings, dockerfile=dockerfile, builder=builder, excludes=excludes, known={}
-        )
-    args = dict(settings.build_args)
+    args = dict(build_args)
     stages: list[StageInputs] = []
     for stage in parsed.stages:
         steps = [_from_step(lookup, stage, parsed, args)]
