@@ -36,7 +36,8 @@ from invoke.executor import Executor
 from invoke.program import Program
 from invoke.tasks import Call, Task
 
-from .run import LayerkeepTask, Run
+from .layerkeep_task import LayerkeepTask
+from .run import Run
 from .taskkit import say
 
 

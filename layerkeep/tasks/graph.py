@@ -34,7 +34,8 @@ from layerkeep.core.errors import LayerkeepError
 from layerkeep.core.settings import FLAGS, Key, Settings
 
 from .executor import LayerkeepExecutor
-from .run import Done, LayerkeepTask, Note, Role, Skipped, run_of, title_of
+from .layerkeep_task import Done, LayerkeepTask, Note, Role, Skipped, title_of
+from .run import run_of
 from .taskkit import say
 
 __all__ = [

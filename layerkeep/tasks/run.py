@@ -1,143 +1,43 @@
-"""One command's run: its plan, settings, lock, failures, cleanup, summary and report.
+"""One command's run: its plan, run in order, with failures, cleanup, summary and report.
 
 :class:`~.executor.LayerkeepExecutor` makes one :class:`Run` for the calls of one `inv`
 command and runs it; every task of the run gets a :class:`RunContext`, through which it
-reaches the run's settings, engine and cleanup registry (see graph.py's helpers).
+reaches the run's settings (run_settings.py: flags, the build-id lock), engine and
+cleanup registry (see graph.py's helpers). A failure is one line (failures.py), signals
+interrupt the work and wait for cleanup (run_signals.py), and the run ends with its
+summary and report (run_report.py).
 """
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from types import FrameType
-from typing import Any, Literal
+from typing import Any
 
 from invoke.collection import Collection
 from invoke.config import Config
 from invoke.context import Context
-from invoke.exceptions import Exit, UnexpectedExit
+from invoke.exceptions import Exit
 from invoke.parser import ParseResult
 from invoke.tasks import Call, Task
 
 from layerkeep.building.builder import Builder, choose_builder
-from layerkeep.core.engine import ENGINE_ERRORS, Engine, translate
-from layerkeep.core.errors import ConfigError, LayerkeepError
-from layerkeep.core.joblock import JobLock, hold_build_id
-from layerkeep.core.outcome import (
-    Result,
-    TaskRecord,
-    format_summary,
-    markdown_summary,
-    report_document,
-    write_report,
-)
-from layerkeep.core.settings import FLAGS, Key, Settings
+from layerkeep.core.engine import Engine
+from layerkeep.core.outcome import Result, TaskRecord, format_summary
+from layerkeep.core.settings import Settings
 from layerkeep.preflight import check_before_start, needs_preflight
 
-from .taskkit import engine_for, environ, load_project_settings, say
+from .failures import Failure, describe_failure
+from .layerkeep_task import Done, LayerkeepTask, Skipped, role_of, title_of
+from .run_report import publish, summary_rows
+from .run_settings import RunSettings
+from .run_signals import RunSignals
+from .taskkit import engine_for, environ, say
 
-Role = Literal["work", "cache", "cleanup", "group"]
-_SIGNAL_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Where the executor lives, as Invoke's tasks.executor_class setting names it.
 EXECUTOR_PATH = f"{__package__}.executor.LayerkeepExecutor"
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """What a task returns when it had nothing to do; the text says why."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Done:
-    """What a task returns: its summary note and its figures for the JSON report."""
-
-    note: str
-    figures: Mapping[str, Any] = field(default_factory=dict)
-
-
-Note = str | Skipped | Done | None
-
-
-class LayerkeepTask(Task[Any]):
-    """An Invoke task with a title for the summary, a role in the run, and the setting
-    flags it takes (``flags``: declared with their settings in core/settings/declarations.py).
-    """
-
-    def __init__(
-        self,
-        body: Callable[..., Any],
-        *,
-        title: str,
-        role: Role,
-        inner: Callable[..., Note],
-        flags: Sequence[Key],
-        uses_job: bool,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(body, **kwargs)
-        self.title = title
-        self.role = role
-        self.inner = inner
-        self.flags = tuple(flags)
-        self.uses_job = uses_job
-
-
-def title_of(task: Task[Any]) -> str:
-    """The name a task has in the summary."""
-    return task.title if isinstance(task, LayerkeepTask) else str(task.name)
-
-
-def role_of(task: Task[Any]) -> Role:
-    """A task's role; a project's plain Invoke task is work."""
-    return task.role if isinstance(task, LayerkeepTask) else "work"
-
-
-class Interrupted(BaseException):
-    """A termination signal arrived while the run worked."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A failure as a user sees it: one line and an exit code."""
-
-    line: str
-    code: int
-    interrupted: bool = False
-
-
-def describe_failure(error: BaseException) -> Failure:
-    """Turn whatever a task raised into one line and an exit code: the one place."""
-    if isinstance(error, ENGINE_ERRORS):
-        error = translate(error)
-    if isinstance(error, LayerkeepError):
-        return Failure(error.one_line(), error.exit_code)
-    if isinstance(error, Interrupted | KeyboardInterrupt):
-        signum = error.signum if isinstance(error, Interrupted) else signal.SIGINT
-        name = signal.Signals(signum).name
-        return Failure(f"interrupted by {name}", 128 + signum, interrupted=True)
-    if isinstance(error, UnexpectedExit):
-        result = error.result
-        return Failure(f"command {result.command!r} exited {result.exited}", result.exited or 1)
-    if isinstance(error, Exit):
-        message = str(error.message or "stopped").removeprefix("layerkeep: ")
-        return Failure(message, error.code)
-    if isinstance(error, SystemExit):
-        code = error.code if isinstance(error.code, int) else 1
-        return Failure(f"exited {code}", code or 1)
-    text = " ".join(str(error).split()) or "no message"
-    return Failure(f"{type(error).__name__}: {text[:300]}", 1)
 
 
 class RunContext(Context):
@@ -195,20 +95,17 @@ class Run:
         self.cleanups: list[Task[Any]] = []
         self.failing = False
         self.error = ""
-        self._flags: dict[str, tuple[str, str]] = {}
-        self._loaded: Settings | None = None
-        self._current: Settings | None = None
-        self._lock: JobLock | None = None
+        self._settings = RunSettings(config, lock=self.holds_job and not self.dry)
+        self._signals = RunSignals()
         self._engines: dict[tuple[str, str], Engine] = {}
         self._builders: dict[tuple[str, str, str, str], Builder] = {}
-        self._old_handlers: dict[int, Any] = {}
 
     # Running ---------------------------------------------------------------------------
 
     def execute(self) -> dict[Task[Any], Any]:
         """Check, then run every task of the plan once; clean up and report, whatever
         happens. A failure ends as :class:`Exit` with its one line and exit code."""
-        self._arm_signals()
+        self._signals.arm()
         try:
             try:
                 self._prepare()
@@ -226,7 +123,7 @@ class Run:
                 self.error = failure.line
             if failure is not None:
                 self._clean_up()
-            self._hold_signals("the summary")
+            self._signals.hold("the summary")
             self._finish()
             if failure is not None:
                 sys.stdout.flush()
@@ -237,11 +134,11 @@ class Run:
 
     def _prepare(self) -> None:
         """The dry run's plan line, the settings with every flag, the lock, preflight."""
-        self._flags = _named_flags(self.named)
+        self._settings.take_flags(self.named)
         if self.dry:
             steps = " -> ".join(title_of(t) for t in self.tasks if role_of(t) != "group")
             say(f"dry run, nothing is changed; plan: {steps}")
-        if not (self.holds_job or self._flags):
+        if not (self.holds_job or self._settings.flags):
             return
         current = self.settings()
         if self.dry or not needs_preflight({title_of(t) for t in self.tasks}):
@@ -290,7 +187,7 @@ class Run:
         """A task the entries depend on, when the user asked to run only the entries."""
         if task in self.entries or role_of(task) == "group" or self.failing:
             return False
-        return self._loaded is not None and self.settings().skip_dependencies
+        return self._settings.loaded is not None and self.settings().skip_dependencies
 
     def _failed(
         self, task: Task[Any], error: BaseException, seconds: float, wall: float
@@ -315,9 +212,9 @@ class Run:
         Without settings (they did not load) this run cannot have started anything.
         """
         self.failing = True
-        if self._loaded is None:
+        if self._settings.loaded is None:
             return
-        self._hold_signals("cleanup")
+        self._signals.hold("cleanup")
         pending = [t for t in self.tasks if role_of(t) == "cleanup" and t not in self.records]
         pending += [t for t in self.cleanups if t not in self.records and t not in pending]
         for task in pending:
@@ -331,86 +228,27 @@ class Run:
     # The summary and the report ------------------------------------------------------
 
     def _finish(self) -> None:
-        rows = self.summary_rows()
+        rows = summary_rows(self.tasks, self.records)
         if len(rows) > 1 or self.failing:
             say("")
             say(format_summary(rows))
-        self._publish(rows)
+        current = self._settings.current
+        if current is not None and not self.dry and self.holds_job:  # `inv settings` only looks
+            publish(rows, current, entries=self.entries, error=self.error)
 
-    def summary_rows(self) -> list[TaskRecord]:
-        """The plan's rows in order (not run where the run stopped), then extra cleanups."""
-        rows = [
-            self.records.get(task, TaskRecord(title_of(task), "not run"))
-            for task in self.tasks
-            if role_of(task) != "group"
-        ]
-        rows += [
-            record
-            for task, record in self.records.items()
-            if task not in self.tasks and role_of(task) != "group"
-        ]
-        return rows
-
-    def _publish(self, rows: list[TaskRecord]) -> None:
-        """The JSON report in the reports folder; the CI's job summary where it has one."""
-        current = self._current
-        if current is None or self.dry or not self.holds_job:  # `inv settings` only looks
-            return
-        job = {
-            "project": current.project,
-            "build_id": current.build_id,
-            "commit": current.commit,
-            "branch": current.branch,
-        }
-        try:
-            write_report(current.reports_dir, report_document(rows, job=job, error=self.error))
-            step_summary = environ().get("GITHUB_STEP_SUMMARY")
-            if step_summary:
-                title = f"layerkeep: {', '.join(title_of(t) for t in self.entries)}"
-                with Path(step_summary).open("a", encoding="utf-8") as stream:
-                    stream.write(markdown_summary(rows, title=title))
-        except OSError as error:
-            say(f"warning: could not write the run report: {error}")
-
-    # Settings, the job's build id, the engine -----------------------------------------
+    # Settings, the engine, the builder ------------------------------------------------
 
     def settings(self) -> Settings:
         """The settings, loaded once per run, with the flags of every task named on the
         command line; the build id is locked for a run that works for the job."""
-        if self._current is None:
-            if self._loaded is None:
-                self._loaded = load_project_settings(self.config)
-            current = _with_flags(self._loaded, self._flags)
-            if self.holds_job and not self.dry and self._lock is None:
-                self._lock = self._lock_build_id(current)
-            # Flags resolve the settings again, from what was loaded: the locked id
-            # goes on top each time.
-            if self._lock is not None and self._lock.build_id != current.build_id:
-                current = replace(current, build_id=self._lock.build_id)
-            self._current = current
-        return self._current
+        return self._settings.resolve()
 
     @contextmanager
     def flags_for(self, title: str, given: Mapping[str, object]) -> Iterator[None]:
         """Flags a task was called with directly (from another task's body), for that
         call only; those the command line gave already are no change."""
-        keys = {key.field: key for key in _flag_keys(given)}
-        new = {
-            name: (text, title)
-            for name, key in keys.items()
-            if (text := key.flag_text(given[key.param])) is not None
-            and self._flags.get(name, ("", ""))[0] != text
-        }
-        if not new:
+        with self._settings.flags_for(title, given):
             yield
-            return
-        saved = self._flags, self._current
-        self._flags = {**self._flags, **new}
-        self._current = None
-        try:
-            yield
-        finally:
-            self._flags, self._current = saved
 
     def engine(self, settings: Settings) -> Engine:
         """One connection per job for the whole run, closed when the run ends."""
@@ -430,108 +268,10 @@ class Run:
             )
         return self._builders[key]
 
-    def _lock_build_id(self, settings: Settings) -> JobLock:
-        # Only the built-in "local" (no CI, nothing set) may move to a free id.
-        configured = not (
-            settings.build_id == "local"
-            and settings.origins.get("LAYERKEEP_BUILD_ID", "default").startswith("default")
-        )
-        lock = hold_build_id(
-            environ().get("DOCKER_HOST", "unix:///var/run/docker.sock"),
-            settings.project,
-            settings.build_id,
-            configured=configured,
-            command=" ".join(["inv", *sys.argv[1:]]),
-        )
-        if lock.build_id != settings.build_id:
-            say(
-                f"build id {settings.build_id!r} is in use by another run on this engine; "
-                f"this run uses {lock.build_id!r}"
-            )
-        return lock
-
     def _release(self) -> None:
         for connected in self._engines.values():
             connected.close()
         self._engines = {}
         self._builders = {}
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
-        self._restore_signals()
-
-    # Signals ---------------------------------------------------------------------------
-
-    def _arm_signals(self) -> None:
-        """SIGTERM (what CI sends on cancel) interrupts the run like SIGINT does."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in _SIGNAL_CODES:
-            self._old_handlers[signum] = signal.signal(signum, _interrupt)
-
-    def _hold_signals(self, what: str) -> None:
-        """A signal is noted, not acted on, while ``what`` must finish."""
-        if not self._old_handlers:
-            return
-
-        def note(signum: int, _: FrameType | None) -> None:
-            say(f"{signal.Signals(signum).name} received: finishing {what} first")
-
-        for signum in _SIGNAL_CODES:
-            signal.signal(signum, note)
-
-    def _restore_signals(self) -> None:
-        for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)
-        self._old_handlers = {}
-
-
-def _interrupt(signum: int, _: FrameType | None) -> None:
-    raise Interrupted(signum)
-
-
-def _flag_keys(given: Mapping[str, object]) -> list[Key]:
-    return [key for key in FLAGS.values() if key.param in given]
-
-
-def _named_flags(named: Sequence[Call]) -> dict[str, tuple[str, str]]:
-    """The setting flags of the tasks named on the command line: field -> (text, task).
-
-    They hold for every task of the command. One flag given two values (by two tasks)
-    is an error: the run has one settings object.
-    """
-    flags: dict[str, tuple[str, str]] = {}
-    for call in named:
-        task = call.task
-        if not isinstance(task, LayerkeepTask):
-            continue
-        for key in task.flags:
-            text = key.flag_text(call.kwargs.get(key.param))
-            if text is None:
-                continue
-            earlier = flags.get(key.field)
-            if earlier is not None and earlier[0] != text:
-                raise ConfigError(
-                    f"{key.flag} is given twice: {earlier[0]!r} ({earlier[1]}) and "
-                    f"{text!r} ({task.title})",
-                    key=key.name,
-                    hint="give it once: it holds for every task of the command",
-                )
-            flags[key.field] = (text, task.title)
-    return flags
-
-
-def _with_flags(settings: Settings, flags: Mapping[str, tuple[str, str]]) -> Settings:
-    """``settings`` with the flags on top; a bad value is named with its task."""
-    try:
-        return settings.with_flags(**{name: text for name, (text, _) in flags.items()})
-    except ConfigError as error:
-        title = next(
-            (task for name, (_, task) in flags.items() if error.key == f"LAYERKEEP_{name.upper()}"),
-            "",
-        )
-        if not title:
-            raise
-        raise ConfigError(
-            f"{title}: {error.message}", key=error.key, hint=error.hint
-        ) from None
+        self._settings.release()
+        self._signals.restore()
