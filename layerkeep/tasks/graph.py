@@ -160,12 +160,12 @@ def settings(c: Context) -> Settings:
 
 def engine(c: Context, settings: Settings) -> Engine:
     """The run's engine connection for the job ``settings`` describe."""
-    return run_of(c).engine(settings)
+    return run_of(c).engines.engine(settings)
 
 
 def resolved_builder(c: Context, settings: Settings) -> Builder:
-    """The run's builder (see :meth:`Run.builder`) for ``settings``."""
-    return run_of(c).builder(settings)
+    """The run's builder (see :meth:`RunEngines.builder`) for ``settings``."""
+    return run_of(c).engines.builder(settings)
 
 
 def register_cleanup(c: Context, task: Task[Any]) -> None:

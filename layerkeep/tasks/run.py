@@ -2,10 +2,10 @@
 
 :class:`~.executor.LayerkeepExecutor` makes one :class:`Run` for the calls of one `inv`
 command and runs it; every task of the run gets a :class:`RunContext`, through which it
-reaches the run's settings (run_settings.py: flags, the build-id lock), engine and
-cleanup registry (see graph.py's helpers). A failure is one line (failures.py), signals
-interrupt the work and wait for cleanup (run_signals.py), and the run ends with its
-summary and report (run_report.py).
+reaches the run's settings (run_settings.py: flags, the build-id lock), engines
+(run_engines.py) and cleanup registry (see graph.py's helpers). A failure is one line
+(failures.py), signals interrupt the work and wait for cleanup (run_signals.py), and
+the run ends with its summary and report (run_report.py).
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ from invoke.exceptions import Exit
 from invoke.parser import ParseResult
 from invoke.tasks import Call, Task
 
-from layerkeep.building.builder import Builder, choose_builder
-from layerkeep.core.engine import Engine
-from layerkeep.core.outcome import Result, TaskRecord, format_summary
+from layerkeep.core.outcome import TaskRecord, format_summary
 from layerkeep.core.settings import Settings
 from layerkeep.preflight import check_before_start, needs_preflight
 
 from .failures import Failure, describe_failure
-from .layerkeep_task import Done, LayerkeepTask, Skipped, role_of, title_of
-from .run_report import publish, summary_rows
+from .layerkeep_task import LayerkeepTask, Skipped, role_of, title_of
+from .run_engines import RunEngines
+from .run_report import publish, summary_rows, task_row
 from .run_settings import RunSettings
 from .run_signals import RunSignals
-from .taskkit import engine_for, environ, say
+from .taskkit import environ, say
 
 # Where the executor lives, as Invoke's tasks.executor_class setting names it.
 EXECUTOR_PATH = f"{__package__}.executor.LayerkeepExecutor"
@@ -97,8 +96,7 @@ class Run:
         self.error = ""
         self._settings = RunSettings(config, lock=self.holds_job and not self.dry)
         self._signals = RunSignals()
-        self._engines: dict[tuple[str, str], Engine] = {}
-        self._builders: dict[tuple[str, str, str, str], Builder] = {}
+        self.engines = RunEngines()
 
     # Running ---------------------------------------------------------------------------
 
@@ -160,19 +158,9 @@ class Run:
         self.results[task] = result
         if call.autoprint and task in self.entries:
             print(result)
-        outcome: Result = "ok"
-        text, figures = "", {}
-        if isinstance(result, Skipped):
-            outcome, text = "skipped", result.reason
-        elif self.dry:
-            outcome = "would run"
-        elif isinstance(result, Done):
-            text, figures = result.note, dict(result.figures)
-        elif isinstance(result, str):
-            text = result
-        self.records[task] = TaskRecord(
-            title_of(task), outcome, time.monotonic() - started, text, self.failing, wall,
-            figures,
+        self.records[task] = task_row(
+            task, result, dry=self.dry, seconds=time.monotonic() - started,
+            cleanup=self.failing, started=wall,
         )
         return None
 
@@ -236,7 +224,7 @@ class Run:
         if current is not None and not self.dry and self.holds_job:  # `inv settings` only looks
             publish(rows, current, entries=self.entries, error=self.error)
 
-    # Settings, the engine, the builder ------------------------------------------------
+    # Settings --------------------------------------------------------------------------
 
     def settings(self) -> Settings:
         """The settings, loaded once per run, with the flags of every task named on the
@@ -250,28 +238,7 @@ class Run:
         with self._settings.flags_for(title, given):
             yield
 
-    def engine(self, settings: Settings) -> Engine:
-        """One connection per job for the whole run, closed when the run ends."""
-        key = (settings.project, settings.build_id)
-        if key not in self._engines:
-            self._engines[key] = engine_for(settings)
-        return self._engines[key]
-
-    def builder(self, settings: Settings) -> Builder:
-        """The builder the settings resolve to, found once per run (probing the docker
-        CLIs takes a few subprocesses) and shared by cache.load, image.build and
-        cache.save."""
-        key = (settings.project, settings.build_id, settings.builder, settings.docker_cli)
-        if key not in self._builders:
-            self._builders[key] = choose_builder(
-                settings.builder, environ(), cli=settings.docker_cli, engine=self.engine(settings)
-            )
-        return self._builders[key]
-
     def _release(self) -> None:
-        for connected in self._engines.values():
-            connected.close()
-        self._engines = {}
-        self._builders = {}
+        self.engines.close()
         self._settings.release()
         self._signals.restore()

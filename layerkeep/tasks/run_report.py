@@ -1,4 +1,5 @@
-"""A run's summary rows, and its report: the JSON file and the CI's job summary."""
+"""A run's rows (a task's result, time and note), and its report: the JSON file and
+the CI's job summary."""
 
 from __future__ import annotations
 
@@ -8,11 +9,35 @@ from typing import Any
 
 from invoke.tasks import Task
 
-from layerkeep.core.outcome import TaskRecord, markdown_summary, report_document, write_report
+from layerkeep.core.outcome import (
+    Result,
+    TaskRecord,
+    markdown_summary,
+    report_document,
+    write_report,
+)
 from layerkeep.core.settings import Settings
 
-from .layerkeep_task import role_of, title_of
+from .layerkeep_task import Done, Skipped, role_of, title_of
 from .taskkit import environ, say
+
+
+def task_row(
+    task: Task[Any], result: Any, *, dry: bool, seconds: float, cleanup: bool, started: float
+) -> TaskRecord:
+    """The row of a task that returned ``result`` (``Skipped``, ``Done``, a note or
+    nothing); ``started`` is the wall-clock time it started at."""
+    outcome: Result = "ok"
+    text, figures = "", {}
+    if isinstance(result, Skipped):
+        outcome, text = "skipped", result.reason
+    elif dry:
+        outcome = "would run"
+    elif isinstance(result, Done):
+        text, figures = result.note, dict(result.figures)
+    elif isinstance(result, str):
+        text = result
+    return TaskRecord(title_of(task), outcome, seconds, text, cleanup, started, figures)
 
 
 def summary_rows(
