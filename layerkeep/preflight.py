@@ -21,7 +21,7 @@ from pathlib import Path
 
 from layerkeep.building.builder import buildkit_cli
 from layerkeep.building.context import ignore_file, preflight_context, read_ignore_file
-from layerkeep.building.dockerfile import instructions
+from layerkeep.building.dockerfile import directives, read_instructions
 from layerkeep.core.engine import context_files
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings
@@ -31,12 +31,10 @@ BUILDS = frozenset({"image.build"})
 NEED_IMAGE = frozenset({"image.build", "cache.save", "db.init", "test.run", "release.push"})
 CHECKED = NEED_IMAGE
 
-_RUN_FLAGS = re.compile(r"^RUN\s+(?:--\S+\s+)*?(--(?:mount|network|security)\b)\S*", re.I)
-_COPY_FLAGS = re.compile(
-    r"^(?:COPY|ADD)\s+(?:--\S+\s+)*?(--(?:link|chmod|parents|checksum|keep-git-dir)\b)\S*", re.I
-)
+# The flags only BuildKit reads, per instruction.
+_COPY_FLAGS = ("link", "chmod", "parents", "checksum", "keep-git-dir")
+_BUILDKIT_FLAGS = {"RUN": ("mount", "network", "security"), "COPY": _COPY_FLAGS, "ADD": _COPY_FLAGS}
 _HEREDOC = re.compile(r"^(?:RUN|COPY|ADD)\s.*?(?<!<)<<-?\s*[\"']?[A-Za-z_]\w*[\"']?", re.I)
-_SYNTAX = re.compile(r"^#\s*syntax\s*=\s*(\S+)", re.I)
 # Frontends that read Dockerfiles: the classic builder reads the same language.
 _DOCKERFILE_FRONTEND = re.compile(r"^(?:docker\.io/)?docker/dockerfile(?::\S*)?(?:@\S+)?$")
 
@@ -151,20 +149,17 @@ def _build_problems(
 def buildkit_features(text: str) -> list[str]:
     """What in this Dockerfile only BuildKit can build, each as a short quote."""
     found: list[str] = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if not stripped.startswith("#"):
-            break  # parser directives come first
-        syntax = _SYNTAX.match(stripped)
-        if syntax and not _DOCKERFILE_FRONTEND.match(syntax[1]):
-            found.append(f"the frontend `# syntax={syntax[1]}`")
-    for instruction in instructions(text):
-        keyword = instruction.split(None, 1)[0].upper()
-        flag = _RUN_FLAGS.match(instruction) or _COPY_FLAGS.match(instruction)
+    syntax = directives(text).get("syntax")
+    if syntax and not _DOCKERFILE_FRONTEND.match(syntax):
+        found.append(f"the frontend `# syntax={syntax}`")
+    for instruction in read_instructions(text):
+        keyword = instruction.keyword
+        only = _BUILDKIT_FLAGS.get(keyword, ())
+        flag = next((name for name, _ in instruction.flags if name in only), None)
         if flag:
-            found.append(f"`{keyword} {flag[1]}`")
-        elif _HEREDOC.match(instruction):
-            found.append(f"a heredoc (`{_short(instruction)}`)")
+            found.append(f"`{keyword} --{flag}`")
+        elif _HEREDOC.match(instruction.text):
+            found.append(f"a heredoc (`{_short(instruction.text)}`)")
     return found
 
 

@@ -8,6 +8,7 @@ import tarfile
 import pytest
 
 from layerkeep.building.dockerfile import (
+    directives,
     expand,
     instructions,
     parse_dockerfile,
@@ -52,6 +53,11 @@ def test_escape_directive() -> None:
     text = "# escape=`\nFROM base AS a\nRUN echo `\n  hi\nFROM a\n"
     assert instructions(text)[1].split() == ["RUN", "echo", "hi"]
     assert [s.name for s in read_stages(text)] == ["a", None]
+
+
+def test_directives_are_read_only_atop_the_file() -> None:
+    text = "# Syntax=docker/dockerfile:1\n#escape = `\n# a comment\nFROM a\n# late=1\n"
+    assert directives(text) == {"syntax": "docker/dockerfile:1", "escape": "`"}
 
 
 def test_instructions_parts_args_and_stage_references() -> None:

@@ -1,8 +1,9 @@
 """Read a Dockerfile: its instructions, stages, ARGs, flags and RUN mounts.
 
 The one parser of the language in layerkeep: the build plan (stages to tag), the cache
-mounts to keep (building.cache_mounts), what each step reads (building.step_inputs)
-and the checks before a run all read a Dockerfile through it.
+mounts to keep (building.cache_mounts), what each step reads (building.step_inputs),
+the context's checks (building.context) and the checks before a run (preflight) all
+read a Dockerfile through it.
 """
 
 from __future__ import annotations
@@ -13,21 +14,32 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-_DIRECTIVE = re.compile(r"^#\s*escape\s*=\s*(\S)\s*$", re.IGNORECASE)
+_DIRECTIVE = re.compile(r"^#\s*(?P<name>[A-Za-z]+)\s*=\s*(?P<value>\S+)")
+_ESCAPES = ("\\", "`")
 _FLAGS = re.compile(r"^(?:--\S+\s+)*")
 _VARIABLE = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_]\w*)\}|(?P<plain>[A-Za-z_]\w*))")
 
 
+def directives(text: str) -> dict[str, str]:
+    """The parser directives atop a Dockerfile (``# escape=``, ``# syntax=``): name in
+    lower case -> value."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped.startswith("#"):
+            break
+        match = _DIRECTIVE.match(stripped)
+        if match:
+            found.setdefault(match["name"].lower(), match["value"])
+    return found
+
+
 def instructions(text: str) -> list[str]:
     """Logical instruction lines: continuations joined, comments and blanks dropped."""
-    escape = "\\"
+    escape = directives(text).get("escape", "\\")
+    if escape not in _ESCAPES:
+        escape = "\\"
     lines = text.splitlines()
-    for line in lines:
-        match = _DIRECTIVE.match(line.strip())
-        if match:
-            escape = match.group(1)
-        elif not line.strip().startswith("#"):
-            break
     result: list[str] = []
     current = ""
     for raw in lines:
@@ -142,8 +154,7 @@ def parse_dockerfile(text: str) -> Dockerfile:
     """The stages and global ARGs of the Dockerfile ``text``."""
     global_args: dict[str, str | None] = {}
     sections: list[list[Instruction]] = []
-    for line in instructions(text):
-        instruction = Instruction(" ".join(line.split()))
+    for instruction in read_instructions(text):
         if instruction.keyword == "FROM":
             sections.append([instruction])
         elif sections:
@@ -158,6 +169,11 @@ def _stage(index: int, lines: list[Instruction]) -> Stage:
     base = words[0] if words else ""
     name = words[2].lower() if len(words) >= 3 and words[1].upper() == "AS" else None
     return Stage(index, name, base, tuple(lines))
+
+
+def read_instructions(text: str) -> list[Instruction]:
+    """Every instruction of the Dockerfile, in order."""
+    return [Instruction(" ".join(line.split())) for line in instructions(text)]
 
 
 def read_stages(text: str) -> list[Stage]:
