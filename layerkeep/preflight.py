@@ -20,9 +20,9 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 from layerkeep.building.builder import buildkit_cli
-from layerkeep.building.context import ignore_file, preflight_context, read_ignore_file
+from layerkeep.building.context import ignore_file, preflight_context
 from layerkeep.building.dockerfile import directives, read_instructions
-from layerkeep.core.engine import context_files
+from layerkeep.core.engine import context_files, read_ignore_file
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings
 

@@ -21,7 +21,8 @@ import pytest
 from clean_env import clean_environ
 from machines import fresh_machine
 
-from layerkeep.core.engine import BUILD_ID_LABEL, Engine
+from layerkeep.core.engine import Engine
+from layerkeep.core.job import BUILD_ID_LABEL
 from layerkeep.testrun.run import MANIFEST, count_testcases
 
 pytestmark = pytest.mark.docker

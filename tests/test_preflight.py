@@ -13,8 +13,9 @@ import pytest
 from clean_env import clean_environ
 from gitrepos import Scripted
 
-from layerkeep.core.engine import BUILD_ID_LABEL, Engine
+from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError
+from layerkeep.core.job import BUILD_ID_LABEL
 from layerkeep.core.settings import Settings, load_settings
 from layerkeep.preflight import (
     buildkit_features,

@@ -123,14 +123,6 @@ def ignore_file(context: Path, dockerfile: Path, builder: str) -> Path:
     return own if builder == "buildkit" and own.is_file() else context / ".dockerignore"
 
 
-def read_ignore_file(path: Path) -> list[str]:
-    """The patterns of an ignore file, in order; none when there is no such file."""
-    if not path.is_file():
-        return []
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
-
-
 @contextmanager
 def dockerfile_with_excludes(
     dockerfile: Path, context: Path, excludes: tuple[str, ...]

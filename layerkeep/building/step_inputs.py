@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerkeep.building.context import ignore_file, read_ignore_file
+from layerkeep.building.context import ignore_file
 from layerkeep.building.dockerfile import (
     Dockerfile,
     Instruction,
@@ -29,7 +29,7 @@ from layerkeep.building.dockerfile import (
     expand,
     parse_dockerfile,
 )
-from layerkeep.core.engine import Engine, context_files, image_content
+from layerkeep.core.engine import Engine, context_files, image_content, read_ignore_file
 from layerkeep.core.settings import Settings
 
 

@@ -38,12 +38,12 @@ import ipaddress
 import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
 
+from layerkeep.core.closing import Closing
 from layerkeep.core.engine import docker_login
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.registry_api_errors import (
@@ -119,7 +119,7 @@ def digest_of(content: bytes, algorithm: str = "sha256") -> str:
     return f"{algorithm}:{_HASHES[algorithm](content).hexdigest()}"
 
 
-class RegistryClient:
+class RegistryClient(Closing):
     """One registry's API, as ``credentials`` (whose ``registry`` is the host) allow.
 
     ``timeout`` bounds each request's connection and each wait for data, in seconds;
@@ -148,17 +148,6 @@ class RegistryClient:
     def close(self) -> None:
         """Release the client's connections."""
         self._session.close()
-
-    def __enter__(self) -> RegistryClient:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- manifests -----------------------------------------------------------------------
 
