@@ -54,7 +54,7 @@ from layerkeep.cache.buildkit_layout import (
 )
 from layerkeep.cache.layers import read_or_empty
 from layerkeep.cache.store import CacheDir, CorruptCache, unavailable
-from layerkeep.core.atomic import atomic_write, fsync_folder
+from layerkeep.core.atomic import TEMP_PREFIX, atomic_write, fsync_folder
 
 Log = Callable[[str], None]
 FOLDER = "buildkit"
@@ -140,7 +140,7 @@ def stage(
 
 def mark_built(staging: Staging, image_id: str) -> None:
     """Note that the staging now holds the export of the build that made ``image_id``."""
-    atomic_write(staging.folder / BUILT, json.dumps({"image": image_id}).encode())
+    atomic_write(staging.folder / BUILT, json.dumps({"image": image_id}).encode(), mode=0o644)
 
 
 def find_built(cache: CacheDir, build_id: str, image_id: str) -> Path | None:
@@ -301,7 +301,7 @@ def _link_current(
 def _link(source: Path, target: Path) -> None:
     """Hard-link ``source`` as ``target`` (atomically); copy across filesystems."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    temporary = target.with_name(f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
     try:
         os.link(source, temporary)
     except OSError as error:

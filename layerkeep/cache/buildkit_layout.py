@@ -97,7 +97,7 @@ def without_blobs(
 
 def _write_blob(root: Path, data: bytes, media_type: str) -> dict[str, Any]:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    atomic_write(blob_path(root, digest), data)
+    atomic_write(blob_path(root, digest), data, mode=0o644)
     return {"mediaType": media_type, "digest": digest, "size": len(data)}
 
 
@@ -105,10 +105,10 @@ def write_index(root: Path, descriptor: dict[str, Any]) -> None:
     """The OCI layout's index naming ``descriptor`` (what BuildKit's importer reads)."""
     entry = {**descriptor, "annotations": {_REF_NAME: _TAG}}
     index = {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": [entry]}
-    atomic_write(root / "index.json", json.dumps(index).encode())
+    atomic_write(root / "index.json", json.dumps(index).encode(), mode=0o644)
     layout = root / "oci-layout"
     if not layout.is_file():
-        atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
+        atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}', mode=0o644)
 
 
 def exported(folder: Path) -> dict[str, Any]:

@@ -6,21 +6,19 @@ recently (written, or found unchanged) go first when LAYERKEEP_CACHE_MOUNTS_MAX 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import zstandard
 
 from layerkeep.building.cache_mounts import CacheMount
-from layerkeep.cache.store import TEMP_PREFIX, CacheDir, CorruptCache, unavailable
+from layerkeep.cache.store import CacheDir, CorruptCache, unavailable
+from layerkeep.core.atomic import atomic_write
 
 FOLDER = "mounts"
 INDEX = "index.json"
@@ -141,16 +139,19 @@ class MountStore:
 
     def _compress(self, tar: Path, target: Path, level: int) -> None:
         compressor = zstandard.ZstdCompressor(level=level, threads=-1, write_checksum=True)
-        with self._atomic(target) as raw, tar.open("rb") as source:
-            compressor.copy_stream(source, raw, read_size=CHUNK, write_size=CHUNK)
+
+        def compressed() -> Iterator[bytes]:
+            with tar.open("rb") as source:
+                yield from compressor.read_to_iter(source, read_size=CHUNK, write_size=CHUNK)
+
+        self._write(target, compressed())
 
     def _write_index(self, index: dict[str, KeptMount]) -> None:
         data = {
             "format": FORMAT,
             "mounts": {key: kept.__dict__ for key, kept in sorted(index.items())},
         }
-        with self._atomic(self.folder / INDEX) as stream:
-            stream.write(json.dumps(data, indent=1).encode())
+        self._write(self.folder / INDEX, json.dumps(data, indent=1).encode())
 
     def _remove_strays(self, index: dict[str, KeptMount]) -> None:
         """Archives no entry names and temporary files an interrupted save left."""
@@ -162,25 +163,11 @@ class MountStore:
         except OSError as error:
             raise unavailable(error, self.folder) from None
 
-    @contextlib.contextmanager
-    def _atomic(self, target: Path) -> Iterator[IO[bytes]]:
-        temp = target.parent / f"{TEMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    def _write(self, target: Path, data: bytes | Iterable[bytes]) -> None:
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with temp.open("xb") as stream:
-                yield stream
-                stream.flush()
-                os.fsync(stream.fileno())
-            temp.replace(target)
-            descriptor = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            atomic_write(target, data, mode=0o644)
         except OSError as error:
             raise unavailable(error, target) from None
-        finally:
-            temp.unlink(missing_ok=True)
 
 
 def archive_name(digest: str) -> str:

@@ -14,14 +14,13 @@ cannot be written, pushed or pulled is a warning.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from layerkeep.building.build_records import RECORDS_FILE, kept_records, record_image, records_text
 from layerkeep.cache.registry_backend import cache_location, cache_scope
-from layerkeep.cache.store import TEMP_PREFIX, CacheDir
+from layerkeep.cache.store import CacheDir
+from layerkeep.core.atomic import atomic_write
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import ImageRef
@@ -40,17 +39,10 @@ def write_records_file(engine: Engine, settings: Settings, *, log: Log) -> bool:
     cache = CacheDir(settings.cache_dir)
     folder = cache.root
     try:
-        # Under the cache's lock and with its temporary prefix: another job's save
-        # waits, and removes what an interrupted write left.
-        with (
-            cache.locked(),
-            tempfile.NamedTemporaryFile(
-                "w", dir=folder, prefix=f"{TEMP_PREFIX}records-", delete=False, encoding="utf-8"
-            ) as stream,
-        ):
-            stream.write(records_text(records))
-            stream.close()
-            Path(stream.name).replace(folder / RECORDS_FILE)
+        # Under the cache's lock: another job's save waits, and removes what an
+        # interrupted write left.
+        with cache.locked():
+            atomic_write(folder / RECORDS_FILE, records_text(records).encode(), mode=0o644)
     except OSError as error:
         log(f"warning: build records not saved in {folder}: {error.strerror or error}")
         return False

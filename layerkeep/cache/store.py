@@ -39,13 +39,13 @@ from typing import IO, Any, cast
 
 import zstandard
 
+from layerkeep.core.atomic import TEMP_PREFIX, atomic_write, fsync_folder
 from layerkeep.core.errors import LayerkeepError
 
 FORMAT = "layerkeep-cache/2"
 MANIFEST = "manifest.json"
 BLOBS = "blobs"
 LOCK = ".lock"
-TEMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
 # Pieces (up to 96 KB each) waiting for the compressing thread: the save's read-ahead.
 QUEUE_DEPTH = 64
@@ -285,9 +285,8 @@ class CacheDir:
         """Replace the manifest atomically, after the blobs it names are durable."""
         with _faults(self.root):
             if (self.root / BLOBS).is_dir():
-                _fsync_folder(self.root / BLOBS)
-            with self._atomic(self.manifest_path) as stream:
-                stream.write(manifest.to_json().encode())
+                fsync_folder(self.root / BLOBS)
+            atomic_write(self.manifest_path, manifest.to_json().encode(), mode=0o644)
 
     @contextlib.contextmanager
     def locked(self, *, write: bool = True) -> Iterator[None]:
@@ -426,16 +425,6 @@ class CacheDir:
                     path.unlink()
         return freed
 
-    @contextlib.contextmanager
-    def _atomic(self, target: Path) -> Iterator[IO[bytes]]:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _temporary(target.parent) as (temp_path, stream):
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-            temp_path.replace(target)
-        _fsync_folder(target.parent)
-
 
 @contextlib.contextmanager
 def _temporary(folder: Path) -> Iterator[tuple[Path, IO[bytes]]]:
@@ -480,14 +469,6 @@ def _open_nofollow(path: Path, flags: int) -> IO[bytes]:
     """``path`` opened with ``flags``, failing (ELOOP) when it is a symlink."""
     descriptor = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     return os.fdopen(descriptor, "ab" if flags & os.O_WRONLY else "rb")
-
-
-def _fsync_folder(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def config_layers(config: Mapping[str, Any]) -> list[str]:

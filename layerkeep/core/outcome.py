@@ -7,12 +7,12 @@ The JSON report (``layerkeep-report.json`` in the reports folder) follows
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from layerkeep.core.atomic import atomic_write
 
 Result = Literal["ok", "warn", "failed", "skipped", "not run", "would run"]
 REPORT_NAME = "layerkeep-report.json"
@@ -81,13 +81,9 @@ def report_document(
 
 def write_report(folder: Path, document: Mapping[str, Any]) -> Path:
     """Write ``layerkeep-report.json`` into ``folder`` atomically; its path."""
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / REPORT_NAME
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{REPORT_NAME}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        json.dump(document, stream, indent=2, sort_keys=True)
-        stream.write("\n")
-    Path(temporary).replace(target)
+    text = json.dumps(document, indent=2, sort_keys=True) + "\n"
+    atomic_write(target, text.encode(), mode=0o644)
     return target
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layerkeep.core.atomic import atomic_write
 from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Mount, Settings
 from layerkeep.testrun.app_container import REPORTS_MOUNT, mounts_for, run_in_app_image
@@ -208,12 +209,9 @@ def clear_previous_reports(folder: Path) -> int:
 def record_reports(folder: Path, written: Iterable[Path]) -> Path:
     """Write the manifest of the files this run wrote in ``folder`` (atomically)."""
     names = sorted(path.relative_to(folder).as_posix() for path in written)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f"{MANIFEST}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        json.dump({"written_by": "layerkeep test.run", "files": names}, stream, indent=2)
-        stream.write("\n")
+    text = json.dumps({"written_by": "layerkeep test.run", "files": names}, indent=2) + "\n"
     target = folder / MANIFEST
-    Path(temporary).replace(target)
+    atomic_write(target, text.encode(), mode=0o644)
     return target
 
 
