@@ -12,6 +12,8 @@ from layerkeep.core.job import Job
 from layerkeep.core.settings import Settings
 from layerkeep.release.push import plan_release
 from layerkeep.testrun.database import database_service
+from layerkeep.testrun.nodes import local_node_settings
+from layerkeep.testrun.split import current_node, find_test_files
 
 
 def touch_plan(settings: Settings) -> list[str]:
@@ -69,7 +71,8 @@ def services_plan(settings: Settings) -> list[str]:
 def db_plan(settings: Settings) -> list[str]:
     """db.init: the database it would create and what it would run."""
     service = database_service(settings)
-    lines = [f"would create database {settings.db_name} on {service.name} if missing"]
+    names = ", ".join(each.db_name for each in local_node_settings(settings))
+    lines = [f"would create database {names} on {service.name} if missing"]
     lines += [f"would run {path}" for path in settings.db_init_sql]
     if settings.db_init_command:
         lines.append(f"would run in the app image: {settings.db_init_command}")
@@ -79,10 +82,19 @@ def db_plan(settings: Settings) -> list[str]:
 def tests_plan(settings: Settings) -> list[str]:
     """test.run: the command, the image, the environment's names, the reports folder."""
     names = ", ".join(sorted(settings.test_env)) or "none"
-    return [
+    lines = [
         f"would run in {settings.require_image()}: {settings.test_command}",
         f"test environment: {names}; reports into {settings.reports_dir}",
     ]
+    if settings.test_files:
+        node, local = current_node(settings), settings.test_nodes
+        where = f"as {node}" if node.total > 1 else f"in {local} container(s) at once"
+        lines.append(
+            f"would split {len(find_test_files(settings))} files of LAYERKEEP_TEST_FILES "
+            f"between {max(node.total, local)} node(s), by the test timings kept with the "
+            f"cache, and run {where}"
+        )
+    return lines
 
 
 def down_plan(settings: Settings) -> list[str]:

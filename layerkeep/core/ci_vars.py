@@ -22,6 +22,9 @@ class CiFacts:
     # The branch a pull/merge request targets, else the repository's default branch.
     default_branch: str = ""
     pull_request: bool = False
+    # Parallel nodes of this job: this node's number from 1, and how many (0: not said).
+    node_index: int = 0
+    node_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ def detect(environ: Mapping[str, str]) -> CiFacts:
     get their own containers and networks.
     """
     if environ.get("CIRCLE_SHA1") or environ.get("CIRCLECI"):
+        index, total = _nodes(environ, "CIRCLE_NODE_INDEX", "CIRCLE_NODE_TOTAL", first=0)
         return CiFacts(
             commit=environ.get("CIRCLE_SHA1", ""),
             branch=environ.get("CIRCLE_BRANCH", ""),
@@ -48,6 +52,8 @@ def detect(environ: Mapping[str, str]) -> CiFacts:
             pull_request=bool(
                 environ.get("CIRCLE_PULL_REQUEST") or environ.get("CIRCLE_PR_NUMBER")
             ),
+            node_index=index,
+            node_total=total,
         )
     if environ.get("GITHUB_ACTIONS") or environ.get("GITHUB_SHA"):
         # On pull requests GITHUB_REF_NAME is "<n>/merge"; GITHUB_HEAD_REF is the branch.
@@ -63,6 +69,7 @@ def detect(environ: Mapping[str, str]) -> CiFacts:
         )
     if environ.get("GITLAB_CI") or environ.get("CI_COMMIT_SHA"):
         # CI_JOB_ID differs for every job, parallel:matrix leg and retry.
+        index, total = _nodes(environ, "CI_NODE_INDEX", "CI_NODE_TOTAL", first=1)
         return CiFacts(
             commit=environ.get("CI_COMMIT_SHA", ""),
             branch=environ.get("CI_COMMIT_REF_NAME", ""),
@@ -73,8 +80,21 @@ def detect(environ: Mapping[str, str]) -> CiFacts:
             pull_request=bool(
                 environ.get("CI_MERGE_REQUEST_IID") or environ.get("CI_EXTERNAL_PULL_REQUEST_IID")
             ),
+            node_index=index,
+            node_total=total,
         )
     return CiFacts()
+
+
+def _nodes(environ: Mapping[str, str], index: str, total: str, *, first: int) -> tuple[int, int]:
+    """This node's number (from 1) and the node count, from a CI's variables whose first
+    node is ``first`` (CircleCI counts from 0, GitLab from 1); (0, 0) when they are
+    missing or odd."""
+    given = environ.get(index, ""), environ.get(total, "")
+    if not all(text.isascii() and text.isdigit() for text in given):
+        return 0, 0
+    number, count = int(given[0]) - first + 1, int(given[1])
+    return (number, count) if 1 <= number <= count <= 1000 else (0, 0)
 
 
 def _circle_build_id(environ: Mapping[str, str]) -> str:

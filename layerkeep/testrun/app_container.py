@@ -14,9 +14,17 @@ Log = Callable[[str], None]
 REPORTS_MOUNT = "/reports"
 
 
-def app_environment(settings: Settings) -> dict[str, str]:
-    """The test environment: LAYERKEEP_TEST_ENV templates filled from the service facts."""
+def app_environment(settings: Settings, node: int = 1) -> dict[str, str]:
+    """The test environment: LAYERKEEP_TEST_ENV templates filled from the service facts.
+
+    Test node ``node`` of a run on one machine gets redis database ``node - 1`` (its
+    database on postgres is the settings' LAYERKEEP_DB_NAME, see testrun.nodes).
+    """
     facts = service_facts(settings)
+    for spec in settings.services:
+        if spec.kind == "redis" and node > 1:
+            url = facts[spec.name]["url"]
+            facts[spec.name]["url"] = f"{url.rpartition('/')[0]}/{node - 1}"
     return {name: render_template(value, facts) for name, value in settings.test_env.items()}
 
 
@@ -28,11 +36,39 @@ def run_in_app_image(
     purpose: str,
     mounts: Sequence[Mount] = (),
     log: Log = print,
+    node: int = 1,
 ) -> int:
     """Run ``script`` with ``sh -c`` in the app image; return its exit code.
 
     The container joins the job's network, gets the test environment, and is removed
-    afterwards whatever happens. Secrets are masked in the streamed output.
+    afterwards whatever happens. Secrets are masked in the streamed output. ``node`` is
+    the test node of a run on one machine whose environment it gets.
+    """
+    job = engine.job_for(settings)
+    container = create_app_container(
+        engine, settings, script, purpose=purpose, mounts=mounts, node=node
+    )
+    try:
+        engine.start_container(container)
+        for line in engine.follow_output(container):
+            log(job.mask(line))
+        return engine.wait_container(container)
+    finally:
+        engine.remove_container(container)
+
+
+def create_app_container(
+    engine: Engine,
+    settings: Settings,
+    script: str,
+    *,
+    purpose: str,
+    mounts: Sequence[Mount] = (),
+    node: int = 1,
+) -> str:
+    """Create (not start) the container that runs ``script`` in the app image; its id.
+
+    ``node`` is the test node of a run on one machine whose environment it gets.
     """
     job = engine.job_for(settings)
     image = str(settings.require_image())
@@ -50,24 +86,17 @@ def run_in_app_image(
     name = f"{job.container_name(purpose)}-{os.urandom(3).hex()}"
     # The job's network when its services run, else Docker's default bridge.
     network = job.network if engine.find_network(job.network) else "bridge"
-    container = engine.create_container(
+    return engine.create_container(
         image,
         name=name,
         network=network,
         entrypoint=["sh", "-c"],
         command=[script],
-        environment=app_environment(settings),
+        environment=app_environment(settings, node),
         mounts=[(str(m.source), m.target, m.read_only) for m in mounts],
         working_dir=settings.test_workdir or None,
         labels={"io.layerkeep.purpose": purpose},
     )
-    try:
-        engine.start_container(container)
-        for line in engine.follow_output(container):
-            log(job.mask(line))
-        return engine.wait_container(container)
-    finally:
-        engine.remove_container(container)
 
 
 def mounts_for(settings: Settings, *extra: Mount) -> list[Mount]:

@@ -15,6 +15,7 @@ from layerkeep.core.service_specs import ServiceSpec
 from layerkeep.core.settings import Settings
 from layerkeep.services.readiness import ServiceWait, wait_ready
 from layerkeep.testrun.app_container import mounts_for, run_in_app_image
+from layerkeep.testrun.nodes import local_node_settings
 
 Log = Callable[[str], None]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -29,6 +30,7 @@ class DbReport:
     sql_files: int
     command_ran: bool
     seconds: float
+    database: str = ""
 
 
 def database_service(settings: Settings) -> ServiceSpec:
@@ -45,8 +47,13 @@ def database_service(settings: Settings) -> ServiceSpec:
     )
 
 
-def init_database(engine: Engine, settings: Settings, *, log: Log = print) -> DbReport:
-    """Wait for postgres, create LAYERKEEP_DB_NAME if missing, run SQL files and command."""
+def init_database(
+    engine: Engine, settings: Settings, *, log: Log = print, node: int = 1
+) -> DbReport:
+    """Wait for postgres, create LAYERKEEP_DB_NAME if missing, run SQL files and command.
+
+    ``node`` is the local test node whose environment the command gets.
+    """
     started = time.monotonic()
     service = database_service(settings)
     for name, value in (("LAYERKEEP_DB_NAME", settings.db_name),
@@ -80,7 +87,7 @@ def init_database(engine: Engine, settings: Settings, *, log: Log = print) -> Db
         log(f"running {settings.db_init_command!r} in {settings.require_image()}")
         code = run_in_app_image(
             engine, settings, settings.db_init_command, purpose="db-init",
-            mounts=mounts_for(settings), log=log,
+            mounts=mounts_for(settings), log=log, node=node,
         )
         if code != 0:
             raise CommandFailed(
@@ -91,7 +98,27 @@ def init_database(engine: Engine, settings: Settings, *, log: Log = print) -> Db
         sql_files=len(settings.db_init_sql),
         command_ran=bool(settings.db_init_command),
         seconds=time.monotonic() - started,
+        database=settings.db_name,
     )
+
+
+def init_node_databases(engine: Engine, settings: Settings, *, log: Log = print) -> list[DbReport]:
+    """:func:`init_database` for each local test node's database, node 1 (the
+    LAYERKEEP_DB_NAME one) first: one unless LAYERKEEP_TEST_NODES is more than 1."""
+    return [
+        init_database(engine, each, log=log, node=node)
+        for node, each in enumerate(local_node_settings(settings), 1)
+    ]
+
+
+def describe_databases(reports: list[DbReport]) -> str:
+    """``created shortener_node2; shortener exists``: db.init's note."""
+    created = [report.database for report in reports if report.created]
+    existing = [report.database for report in reports if not report.created]
+    parts = [f"created {', '.join(created)}"] if created else []
+    if existing:
+        parts.append(f"{', '.join(existing)} exist{'s' if len(existing) == 1 else ''}")
+    return "; ".join(parts)
 
 
 def _wait_for_postgres(engine: Engine, settings: Settings, service: ServiceSpec, log: Log) -> str:

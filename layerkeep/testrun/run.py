@@ -16,6 +16,12 @@ would point into the host.
 Setup and tests are timed apart: the script echoes a marker between the setup commands
 and the test command, and its arrival in the streamed output ends the setup time (the
 container's start included).
+
+With LAYERKEEP_TEST_FILES the files are split between nodes (:mod:`.split`): a CI
+node runs its share, ``--nodes N`` runs N containers at once (:mod:`.nodes`). What a
+node's tests write is named by node (``junit.xml`` -> ``junit-node2.xml``), and the
+seconds each file took go into the timing history kept with the cache
+(:mod:`.timing_store`), which balances the next split.
 """
 
 from __future__ import annotations
@@ -29,14 +35,18 @@ import stat
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 
 from layerkeep.core.atomic import atomic_write
 from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Mount, Settings
-from layerkeep.testrun.app_container import REPORTS_MOUNT, mounts_for, run_in_app_image
+from layerkeep.testrun.app_container import REPORTS_MOUNT, mounts_for
+from layerkeep.testrun.nodes import ContainerRun, node_settings, run_at_once
+from layerkeep.testrun.split import Node, Plan, plan_tests, share_command
+from layerkeep.testrun.timing_store import load_history, save_history
+from layerkeep.testrun.timings import file_seconds, measured
 
 Log = Callable[[str], None]
 MANIFEST = ".layerkeep-reports.json"
@@ -60,6 +70,15 @@ class CaseCounts:
         """Every test case counted."""
         return self.passed + self.failed + self.skipped + self.errors
 
+    def __add__(self, other: CaseCounts) -> CaseCounts:
+        return CaseCounts(
+            self.passed + other.passed,
+            self.failed + other.failed,
+            self.skipped + other.skipped,
+            self.errors + other.errors,
+            self.unreadable + other.unreadable,
+        )
+
     def describe(self) -> str:
         """``12 passed, 1 failed, 2 skipped``: the outcomes that occurred."""
         parts = [
@@ -77,10 +96,47 @@ class CaseCounts:
 
 
 @dataclass(frozen=True)
+class NodeResult:
+    """One node of a split run: its files, how its tests ended, what it wrote.
+
+    ``files`` is empty for a node whose share is empty (it ran nothing and passed).
+    """
+
+    node: Node
+    files: tuple[str, ...]
+    exit_code: int = 0
+    reports: tuple[Path, ...] = ()
+    counts: CaseCounts = field(default_factory=CaseCounts)
+    test_seconds: float | None = None
+
+    def line(self) -> str:
+        """``node 2/4: 31 tests, 42.0 s``, or why it ran none."""
+        if not self.files:
+            return f"{self.node}: no test files in its share, nothing to run"
+        if self.test_seconds is None:
+            return f"{self.node}: setup failed (exit {self.exit_code})"
+        return f"{self.node}: {self.counts.total} tests, {self.test_seconds:.1f} s"
+
+    def figures(self) -> dict[str, object]:
+        """The node's part of the JSON report."""
+        return {
+            "node": self.node.index,
+            "of": self.node.total,
+            "files": len(self.files),
+            "tests": self.counts.total,
+            "test_seconds": None if self.test_seconds is None else round(self.test_seconds, 3),
+            "exit_code": self.exit_code,
+            "reports": [str(path) for path in self.reports],
+        }
+
+
+@dataclass(frozen=True)
 class TestResult:
     """How the tests ended, which JUnit reports they wrote, and where the time went.
 
-    ``test_seconds`` is None when the tests never started (the setup failed).
+    ``test_seconds`` is None when the tests never started (the setup failed); with
+    several nodes, setup and test times are the slowest node's. ``nodes`` is empty when
+    the tests were not split (no LAYERKEEP_TEST_FILES).
     """
 
     exit_code: int
@@ -89,72 +145,188 @@ class TestResult:
     counts: CaseCounts = field(default_factory=CaseCounts)
     setup_seconds: float = 0.0
     test_seconds: float | None = None
+    nodes: tuple[NodeResult, ...] = ()
+    # What the split was balanced by, and whether this run's timings were kept.
+    split: str = ""
+    timings_saved: bool = False
 
     @property
     def passed(self) -> bool:
-        """The test command exited 0."""
+        """The test command exited 0 (on every node)."""
         return self.exit_code == 0
 
     def note(self) -> str:
-        """One line for the summary: the counts, then setup and test time."""
+        """One line for the summary: each node (when split), the counts, setup and test time."""
+        shown = [node.line() for node in self.nodes if node.node.total > 1]
+        if self.nodes and not any(node.files for node in self.nodes):
+            return "; ".join(shown)
         if self.test_seconds is None:
-            return f"setup failed after {self.setup_seconds:.1f} s, no tests ran"
+            return "; ".join([*shown, f"setup failed after {self.setup_seconds:.1f} s, "
+                              "no tests ran"])
         counts = self.counts.describe() if self.reports else "no JUnit report written"
-        return f"{counts}; setup {self.setup_seconds:.1f} s, tests {self.test_seconds:.1f} s"
+        return "; ".join(
+            [*shown, f"{counts}; setup {self.setup_seconds:.1f} s, "
+             f"tests {self.test_seconds:.1f} s"]
+        )
 
 
 def test_script(settings: Settings) -> str:
     """The setup commands (if any), the marker, then the test command; stop at a failure."""
+    return script_for(settings, settings.test_command)
+
+
+def script_for(settings: Settings, command: str) -> str:
+    """:func:`test_script` with ``command`` as the test command (a node's share)."""
     marker = f"echo {shlex.quote(SETUP_DONE)}"
     if not settings.test_setup:
-        return f"{marker}\n{settings.test_command}"
-    return f"set -e\n{settings.test_setup}\n{marker}\n{settings.test_command}"
+        return f"{marker}\n{command}"
+    return f"set -e\n{settings.test_setup}\n{marker}\n{command}"
 
 
-def run_tests(engine: Engine, settings: Settings, *, log: Log = print) -> TestResult:
-    """Run LAYERKEEP_TEST_COMMAND in the app image against the job's services."""
+def run_tests(
+    engine: Engine,
+    settings: Settings,
+    *,
+    log: Log = print,
+    environ: Mapping[str, str] | None = None,
+) -> TestResult:
+    """Run LAYERKEEP_TEST_COMMAND in the app image against the job's services: on this
+    CI node's share of LAYERKEEP_TEST_FILES, or on every local node's at once.
+
+    ``environ`` is where a registry login is found (registry cache backend).
+    """
+    environ = {} if environ is None else environ
     reports = settings.reports_dir
     reports.mkdir(parents=True, exist_ok=True)
     removed = clear_previous_reports(reports)
     if removed:
         log(f"removed {removed} file(s) the previous run wrote in {reports}")
+    history = load_history(settings, environ, log=log) if settings.test_files else {}
+    plan = plan_tests(settings, history, log=log)
+    if plan.shares is not None:
+        for node in plan.nodes:
+            log(plan.describe(node))
     started = time.monotonic()
-    setup_done: list[float] = []
+    runs = [node for node in plan.nodes if plan.shares is None or plan.shares[node]]
+    with contextlib.ExitStack() as stack:
+        outboxes = [stack.enter_context(container_outbox(reports, log)) for _ in runs]
+        setup_done: dict[Node, float] = {}
+        containers = [
+            _container_run(
+                settings, plan, node, outbox=outbox, started=started,
+                setup_done=setup_done, log=log,
+            )
+            for node, outbox in zip(runs, outboxes, strict=True)
+        ]
+        if runs:
+            log(f"running tests in {settings.require_image()}: {settings.test_command}")
+        finished = dict(zip(runs, run_at_once(engine, containers), strict=True))
+        written = {
+            node: move_reports(outbox, reports, log, rename=_report_suffix(node))
+            for node, outbox in zip(runs, outboxes, strict=True)
+        }
+    record_reports(reports, [path for paths in written.values() for path in paths])
+    ended = time.monotonic()
+    results = []
+    for node in plan.nodes:
+        files = plan.shares[node] if plan.shares is not None else ()
+        if node not in finished:
+            log(f"{node}: no test files in its share, nothing to run")
+            results.append(NodeResult(node, files))
+            continue
+        code, node_ended = finished[node]
+        xml = tuple(path for path in written[node] if path.suffix == ".xml")
+        test_seconds = node_ended - setup_done[node] if node in setup_done else None
+        results.append(NodeResult(node, files, code, xml, count_testcases(xml), test_seconds))
+    result = _combined(plan, results, setup_done, started, ended)
+    if plan.shares is not None:
+        result = _keep_timings(settings, environ, plan, result, log)
+    verdict = "passed" if result.exit_code == 0 else f"failed (exit {result.exit_code})"
+    log(f"tests {verdict} in {result.seconds:.1f} s: {result.note()}; "
+        f"{len(result.reports)} report(s) in {reports}")
+    return result
+
+
+def _container_run(
+    settings: Settings,
+    plan: Plan,
+    node: Node,
+    *,
+    outbox: Path,
+    started: float,
+    setup_done: dict[Node, float],
+    log: Log,
+) -> ContainerRun:
+    """The container for ``node``: its share's command, and its output marked with the
+    node when several run at once."""
+    local = len(plan.nodes) > 1
+    prefix = f"{node} | " if local else ""
+    command = settings.test_command
+    if plan.shares is not None:
+        command = share_command(command, plan.shares[node])
 
     def on_line(line: str) -> None:
-        if line == SETUP_DONE and not setup_done:
-            setup_done.append(time.monotonic())
-            log(f"setup done in {setup_done[0] - started:.1f} s; the tests start")
+        if line == SETUP_DONE and node not in setup_done:
+            setup_done[node] = time.monotonic()
+            log(f"{prefix}setup done in {setup_done[node] - started:.1f} s; the tests start")
         else:
-            log(line)
+            log(f"{prefix}{line}")
 
-    log(f"running tests in {settings.require_image()}: {settings.test_command}")
-    with container_outbox(reports, log) as outbox:
-        exit_code = run_in_app_image(
-            engine,
-            settings,
-            test_script(settings),
-            purpose="tests",
-            mounts=mounts_for(settings, Mount(outbox, REPORTS_MOUNT)),
-            log=on_line,
-        )
-        ended = time.monotonic()
-        written = move_reports(outbox, reports, log)
-    record_reports(reports, written)
-    xml = tuple(path for path in written if path.suffix == ".xml")
-    setup = (setup_done[0] if setup_done else ended) - started
-    result = TestResult(
-        exit_code,
-        ended - started,
-        xml,
-        count_testcases(xml),
-        setup,
-        ended - setup_done[0] if setup_done else None,
+    return ContainerRun(
+        node_settings(settings, node.index) if local else settings,
+        script_for(settings, command),
+        purpose=f"tests-node{node.index}" if local else "tests",
+        mounts=tuple(mounts_for(settings, Mount(outbox, REPORTS_MOUNT))),
+        log=on_line,
+        node=node.index if local else 1,
     )
-    verdict = "passed" if exit_code == 0 else f"failed (exit {exit_code})"
-    log(f"tests {verdict} in {result.seconds:.1f} s: {result.note()}; "
-        f"{len(xml)} report(s) in {reports}")
-    return result
+
+
+def _report_suffix(node: Node) -> str:
+    return f"-node{node.index}" if node.total > 1 else ""
+
+
+def _combined(
+    plan: Plan,
+    results: list[NodeResult],
+    setup_done: Mapping[Node, float],
+    started: float,
+    ended: float,
+) -> TestResult:
+    """One result for the nodes: the first failing exit code, every report, the counts
+    summed, the slowest setup and tests."""
+    ran = [result for result in results if result.files or plan.shares is None]
+    codes = [result.exit_code for result in ran if result.exit_code]
+    setups = [setup_done[result.node] - started for result in ran if result.node in setup_done]
+    tests = [result.test_seconds for result in ran if result.test_seconds is not None]
+    setup = max(setups) if setups and len(setups) == len(ran) else ended - started
+    counts = CaseCounts()
+    for result in ran:
+        counts += result.counts
+    return TestResult(
+        exit_code=codes[0] if codes else 0,
+        seconds=ended - started,
+        reports=tuple(path for result in ran for path in result.reports),
+        counts=counts,
+        setup_seconds=setup if ran else 0.0,
+        test_seconds=(max(tests) if tests else 0.0) if len(tests) == len(ran) else None,
+        nodes=tuple(results) if plan.shares is not None else (),
+        split=plan.basis,
+    )
+
+
+def _keep_timings(
+    settings: Settings, environ: Mapping[str, str], plan: Plan, result: TestResult, log: Log
+) -> TestResult:
+    """Save the seconds each file of the shares took, for the next split."""
+    seconds: dict[str, float] = {}
+    for node in result.nodes:
+        seconds |= file_seconds(node.reports, node.files, log=log)
+    saved = save_history(
+        settings, environ, measured(seconds, time.time()), node=plan.nodes[0],
+        keep={file.path for file in plan.files}, log=log,
+    )
+    return replace(result, timings_saved=saved)
 
 
 def count_testcases(reports: Iterable[Path]) -> CaseCounts:
@@ -235,9 +407,13 @@ def container_outbox(reports: Path, log: Log) -> Iterator[Path]:
             )
 
 
-def move_reports(outbox: Path, reports: Path, log: Log) -> list[Path]:
+def move_reports(outbox: Path, reports: Path, log: Log, *, rename: str = "") -> list[Path]:
     """Move the regular files the tests wrote in ``outbox`` to the same place in
-    ``reports``; the files moved, sorted. What cannot be moved is a warning."""
+    ``reports``; the files moved, sorted. What cannot be moved is a warning.
+
+    ``rename`` (``-node2``) goes into the name of what the tests wrote at the top of
+    ``outbox``: ``junit.xml`` -> ``junit-node2.xml``, ``htmlcov/`` -> ``htmlcov-node2/``.
+    """
     moved: list[Path] = []
 
     def unreadable(error: OSError) -> None:
@@ -246,7 +422,7 @@ def move_reports(outbox: Path, reports: Path, log: Log) -> list[Path]:
     for folder, _, names in os.walk(outbox, onerror=unreadable):
         for name in names:
             source = Path(folder) / name
-            target = reports / source.relative_to(outbox)
+            target = reports / _renamed(source.relative_to(outbox), rename)
             if not stat.S_ISREG(source.lstat().st_mode):
                 log(f"warning: {target.relative_to(reports)} is not a regular file; left out")
                 continue
@@ -258,6 +434,14 @@ def move_reports(outbox: Path, reports: Path, log: Log) -> list[Path]:
                 continue
             moved.append(target)
     return sorted(moved)
+
+
+def _renamed(path: Path, suffix: str) -> Path:
+    """``path`` with ``suffix`` before the extension of its first part."""
+    if not suffix:
+        return path
+    first = PurePosixPath(path.parts[0])
+    return Path(f"{first.stem}{suffix}{first.suffix}", *path.parts[1:])
 
 
 def _move(source: Path, target: Path) -> None:

@@ -220,6 +220,33 @@ class Settings:
     test_workdir: Annotated[
         str, setting("", "Working directory for the tests; default: the image's.")
     ]
+    test_files: Annotated[
+        tuple[str, ...],
+        setting(
+            "", "Test files to split between nodes: globs relative to the project, "
+            "comma-separated.", parsers.items,
+        ),
+    ]
+    test_nodes: Annotated[
+        int,
+        setting(
+            "1", "Test containers run at once on this machine, each with its share of "
+            "LAYERKEEP_TEST_FILES.", parsers.whole_number(1, 16), flag="--nodes",
+        ),
+    ]
+    node_index: Annotated[
+        int,
+        setting(
+            "", "This CI node's number, from 1; default: the CI's, else 1.", parsers.node_number
+        ),
+    ]
+    node_total: Annotated[
+        int,
+        setting(
+            "", "How many CI nodes share the tests; default: the CI's, else 1.",
+            parsers.node_number,
+        ),
+    ]
     reports_dir: Annotated[
         Path,
         setting("", "JUnit XML folder; default: the CI's, or reports.", parsers.optional_folder),

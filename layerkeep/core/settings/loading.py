@@ -93,6 +93,12 @@ def _fallbacks(
         "commit": (ci.commit, "default (CI variables)"),
         "branch": (ci.branch, "default (CI variables)"),
         "pull_request": (ci.pull_request, "default (CI variables)"),
+        "node_index": (ci.node_index, "default (CI variables)")
+        if ci.node_total
+        else (1, "default"),
+        "node_total": (ci.node_total, "default (CI variables)")
+        if ci.node_total
+        else (1, "default"),
         "cache_fallback_branch": (ci.default_branch, "default (CI variables)")
         if ci.default_branch
         else ("main", "default"),

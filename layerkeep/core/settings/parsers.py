@@ -137,6 +137,12 @@ def yes_no_or_unset(value: str, _: Path) -> bool:
     return parse_bool(value) if value.strip() else False
 
 
+def node_number(value: str, _: Path) -> int:
+    """A node number or count (1 to 1000); empty is "not set": the loader then takes the
+    CI's answer."""
+    return parse_whole_number(value, 1, 1000) if value.strip() else 1
+
+
 def whole_number(low: int, high: int) -> Callable[[str, Path], int]:
     """A parser taking a whole number from ``low`` to ``high``."""
 
