@@ -44,7 +44,7 @@ from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Mount, Settings
 from layerkeep.testrun.app_container import REPORTS_MOUNT, mounts_for
 from layerkeep.testrun.nodes import ContainerRun, node_settings, run_at_once
-from layerkeep.testrun.split import Node, Plan, plan_tests, share_command
+from layerkeep.testrun.split import PLACEHOLDER, Node, Plan, plan_tests, share_command
 from layerkeep.testrun.timing_store import load_history, save_history
 from layerkeep.testrun.timings import file_seconds, measured
 
@@ -318,13 +318,23 @@ def _combined(
 def _keep_timings(
     settings: Settings, environ: Mapping[str, str], plan: Plan, result: TestResult, log: Log
 ) -> TestResult:
-    """Save the seconds each file of the shares took, for the next split."""
+    """Save the seconds each file of the shares took, for the next split; warn about a
+    node whose reports show files outside its share (a command that names its tests)."""
+    every = [file.path for file in plan.files]
     seconds: dict[str, float] = {}
     for node in result.nodes:
-        seconds |= file_seconds(node.reports, node.files, log=log)
+        ran = file_seconds(node.reports, every, log=log)
+        outside = sorted(set(ran) - set(node.files))
+        if outside:
+            log(
+                f"warning: {node.node} ran tests of {len(outside)} file(s) outside its share "
+                f"({', '.join(outside[:3])}): LAYERKEEP_TEST_COMMAND may name the tests "
+                f"itself; put {PLACEHOLDER} where it does, so that each node runs its share"
+            )
+        seconds |= {name: value for name, value in ran.items() if name in node.files}
     saved = save_history(
         settings, environ, measured(seconds, time.time()), node=plan.nodes[0],
-        keep={file.path for file in plan.files}, log=log,
+        keep=set(every), log=log,
     )
     return replace(result, timings_saved=saved)
 
