@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+from registry_setup import running_registry
 
 from layerkeep.core.ci_vars import GitFacts, detect
 from layerkeep.core.errors import ConfigError
@@ -379,3 +380,52 @@ def test_reports_are_named_by_node(tmp_path: Path) -> None:
     reports.mkdir()
     moved = move_reports(outbox, reports, print, rename="-node2")
     assert moved == [reports / "htmlcov-node2" / "index.html", reports / "junit-node2.xml"]
+
+
+# --- the history in the registry cache ------------------------------------------------------
+
+
+def test_the_registry_keeps_every_nodes_timings_in_the_branch_scope(tmp_path: Path) -> None:
+    """Each node pushes its own tag; a later run reads and merges them all."""
+    with running_registry(tmp_path / "registry") as registry:
+
+        def on(branch: str, **extra: str) -> Settings:
+            return settings_in(tmp_path, **{
+                "LAYERKEEP_CACHE_BACKEND": "registry", "LAYERKEEP_REGISTRY": registry.address,
+                "LAYERKEEP_BRANCH": branch, "LAYERKEEP_CACHE_FALLBACK_BRANCH": "main",
+                "LAYERKEEP_PUSH_RETRIES": "1", **extra,
+            })
+
+        lines: list[str] = []
+        feature = on("feature")
+        assert load_history(feature, {}, log=lines.append) == {}  # no cache repository yet
+        first = {"a.py": FileTime(1.0, 10.0), "b.py": FileTime(2.0, 10.0)}
+        second = {"b.py": FileTime(3.0, 20.0), "c.py": FileTime(4.0, 20.0)}
+        keep = {"a.py", "b.py", "c.py"}
+        assert save_history(feature, {}, first, node=Node(1, 2), keep=keep, log=lines.append)
+        assert save_history(feature, {}, second, node=Node(2, 2), keep=keep, log=lines.append)
+        merged = {"a.py": FileTime(1.0, 10.0), "b.py": FileTime(3.0, 20.0),
+                  "c.py": FileTime(4.0, 20.0)}
+        assert load_history(feature, {}, log=lines.append) == merged
+        _, listed, _ = registry.get("/v2/app-cache/tags/list")
+        assert sorted(listed["tags"]) == ["feature--latest-test-timings-1",
+                                          "feature--latest-test-timings-2"]
+        # Another branch reads its own scope, else the fallback branch's: none here.
+        assert load_history(on("other"), {}, log=lines.append) == {}
+        from_feature = on("newer", LAYERKEEP_CACHE_FALLBACK_BRANCH="feature")
+        assert load_history(from_feature, {}, log=lines.append) == merged
+        read_only = on("feature", LAYERKEEP_CACHE_READ_ONLY="yes")
+        assert not save_history(read_only, {}, first, node=Node(1, 1), keep=keep,
+                                log=lines.append)
+        assert lines == ["test timings of 2 file(s) saved as "
+                         f"{registry.address}/app-cache:feature--latest-test-timings-1",
+                         "test timings of 2 file(s) saved as "
+                         f"{registry.address}/app-cache:feature--latest-test-timings-2",
+                         "test timings not saved: the registry cache is read-only here "
+                         "(LAYERKEEP_CACHE_READ_ONLY=yes)"]
+        lines.clear()
+        registry.stop()
+        assert load_history(feature, {}, log=lines.append) is None
+        assert len(lines) == 1
+        assert lines[0].startswith(f"warning: cannot read the test timings in "
+                                   f"{registry.address}/app-cache: ")
