@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from registry_setup import running_registry
 
-from layerkeep.core.ci_vars import GitFacts, detect
+from layerkeep.core.ci_vars import GitFacts, commit_time, detect
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings, load_settings
 from layerkeep.testrun import split
@@ -33,9 +35,11 @@ from layerkeep.testrun.split import (
 from layerkeep.testrun.timing_store import TIMINGS_FILE, load_history, save_history
 from layerkeep.testrun.timings import (
     FileTime,
+    History,
     file_seconds,
     history_digest,
     history_text,
+    latest,
     merge,
     parse_history,
 )
@@ -45,6 +49,11 @@ def settings_in(root: Path, **environ: str) -> Settings:
     return load_settings(
         root, {"LAYERKEEP_IMAGE": "app", **environ}, git_facts=lambda _: GitFacts("", "")
     )
+
+
+def one_each(times: Mapping[str, FileTime]) -> dict[str, tuple[FileTime, ...]]:
+    """A history holding one measurement per file."""
+    return {name: (entry,) for name, entry in times.items()}
 
 
 def uneven_suite(root: Path, seconds: Mapping[str, float]) -> None:
@@ -195,7 +204,7 @@ def test_the_globs_must_match(tmp_path: Path) -> None:
 
 def test_every_ci_node_plans_the_same_shares(tmp_path: Path) -> None:
     uneven_suite(tmp_path, {f"test_{n}.py": n / 10 for n in range(11)})
-    history = {f"tests/test_{n}.py": FileTime(n / 10, 5.0) for n in range(0, 11, 2)}
+    history = one_each({f"tests/test_{n}.py": FileTime(n / 10, 5.0) for n in range(0, 11, 2)})
     seen: list[str] = []
     for nodes in (1, 2, 3, 4):
         mine = []
@@ -314,21 +323,82 @@ def test_a_classname_two_files_end_in_is_not_guessed(tmp_path: Path) -> None:
     assert file_seconds([tmp_path / "j.xml"], files, log=print) == {}
 
 
-def test_histories_merge_by_newest_measurement() -> None:
-    older = {"a.py": FileTime(1.0, 10.0), "b.py": FileTime(2.0, 10.0)}
-    newer = {"a.py": FileTime(3.0, 20.0), "c.py": FileTime(4.0, 20.0)}
-    expected = {"a.py": FileTime(3.0, 20.0), "b.py": FileTime(2.0, 10.0),
-                "c.py": FileTime(4.0, 20.0)}
-    assert merge(older, newer) == merge(newer, older) == expected
+def test_histories_keep_the_newest_measurement_of_each_commit() -> None:
+    older = {"a.py": (FileTime(1.0, 10.0, "c1"),), "b.py": (FileTime(2.0, 10.0, "c1"),)}
+    newer = {"a.py": (FileTime(3.0, 20.0, "c2"),), "c.py": (FileTime(4.0, 20.0, "c2"),)}
+    again = {"a.py": (FileTime(5.0, 30.0, "c2"),)}
+    expected = {"a.py": (FileTime(5.0, 30.0, "c2"), FileTime(1.0, 10.0, "c1")),
+                "b.py": (FileTime(2.0, 10.0, "c1"),), "c.py": (FileTime(4.0, 20.0, "c2"),)}
+    assert merge(older, newer, again) == merge(again, newer, older) == expected
+    many = merge(*({"a.py": (FileTime(1.0, float(n), f"c{n}"),)} for n in range(8)))
+    assert [entry.commit for entry in many["a.py"]] == ["c7", "c6", "c5", "c4", "c3"]
+    assert latest(expected) == {"a.py": FileTime(5.0, 30.0, "c2"),
+                                "b.py": FileTime(2.0, 10.0, "c1"),
+                                "c.py": FileTime(4.0, 20.0, "c2")}
+    before_c2 = {"a.py": FileTime(1.0, 10.0, "c1"), "b.py": FileTime(2.0, 10.0, "c1")}
+    assert latest(expected, commit="c2") == latest(expected, before=15.0) == before_c2
     lines: list[str] = []
     assert parse_history(history_text(expected), where="x", log=lines.append) == expected
+    entry = {"seconds": -1, "at": 1, "commit": ""}
     for damaged in ("{", '{"format": "other/1", "files": {}}',
-                    json.dumps({"format": "layerkeep-test-timings/1",
-                                "files": {"a.py": {"seconds": -1, "at": 1}}})):
+                    json.dumps({"format": "layerkeep-test-timings/1", "files": {"a.py": [entry]}}),
+                    json.dumps({"format": "layerkeep-test-timings/1", "files": {"a.py": [{}]}})):
         assert parse_history(damaged, where="the file", log=lines.append) is None
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert all(line.startswith("warning: ignored the damaged test timings in the file")
                for line in lines)
+
+
+def test_ci_nodes_ignore_what_their_siblings_save_while_they_run(tmp_path: Path) -> None:
+    """Node 1 of a run ends first and saves its files' seconds; node 2 starts later and
+    must still split as node 1 did, else a file runs twice or not at all."""
+    uneven_suite(tmp_path, {f"test_{n}.py": 0.1 for n in range(8)})
+    before = one_each({f"tests/test_{n}.py": FileTime(n + 1.0, 100.0, "old") for n in range(8)})
+
+    def plan(index: int, history: History, *, commit_time: float | None) -> tuple[str, ...]:
+        node = settings_in(tmp_path, LAYERKEEP_TEST_FILES="tests/*.py", LAYERKEEP_COMMIT="new",
+                           LAYERKEEP_NODE_INDEX=str(index), LAYERKEEP_NODE_TOTAL="2")
+        shares = plan_tests(node, history, log=print, commit_time=commit_time).shares
+        assert shares is not None
+        return shares[Node(index, 2)]
+
+    first = plan(1, before, commit_time=None)
+    # Node 1 saved: for this commit, and (a clock says) after this commit was made.
+    saved = {name: (FileTime(50.0 - len(name), 300.0, "new"),) for name in first}
+    for made in (None, 200.0):
+        second = plan(2, merge(before, saved), commit_time=made)
+        assert sorted(first + second) == sorted(before)
+    # Another commit's run (say, the previous push of the branch) saving meanwhile.
+    meanwhile = {name: (FileTime(50.0 - len(name), 300.0, "other"),) for name in first}
+    second = plan(2, merge(before, meanwhile), commit_time=200.0)
+    assert sorted(first + second) == sorted(before)
+    # Without the commit's time to go by, such a run's numbers would move the split.
+    moved = plan(2, merge(before, meanwhile), commit_time=None)
+    assert sorted(first + moved) != sorted(before)
+
+
+def test_local_nodes_split_by_the_newest_timings(tmp_path: Path) -> None:
+    """One process plans every local node: the last run's seconds, this commit's too."""
+    uneven_suite(tmp_path, {"test_a.py": 0.1, "test_b.py": 0.1})
+    last_run = one_each({"tests/test_a.py": FileTime(2.0, 300.0, "new"),
+                         "tests/test_b.py": FileTime(1.0, 300.0, "new")})
+    local = settings_in(tmp_path, LAYERKEEP_TEST_FILES="tests/*.py", LAYERKEEP_COMMIT="new",
+                        LAYERKEEP_TEST_NODES="2")
+    plan = plan_tests(local, last_run, log=print, commit_time=200.0)
+    assert plan.basis == f"timings of 2/2 files ({history_digest(latest(last_run))})"
+
+
+def test_a_commit_time_comes_from_git(tmp_path: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    environ = {**os.environ, "GIT_COMMITTER_DATE": "1700000000 +0000"}
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",
+                    "commit", "-q", "--allow-empty", "-m", "x"], check=True, env=environ)
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    assert commit_time(tmp_path, head) == 1700000000.0
+    assert commit_time(tmp_path, "0" * 40) is None
+    assert commit_time(tmp_path, "--all") is None
+    assert commit_time(tmp_path, "") is None
 
 
 # --- the history in the cache folder --------------------------------------------------------
@@ -338,15 +408,15 @@ def test_the_cache_folder_keeps_and_merges_the_history(tmp_path: Path) -> None:
     settings = settings_in(tmp_path, LAYERKEEP_CACHE_DIR="cache")
     lines: list[str] = []
     assert load_history(settings, {}, log=lines.append) == {}
-    first = {"a.py": FileTime(1.0, 10.0), "b.py": FileTime(2.0, 10.0)}
+    first = one_each({"a.py": FileTime(1.0, 10.0), "b.py": FileTime(2.0, 10.0)})
     assert save_history(settings, {}, first, node=Node(1, 2), keep={"a.py", "b.py"},
                         log=lines.append)
-    second = {"b.py": FileTime(5.0, 20.0), "c.py": FileTime(1.0, 20.0)}
+    second = one_each({"b.py": FileTime(5.0, 20.0), "c.py": FileTime(1.0, 20.0)})
     # a.py is gone from the project: its timing goes too.
     assert save_history(settings, {}, second, node=Node(2, 2), keep={"b.py", "c.py"},
                         log=lines.append)
-    assert load_history(settings, {}, log=lines.append) == {
-        "b.py": FileTime(5.0, 20.0), "c.py": FileTime(1.0, 20.0)}
+    assert load_history(settings, {}, log=lines.append) == one_each(
+        {"b.py": FileTime(5.0, 20.0), "c.py": FileTime(1.0, 20.0)})
     assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [
         ".lock", TIMINGS_FILE]
     assert lines == []
@@ -361,7 +431,7 @@ def test_an_unwritable_cache_folder_is_a_warning(tmp_path: Path) -> None:
     (tmp_path / "cache").write_text("a file where the folder belongs")
     settings = settings_in(tmp_path, LAYERKEEP_CACHE_DIR="cache")
     lines: list[str] = []
-    saved = save_history(settings, {}, {"a.py": FileTime(1.0, 1.0)}, node=Node(1, 1),
+    saved = save_history(settings, {}, one_each({"a.py": FileTime(1.0, 1.0)}), node=Node(1, 1),
                          keep={"a.py"}, log=lines.append)
     assert not saved
     assert len(lines) == 1
@@ -399,13 +469,13 @@ def test_the_registry_keeps_every_nodes_timings_in_the_branch_scope(tmp_path: Pa
         lines: list[str] = []
         feature = on("feature")
         assert load_history(feature, {}, log=lines.append) == {}  # no cache repository yet
-        first = {"a.py": FileTime(1.0, 10.0), "b.py": FileTime(2.0, 10.0)}
-        second = {"b.py": FileTime(3.0, 20.0), "c.py": FileTime(4.0, 20.0)}
+        first = one_each({"a.py": FileTime(1.0, 10.0), "b.py": FileTime(2.0, 10.0)})
+        second = one_each({"b.py": FileTime(3.0, 20.0), "c.py": FileTime(4.0, 20.0)})
         keep = {"a.py", "b.py", "c.py"}
         assert save_history(feature, {}, first, node=Node(1, 2), keep=keep, log=lines.append)
         assert save_history(feature, {}, second, node=Node(2, 2), keep=keep, log=lines.append)
-        merged = {"a.py": FileTime(1.0, 10.0), "b.py": FileTime(3.0, 20.0),
-                  "c.py": FileTime(4.0, 20.0)}
+        merged = one_each({"a.py": FileTime(1.0, 10.0), "b.py": FileTime(3.0, 20.0),
+                           "c.py": FileTime(4.0, 20.0)})
         assert load_history(feature, {}, log=lines.append) == merged
         _, listed, _ = registry.get("/v2/app-cache/tags/list")
         assert sorted(listed["tags"]) == ["feature--latest-test-timings-1",

@@ -120,6 +120,7 @@ def _github_build_id(environ: Mapping[str, str]) -> str:
     return safe_build_id("-".join(part for part in parts if part))
 
 
+_COMMIT = re.compile(r"[0-9a-fA-F]{4,64}")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _MAX_BUILD_ID = 64
 
@@ -145,6 +146,15 @@ def git_facts(folder: Path) -> GitFacts:
         commit=_git(folder, "rev-parse", "--verify", "--quiet", "HEAD"),
         branch=_git(folder, "symbolic-ref", "--quiet", "--short", "HEAD"),
     )
+
+
+def commit_time(folder: Path, commit: str) -> float | None:
+    """When ``commit`` was committed (Unix time), as git in ``folder`` says; None when
+    git cannot tell."""
+    if not _COMMIT.fullmatch(commit):
+        return None
+    text = _git(folder, "log", "-1", "--format=%ct", commit, "--")
+    return float(text) if text.isascii() and text.isdigit() else None
 
 
 def _git(folder: Path, *args: str) -> str:

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from layerkeep.core.atomic import atomic_write
+from layerkeep.core.ci_vars import commit_time
 from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Mount, Settings
 from layerkeep.testrun.app_container import REPORTS_MOUNT, mounts_for
@@ -202,7 +203,9 @@ def run_tests(
     if removed:
         log(f"removed {removed} file(s) the previous run wrote in {reports}")
     history = load_history(settings, environ, log=log) if settings.test_files else {}
-    plan = plan_tests(settings, history, log=log)
+    split_ci = settings.test_files and settings.node_total > 1
+    committed = commit_time(settings.project_dir, settings.commit) if split_ci else None
+    plan = plan_tests(settings, history, log=log, commit_time=committed)
     if plan.shares is not None:
         for node in plan.nodes:
             log(plan.describe(node))
@@ -333,7 +336,8 @@ def _keep_timings(
             )
         seconds |= {name: value for name, value in ran.items() if name in node.files}
     saved = save_history(
-        settings, environ, measured(seconds, time.time()), node=plan.nodes[0],
+        settings, environ, measured(seconds, time.time(), settings.commit),
+        node=plan.nodes[0],
         keep=set(every), log=log,
     )
     return replace(result, timings_saved=saved)

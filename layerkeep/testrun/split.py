@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings
-from layerkeep.testrun.timings import History, history_digest
+from layerkeep.testrun.timings import FileTime, History, history_digest, latest
 
 Log = Callable[[str], None]
 PLACEHOLDER = "{files}"
@@ -79,13 +79,16 @@ def current_node(settings: Settings) -> Node:
     return Node(index, total)
 
 
-def plan_tests(settings: Settings, history: History | None, *, log: Log) -> Plan:
+def plan_tests(
+    settings: Settings, history: History | None, *, log: Log, commit_time: float | None = None
+) -> Plan:
     """The nodes to run here and each one's files.
 
     In a split CI job, this node and its share; with LAYERKEEP_TEST_NODES (``--nodes``)
     every node, to run at once. ``history`` is the timing history (None when it could
     not be read: a CI node then runs every file, since it cannot know what the others
-    chose).
+    chose). A CI node uses only timings measured for other commits before
+    ``commit_time`` (LAYERKEEP_COMMIT's), never those its sibling nodes save meanwhile.
     """
     ci, local = current_node(settings), settings.test_nodes
     if ci.total > 1 and local > 1:
@@ -103,7 +106,11 @@ def plan_tests(settings: Settings, history: History | None, *, log: Log) -> Plan
             "timings: it runs every file, so that none is left out")
         every = tuple(f.path for f in files)
         return Plan((ci,), {ci: every}, files, "no split (the test timings are unreadable)")
-    weights, basis = file_weights(files, history or {})
+    if ci.total > 1:
+        times = latest(history or {}, commit=settings.commit, before=commit_time)
+    else:
+        times = latest(history or {})
+    weights, basis = file_weights(files, times)
     nodes = (ci,) if ci.total > 1 else tuple(Node(k, local) for k in range(1, local + 1))
     shares = split_files(weights, nodes[0].total)
     chosen = {node: shares[node.index - 1] for node in nodes}
@@ -178,7 +185,9 @@ def container_path(settings: Settings, host: Path) -> str:
     return str(path)
 
 
-def file_weights(files: Sequence[TestFile], history: History) -> tuple[dict[str, float], str]:
+def file_weights(
+    files: Sequence[TestFile], history: Mapping[str, FileTime]
+) -> tuple[dict[str, float], str]:
     """Each file's expected seconds, and what they came from.
 
     A file without a timing gets its size times the seconds per byte of the files with

@@ -39,7 +39,6 @@ from layerkeep.core.settings import Settings
 from layerkeep.testrun.split import Node
 from layerkeep.testrun.timings import (
     FORMAT,
-    FileTime,
     History,
     history_text,
     merge,
@@ -75,7 +74,7 @@ def load_history(settings: Settings, environ: Mapping[str, str], *, log: Log) ->
 def save_history(
     settings: Settings,
     environ: Mapping[str, str],
-    fresh: Mapping[str, FileTime],
+    fresh: History,
     *,
     node: Node,
     keep: Collection[str],
@@ -95,7 +94,7 @@ def save_history(
             kept = load_history(settings, environ, log=log) or {}
             merged = merge(kept, fresh)
             history = {name: entry for name, entry in merged.items() if name in keep}
-            atomic_write(path, history_text(history).encode())
+            atomic_write(path, history_text(history).encode(), mode=0o644)
     except (OSError, LayerkeepError) as error:
         text = error.one_line() if isinstance(error, LayerkeepError) else str(error)
         log(f"warning: test timings not saved, later splits balance by older ones: {text}")
@@ -151,7 +150,7 @@ def _read_registry(settings: Settings, environ: Mapping[str, str], log: Log) -> 
 def _write_registry(
     settings: Settings,
     environ: Mapping[str, str],
-    fresh: Mapping[str, FileTime],
+    fresh: History,
     *,
     node: Node,
     keep: Collection[str],

@@ -7,8 +7,11 @@ attribute (pytest's xunit1, many other runners), else only by its ``classname``
 is matched against the files that ran, by their longest unambiguous tail, so a file the
 report names from another root (``/app/tests/...`` or ``tests/...``) is still found.
 
-The history maps each file to its seconds and when they were measured; histories from
-several nodes or runs merge by taking each file's newest measurement.
+The history keeps each file's last few measurements (seconds, when, for which commit),
+one per commit, newest first; histories from several nodes or runs merge into one. A
+split CI node uses each file's newest measurement made for another commit before this
+commit's time (:func:`latest`): what its sibling nodes write while it runs changes
+nothing it reads, so every node of a run splits from the same numbers.
 """
 
 from __future__ import annotations
@@ -24,15 +27,22 @@ Log = Callable[[str], None]
 FORMAT = "layerkeep-test-timings/1"
 
 
+# Measurements kept per file: enough that one older than a run of the same branch
+# going on at the same time is still there.
+KEEP = 5
+
+
 @dataclass(frozen=True)
 class FileTime:
-    """A test file's seconds, measured at ``at`` (Unix time)."""
+    """A test file's seconds, measured at ``at`` (Unix time) for ``commit``."""
 
     seconds: float
     at: float
+    commit: str = ""
 
 
-History = Mapping[str, FileTime]
+# Each file's measurements, newest first, one per commit, at most KEEP.
+History = Mapping[str, tuple[FileTime, ...]]
 
 
 def file_seconds(reports: Iterable[Path], files: Collection[str], *, log: Log) -> dict[str, float]:
@@ -101,50 +111,83 @@ def _time(case: ET.Element) -> float:
     return value if value >= 0 and value != float("inf") else 0.0
 
 
-def measured(seconds: Mapping[str, float], at: float) -> dict[str, FileTime]:
-    """This run's seconds as history entries measured at ``at``."""
-    return {name: FileTime(round(value, 3), at) for name, value in seconds.items()}
+def measured(
+    seconds: Mapping[str, float], at: float, commit: str
+) -> dict[str, tuple[FileTime, ...]]:
+    """This run's seconds as a history: measured at ``at`` for ``commit``."""
+    return {name: (FileTime(round(value, 3), at, commit),) for name, value in seconds.items()}
 
 
-def merge(*histories: History) -> dict[str, FileTime]:
-    """One history: each file's newest measurement (the longer one on a tie)."""
-    merged: dict[str, FileTime] = {}
+def merge(*histories: History) -> dict[str, tuple[FileTime, ...]]:
+    """One history: for each file, the newest measurement of each commit (the longer one
+    on a tie), the KEEP newest."""
+    by_commit: dict[str, dict[str, FileTime]] = {}
     for history in histories:
-        for name, entry in history.items():
-            known = merged.get(name)
-            if known is None or (entry.at, entry.seconds) > (known.at, known.seconds):
-                merged[name] = entry
-    return merged
+        for name, entries in history.items():
+            kept = by_commit.setdefault(name, {})
+            for entry in entries:
+                known = kept.get(entry.commit)
+                if known is None or (entry.at, entry.seconds) > (known.at, known.seconds):
+                    kept[entry.commit] = entry
+    return {
+        name: tuple(sorted(kept.values(), key=lambda e: (-e.at, -e.seconds, e.commit))[:KEEP])
+        for name, kept in by_commit.items()
+    }
+
+
+def latest(
+    history: History, *, commit: str | None = None, before: float | None = None
+) -> dict[str, FileTime]:
+    """Each file's newest measurement; with ``commit``, only one made for another commit,
+    and with ``before``, only one made before that time (a file with none is left out)."""
+    found = {}
+    for name, entries in history.items():
+        usable = [
+            entry for entry in entries
+            if (commit is None or entry.commit != commit)
+            and (before is None or entry.at < before)
+        ]
+        if usable:
+            found[name] = max(usable, key=lambda e: (e.at, e.seconds))
+    return found
 
 
 def history_text(history: History) -> str:
     """The history as the JSON document kept with the cache (sorted: same history, same text)."""
     files = {
-        name: {"seconds": entry.seconds, "at": entry.at} for name, entry in sorted(history.items())
+        name: [{"seconds": e.seconds, "at": e.at, "commit": e.commit} for e in entries]
+        for name, entries in sorted(history.items())
     }
     return json.dumps({"format": FORMAT, "files": files}, separators=(",", ":"), sort_keys=True)
 
 
-def parse_history(text: str, *, where: str, log: Log) -> dict[str, FileTime] | None:
+def parse_history(text: str, *, where: str, log: Log) -> dict[str, tuple[FileTime, ...]] | None:
     """Read :func:`history_text`'s document; None (and a warning) when it is damaged."""
     try:
         document = json.loads(text)
         if document.get("format") != FORMAT:
             raise ValueError(f"format {document.get('format')!r}")
         history = {}
-        for name, entry in document["files"].items():
-            seconds, at = float(entry["seconds"]), float(entry["at"])
-            if not isinstance(name, str) or seconds < 0 or seconds == float("inf"):
+        for name, entries in document["files"].items():
+            parsed = tuple(
+                FileTime(float(entry["seconds"]), float(entry["at"]), str(entry["commit"]))
+                for entry in entries
+            )
+            if not isinstance(name, str) or not all(_plausible(entry) for entry in parsed):
                 raise ValueError(f"entry {name!r}")
-            history[name] = FileTime(seconds, at)
+            history[name] = parsed
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         log(f"warning: ignored the damaged test timings in {where} ({error})")
         return None
-    return history
+    return merge(history)
 
 
-def history_digest(history: History) -> str:
-    """A short digest of the history's seconds: every node of one run prints the same one
-    when they split from the same history."""
-    seconds = {name: entry.seconds for name, entry in sorted(history.items())}
+def _plausible(entry: FileTime) -> bool:
+    return 0 <= entry.seconds < float("inf") and entry.at < float("inf")
+
+
+def history_digest(times: Mapping[str, FileTime]) -> str:
+    """A short digest of the seconds a split used: every node of one run prints the same
+    one when they split from the same numbers."""
+    seconds = {name: entry.seconds for name, entry in sorted(times.items())}
     return hashlib.sha256(json.dumps(seconds).encode()).hexdigest()[:8]
