@@ -25,6 +25,7 @@ from layerkeep.building.dockerfile import directives, read_instructions
 from layerkeep.core.engine import context_files, read_ignore_file
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings
+from layerkeep.testrun.split import plan_tests
 
 # The tasks whose problems are checked here; a run of other tasks skips preflight.
 BUILDS = frozenset({"image.build"})
@@ -68,7 +69,7 @@ def preflight(
     if "db.init" in tasks:
         problems += _database_problems(settings)
     if "test.run" in tasks:
-        problems += _mount_problems(settings)
+        problems += _mount_problems(settings) + _split_problems(settings)
     return problems
 
 
@@ -276,6 +277,15 @@ def _mount_problems(settings: Settings) -> list[str]:
         for mount in settings.test_mounts
         if not mount.source.exists()
     ]
+
+
+def _split_problems(settings: Settings) -> list[str]:
+    """What stops test.run's split (LAYERKEEP_TEST_FILES, the nodes), found by planning it."""
+    try:
+        plan_tests(settings, {}, log=lambda _: None)
+    except ConfigError as error:
+        return [error.one_line()]
+    return []
 
 
 def _origin(settings: Settings, key: str) -> str:

@@ -81,6 +81,20 @@ def test_a_build_secret_whose_variable_is_unset_stops_before_anything_starts(
     assert preflight(settings, {"services.up"}, {}) == []  # no build, no secret needed
 
 
+def test_a_split_that_cannot_work_stops_test_run_before_it_starts(tmp_path: Path) -> None:
+    nodes = project(tmp_path, LAYERKEEP_TEST_NODES="2")
+    assert preflight(nodes, TEST_RUN, os.environ) == [
+        "LAYERKEEP_TEST_NODES=2 needs LAYERKEEP_TEST_FILES, the files to split (e.g. "
+        "LAYERKEEP_TEST_FILES=tests/**/test_*.py, globs relative to the project)"
+    ]
+    unmatched = project(tmp_path, LAYERKEEP_TEST_FILES="spec/*.py")
+    assert preflight(unmatched, TEST_RUN, os.environ) == [
+        f"LAYERKEEP_TEST_FILES=spec/*.py matches no file in {tmp_path} (globs are relative "
+        "to the project folder, e.g. tests/**/test_*.py)"
+    ]
+    assert preflight(nodes, {"image.build"}, os.environ) == []
+
+
 def test_buildkit_only_dockerfile_with_the_legacy_builder(tmp_path: Path) -> None:
     settings = project(tmp_path, BUILDKIT_ONLY, LAYERKEEP_BUILDER="legacy")
     [problem] = preflight(settings, {"image.build"}, os.environ)

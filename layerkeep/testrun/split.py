@@ -122,7 +122,7 @@ def _unsplit(settings: Settings, ci: Node, local: int, log: Log) -> Plan:
         raise ConfigError(
             f"LAYERKEEP_TEST_NODES={local} needs LAYERKEEP_TEST_FILES, the files to split",
             key="LAYERKEEP_TEST_FILES",
-            hint="e.g. LAYERKEEP_TEST_FILES=tests/**/test_*.py (globs relative to the project)",
+            hint="e.g. LAYERKEEP_TEST_FILES=tests/**/test_*.py, globs relative to the project",
         )
     if PLACEHOLDER in settings.test_command:
         raise ConfigError(
@@ -176,7 +176,7 @@ def container_path(settings: Settings, host: Path) -> str:
             raise ConfigError(
                 f"LAYERKEEP_TEST_FILES: {host} is outside the project and every test mount",
                 key="LAYERKEEP_TEST_FILES",
-                hint="match files in the project, or mount their folder (LAYERKEEP_TEST_MOUNTS)",
+                hint="match files in the project, or mount their folder with LAYERKEEP_TEST_MOUNTS",
             )
         path = PurePosixPath(absolute.relative_to(base).as_posix())
     workdir = PurePosixPath(settings.test_workdir or "/")
