@@ -203,7 +203,7 @@ def run_tests(
     if removed:
         log(f"removed {removed} file(s) the previous run wrote in {reports}")
     history = load_history(settings, environ, log=log) if settings.test_files else {}
-    split_ci = settings.test_files and settings.node_total > 1
+    split_ci = bool(settings.test_files) and settings.node_total > 1
     committed = commit_time(settings.project_dir, settings.commit) if split_ci else None
     plan = plan_tests(settings, history, log=log, commit_time=committed)
     if plan.shares is not None:

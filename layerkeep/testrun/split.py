@@ -5,8 +5,10 @@ GitHub Actions matrix with LAYERKEEP_NODE_INDEX/LAYERKEEP_NODE_TOTAL) runs the s
 command on every node, which must then pick the same shares without talking to the
 others: the split depends only on the files LAYERKEEP_TEST_FILES matches, their sizes
 and the timing history, and is greedy longest-processing-time (the slowest file first,
-each to the node with the least so far; ties by path and node number), so that every
-node computes the same shares and no file runs twice or not at all.
+ties by path, each to the node with the least time so far, ties to the one with the
+fewest files, then the lowest number), so that every node computes the same shares and
+no file runs twice or not at all. A CI node splits by the timings measured before its
+commit (see :mod:`.timings`), which its sibling nodes do not change while it runs.
 
 Files are named as the test command sees them: a file under a LAYERKEEP_TEST_MOUNTS
 source by its path in the container, any other by its path in the build context (where
