@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -286,6 +287,40 @@ def test_two_nodes_on_the_example_use_separate_databases(example: Path, engine: 
     cases = cases_in(tuple(example / "reports" / name for name in reports))
     assert len(cases) == len(set(cases))
     assert {case.split("::")[0] for case in cases} == {"tests.test_links", "tests.test_ops"}
+    selector = [f"{BUILD_ID_LABEL}={build_id}"]
+    assert engine.list_containers(selector) == []
+    assert engine.list_networks(selector) == []
+
+
+def test_sigterm_while_nodes_run_removes_every_container(example: Path, engine: Engine) -> None:
+    build_id = f"n{uuid.uuid4().hex[:8]}"
+    environ = clean_environ(
+        LAYERKEEP_IMAGE=(example / "image").read_text(),
+        LAYERKEEP_BUILD_ID=build_id,
+        LAYERKEEP_CACHE_IMAGES="",
+        LAYERKEEP_CACHE_DIR=str(example / "cache"),
+        LAYERKEEP_REPORTS_DIR=str(example / "reports-sigterm"),
+        LAYERKEEP_TEST_FILES="example/tests/test_*.py",
+        LAYERKEEP_TEST_COMMAND="sleep 300; : {files}",
+    )
+    job = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "test.run", "--nodes", "2"], cwd=example,
+        env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert job.stdout is not None
+    seen: list[str] = []
+    for line in job.stdout:
+        seen.append(line)
+        if len([each for each in seen if " | setup done in " in each]) == 2:
+            break
+    running = engine.list_containers([f"{BUILD_ID_LABEL}={build_id}",
+                                      "io.layerkeep.purpose"])
+    assert sorted(c["Labels"]["io.layerkeep.purpose"] for c in running) == [
+        "tests-node1", "tests-node2"], "".join(seen)[-3000:]
+    job.send_signal(signal.SIGTERM)
+    _, errors = job.communicate(timeout=120)
+    assert job.returncode == 143, errors
+    assert errors == "layerkeep: test.run: interrupted by SIGTERM\n"
     selector = [f"{BUILD_ID_LABEL}={build_id}"]
     assert engine.list_containers(selector) == []
     assert engine.list_networks(selector) == []
