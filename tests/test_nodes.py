@@ -222,6 +222,27 @@ def test_a_failing_node_fails_the_run_and_the_others_still_report(
     assert engine.list_containers([f"{BUILD_ID_LABEL}={job.build_id}"]) == []
 
 
+def test_a_command_that_names_its_tests_is_warned_about(
+    engine: Engine, pytest_image: str, tmp_path: Path
+) -> None:
+    write_suite(tmp_path, {"test_a.py": "def test_a():\n    pass\n",
+                           "test_b.py": "def test_b():\n    pass\n"})
+    settings = settings_for(tmp_path, pytest_image, LAYERKEEP_TEST_FILES="tests/*.py",
+                            LAYERKEEP_TEST_NODES="2",
+                            # The files go after it, into a shell comment.
+                            LAYERKEEP_TEST_COMMAND=f"{COMMAND} tests #")
+    lines: list[str] = []
+    result = run_tests(engine.for_job(Job.from_settings(settings)), settings, log=lines.append)
+    assert result.counts.passed == 4, "\n".join(lines)  # each node ran both files
+    warnings = [line for line in lines if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: node {k}/2 ran tests of 1 file(s) outside its share (tests/test_{other}.py): "
+        "LAYERKEEP_TEST_COMMAND may name the tests itself; put {files} where it does, so "
+        "that each node runs its share"
+        for k, other in ((1, "b"), (2, "a"))
+    ]
+
+
 # --- the bundled example -------------------------------------------------------------------
 
 
