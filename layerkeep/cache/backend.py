@@ -32,7 +32,9 @@ from layerkeep.cache.registry_backend import (
     load_from_registry,
     save_to_registry,
 )
+from layerkeep.cache.scope_marker import mark_saved
 from layerkeep.cache.store import CacheDir
+from layerkeep.cache.whole_scope import load_whole_scope
 from layerkeep.core.engine import Engine
 from layerkeep.core.progress import MeterFactory, silent
 from layerkeep.core.settings import Settings
@@ -57,14 +59,22 @@ def load_cache(
     *,
     log: Log,
     progress: MeterFactory = silent,
+    environ: Mapping[str, str] | None = None,
 ) -> LoadReport:
-    """Restore the cached images the engine lacks; ``progress`` shows the bytes read."""
+    """Restore the cached images the engine lacks; ``progress`` shows the bytes read.
+
+    ``environ`` reaches the registry (`docker login`'s config) to read the scope's marker.
+    """
     images = images_to_cache(settings, app=not builder.exports_cache)
     if settings.cache_backend == "registry":
-        loaded = load_from_registry(engine, settings, images, log=log, progress=progress)
-        if not loaded.unreachable:
-            pull_build_records(engine, settings, log=log)
-        return loaded
+
+        def from_registry(chosen: Settings) -> LoadReport:
+            loaded = load_from_registry(engine, chosen, images, log=log, progress=progress)
+            if not loaded.unreachable:
+                pull_build_records(engine, chosen, log=log)
+            return loaded
+
+        return load_whole_scope(from_registry, settings, environ or {}, log=log)
     restored = load_images(
         engine, CacheDir(settings.cache_dir), only=images, log=log, progress=progress
     )
@@ -118,6 +128,7 @@ def save_cache(
             engine, settings, images, environ=environ, log=log, progress=progress
         )
         push_build_records(engine, settings, log=log)
+        mark_saved(settings, environ, log=log)
         return SaveOutcome(saved, buildkit, pushed_to)
     saved = save_images(
         engine,

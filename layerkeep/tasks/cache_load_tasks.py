@@ -24,7 +24,9 @@ def load(c: Context) -> Note:
         return say_plan(load_plan(current))
     connected, log = engine(c, current), masked_log(current)
     chosen = resolved_builder(c, current)
-    report = load_cache(connected, current, chosen, log=log, progress=meters())
+    report = load_cache(
+        connected, current, chosen, log=log, progress=meters(), environ=environ()
+    )
     mounts = restore_cache_mounts(connected, current, chosen, environ(), log=log)
     figures = {
         "restored": list(report.restored),

@@ -345,6 +345,20 @@ class Settings:
             parsers.size,
         ),
     ]
+    cache_max_mb: Annotated[
+        int,
+        setting(
+            "0", "Most MB the cache folder holds; cache.save drops least recently used "
+            "first (0: no limit).", parsers.whole_number(0, 10**9), flag="--max-mb",
+        ),
+    ]
+    cache_prune_days: Annotated[
+        int,
+        setting(
+            "14", "cache.prune removes registry scopes not saved for this many days.",
+            parsers.whole_number(1, 36500),
+        ),
+    ]
 
     def __repr__(self) -> str:
         # Secret settings stay out; pairs such as test_env may hold secrets: masked.
