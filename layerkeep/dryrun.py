@@ -107,3 +107,21 @@ def down_plan(settings: Settings) -> list[str]:
 def release_plan(settings: Settings) -> list[str]:
     """release.push: the tags and registry, or why nothing would be pushed."""
     return [f"would {plan_release(settings).describe()}"]
+
+
+def status_plan(settings: Settings) -> list[str]:
+    """cache.status: what it would read."""
+    return [f"would show what the cache holds ({cache_where(settings)})"]
+
+
+def prune_plan(settings: Settings, older_than: int) -> list[str]:
+    """cache.prune: what it would remove, by which rules (cache.prune --dry-run names each)."""
+    if settings.cache_backend == "registry":
+        return [
+            f"would remove the branch scopes of {cache_where(settings)} not saved for "
+            f"{older_than} days or whose branch is gone, never "
+            f"{settings.cache_fallback_branch}'s (cache.prune --dry-run lists them)"
+        ]
+    limit = f"{settings.cache_max_mb} MB" if settings.cache_max_mb else "no limit set"
+    return [f"would drop the least recently used images and cache mounts of "
+            f"{cache_where(settings)} past LAYERKEEP_CACHE_MAX_MB ({limit})"]

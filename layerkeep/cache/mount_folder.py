@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +124,15 @@ class MountStore:
                 self._write_index(index)
             self._remove_strays(index)
         return [key.split(",")[0] for key in dropped]
+
+    def remove(self, keys: Collection[str]) -> None:
+        """Forget the mounts ``keys`` and delete their archives; hold the cache's lock."""
+        index = self._index_or_empty()
+        gone = [index.pop(key) for key in keys if key in index]
+        for kept in gone:
+            if all(other.file != kept.file for other in index.values()):
+                (self.folder / kept.file).unlink(missing_ok=True)
+        self._write_index(index)
 
     def _index_or_empty(self) -> dict[str, KeptMount]:
         try:

@@ -21,8 +21,8 @@ from typing import Any
 
 from layerkeep.cache.registry_backend import SCOPE_SEPARATOR
 from layerkeep.cache.scope_marker import MARKER_TAG, Marker, read_marker
-from layerkeep.core.registry import TagNotFound
 from layerkeep.core.registry_api import RegistryClient
+from layerkeep.core.registry_failures import TagNotFound
 
 IMAGE_CONFIGS = (
     "application/vnd.docker.container.image.v1+json",

@@ -22,6 +22,7 @@ from invoke.tasks import Task
 from layerkeep.core.errors import LayerkeepError
 
 from . import (
+    cache_admin_tasks,
     cache_load_tasks,
     cache_save_tasks,
     ci_tasks,
@@ -55,7 +56,12 @@ def collection(steps: Iterable[StepSpec] = ()) -> Collection:
     placed = [_placed(item) for item in steps]
     made = Collection()
     made.add_collection(Collection("git", git_tasks.touch))
-    made.add_collection(Collection("cache", cache_load_tasks.load, cache_save_tasks.save))
+    made.add_collection(
+        Collection(
+            "cache", cache_load_tasks.load, cache_save_tasks.save,
+            cache_admin_tasks.status, cache_admin_tasks.prune,
+        )
+    )
     made.add_collection(Collection("image", image_tasks.build))
     made.add_collection(
         Collection("services", services_tasks.up, services_tasks.down, services_tasks.sweep)

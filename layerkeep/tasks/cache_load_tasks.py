@@ -8,6 +8,7 @@ from invoke.context import Context
 
 from layerkeep.cache.backend import describe_load, load_cache
 from layerkeep.cache.mount_store import describe_mounts, restore_cache_mounts
+from layerkeep.cache.upkeep import after_load
 from layerkeep.dryrun import load_plan
 
 from .graph import Done, Note, engine, is_dry, resolved_builder, say_plan, settings, step
@@ -28,6 +29,7 @@ def load(c: Context) -> Note:
         connected, current, chosen, log=log, progress=meters(), environ=environ()
     )
     mounts = restore_cache_mounts(connected, current, chosen, environ(), log=log)
+    after_load(current, report, mounts, log=log)
     figures = {
         "restored": list(report.restored),
         "present": list(report.present),
