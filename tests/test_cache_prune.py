@@ -10,18 +10,21 @@ nothing saves the same images): deleting one by digest would take main's tags to
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from clean_env import clean_environ
 from registry_setup import Registry, running_registry
 
 from layerkeep.cache.prune import PruneRefused, PruneReport, choose, prune_registry
 from layerkeep.cache.registry_backend import scope_name, scoped_tag
 from layerkeep.cache.registry_scopes import read_scopes
-from layerkeep.cache.scope_marker import marker_tag, read_marker, write_marker
+from layerkeep.cache.scope_marker import mark_saved, marker_tag, read_marker, write_marker
 from layerkeep.cache.status import registry_status, status_lines
 from layerkeep.cache.whole_scope import load_whole_scope
 from layerkeep.core.ci_vars import GitFacts
@@ -359,3 +362,78 @@ def test_shared_blobs_are_no_scopes_own(cache: Cache) -> None:
     # copy's images are main's: removing copy frees nothing.
     assert ([d.scope.name for d in doomed], kept) == (["copy"], ["main"])
     assert doomed[0].unique_bytes == 0
+
+
+def test_a_save_marks_its_scope_and_a_read_only_one_does_not(cache: Cache) -> None:
+    lines: list[str] = []
+    assert mark_saved(cache.settings(branch="feature/x"), {}, log=lines.append)
+    marker = read_marker(cache.client, REPOSITORY, scope_name("feature/x"))
+    assert marker is not None
+    assert (marker.state, marker.branch, marker.build_id) == ("saved", "feature/x", "nightly-7")
+    assert abs(marker.at - time.time()) < 600
+    read_only = cache.settings(branch="pr-branch", cache_read_only="yes")
+    assert not mark_saved(read_only, {}, log=lines.append)
+    assert read_marker(cache.client, REPOSITORY, "pr-branch") is None
+    assert lines == []
+
+
+# --- the tasks, as `inv` runs them ---------------------------------------------------
+
+
+def inv(cache: Cache, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    (cache.project / "tasks.py").write_text("from layerkeep.tasks import ns\n")
+    settings = {
+        "LAYERKEEP_IMAGE": "team/app", "LAYERKEEP_CACHE_BACKEND": "registry",
+        "LAYERKEEP_REGISTRY": cache.registry.address, "LAYERKEEP_CACHE_FALLBACK_BRANCH": "main",
+        "LAYERKEEP_BRANCH": "main", "LAYERKEEP_BUILD_ID": "nightly-7",
+        **{f"LAYERKEEP_{key.upper()}": value for key, value in extra.items()},
+    }
+    environ = clean_environ(**settings)
+    return subprocess.run(
+        [sys.executable, "-m", "invoke", *args], cwd=cache.project, capture_output=True,
+        text=True, check=False, env=environ,
+    )
+
+
+def test_inv_cache_prune_dry_run_then_prune(cache: Cache) -> None:
+    cache.save("main", age_days=1)
+    cache.save("old", age_days=20)
+    cache.save("gone", age_days=1)
+    before = cache.tags()
+    dry = inv(cache, "cache.prune", "--dry-run", "--branches", "main,old")
+    assert dry.returncode == 0, dry.stderr
+    assert cache.tags() == before
+    assert "would remove gone: branch gone is gone; 6 tag(s)" in dry.stdout
+    assert "would remove old: not saved for 20 days, since " in dry.stdout
+    assert f"would remove 2 scope(s) of {cache.registry.address}/{REPOSITORY}" in dry.stdout
+
+    done = inv(cache, "cache.prune", "--older-than", "30", "--branches", "main,old")
+    assert done.returncode == 0, done.stderr
+    assert "removed cache scope gone: branch gone is gone; 6 tag(s)" in done.stdout
+    assert "registry garbage-collect --delete-untagged" in done.stdout
+    assert cache.scope_tags("gone") == set()
+    assert len(cache.scope_tags("old")) == len(CONTENTS) + 1
+
+
+def test_inv_cache_prune_in_a_pull_request_refuses_in_one_line(cache: Cache) -> None:
+    cache.save("main", age_days=1)
+    cache.save("old", age_days=40)
+    before = cache.tags()
+    refused = inv(cache, "cache.prune", cache_read_only="auto", pull_request="yes",
+                  branch="old")
+    assert refused.returncode != 0
+    assert cache.tags() == before
+    errors = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert errors[0].startswith("layerkeep: cache.prune: cache.prune deletes nothing here: "
+                                "the cache is read-only in this job (a pull request build")
+    assert "Traceback" not in refused.stderr
+
+
+def test_inv_cache_status_json(cache: Cache) -> None:
+    cache.save("main", age_days=2)
+    shown = inv(cache, "cache.status", "--json")
+    assert shown.returncode == 0, shown.stderr
+    start = shown.stdout.index("{")
+    status, _ = json.JSONDecoder().raw_decode(shown.stdout[start:])
+    assert [row["scope"] for row in status["scopes"]] == ["main"]
+    assert status["scopes"][0]["fallback"]

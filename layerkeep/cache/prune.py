@@ -142,7 +142,7 @@ def prune_registry(
                 log(f"cache scope {doomed.scope.name} was saved again while it was being "
                     "removed: left, it is in use")
             else:
-                log(f"removed cache scope {doomed.scope.name} ({doomed.reason}): "
+                log(f"removed cache scope {doomed.scope.name}: {doomed.reason}; "
                     f"{count} tag(s), {doomed.unique_bytes / 1e6:.1f} MB of its own")
     report.removed = [d for d in report.removed if d.scope.name not in report.interrupted]
     return report
@@ -152,7 +152,7 @@ def describe_prune(report: PruneReport, repository: str) -> list[str]:
     """The lines a prune ends with (or a dry run's plan)."""
     verb = "would remove" if report.dry_run else "removed"
     lines = [
-        f"{verb} {item.scope.name}: {item.reason}, {len(item.scope.tags) + 1} tag(s), "
+        f"{verb} {item.scope.name}: {item.reason}; {len(item.scope.tags) + 1} tag(s), "
         f"{item.unique_bytes / 1e6:.1f} MB of its own"
         for item in report.removed
     ] if report.dry_run else []
@@ -179,7 +179,7 @@ def _reason(
         return f"branch {branch} is gone"
     age = age_days(scope.saved, now)
     if age is not None and age > older_than:
-        return f"not saved for {age:.0f} days (last {when(scope.saved)})"
+        return f"not saved for {age:.0f} days, since {when(scope.saved)} UTC"
     return ""
 
 
@@ -195,8 +195,8 @@ def _remove(
     client: RegistryClient, repository: str, scope: Scope, *, build_id: str, at: float,
     deleted: Callable[[str], None],
 ) -> tuple[int, bool]:
-    """Remove one scope, marker last: the tags deleted, and False when a save of the
-    scope took its marker back meanwhile (the rest is left)."""
+    """Remove one scope, marker last: the tags deleted (the marker too), and False when a
+    save of the scope took its marker back meanwhile (the rest is left)."""
     mark = write_marker(
         client, repository, scope.name, state="pruning", branch=scope.branch,
         build_id=build_id, at=at,
@@ -212,4 +212,4 @@ def _remove(
         return count, False
     client.delete_manifest(repository, mark)
     deleted(marker_tag(scope.name))
-    return count, True
+    return count + 1, True
