@@ -437,3 +437,55 @@ def test_inv_cache_status_json(cache: Cache) -> None:
     status, _ = json.JSONDecoder().raw_decode(shown.stdout[start:])
     assert [row["scope"] for row in status["scopes"]] == ["main"]
     assert status["scopes"][0]["fallback"]
+
+
+def layered_image(client: RegistryClient, tag: str, layer: bytes) -> str:
+    """An image manifest with one layer blob of ``layer``; the layer's digest."""
+    digest = client.upload_blob(REPOSITORY, layer)
+    config = json.dumps({"architecture": "amd64", "os": "linux", "created": "2026-01-01T00:00:00Z",
+                         "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+    manifest = json.dumps(
+        {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+         "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                    "size": len(config), "digest": client.upload_blob(REPOSITORY, config)},
+         "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                     "size": len(layer), "digest": digest}]}
+    ).encode()
+    client.put_manifest(REPOSITORY, tag, manifest, DOCKER_MANIFEST)
+    return digest
+
+
+def test_the_registry_garbage_collection_frees_what_a_prune_removed(tmp_path: Path) -> None:
+    """What docs/cache-maintenance.md says to run after a prune, on the real registry."""
+    folder = tmp_path / "registry"
+    with running_registry(folder) as registry, RegistryClient(
+        Credentials(registry.address, "", ""), environ={}, timeout=10
+    ) as client:
+        cache = Cache(registry, client, tmp_path)
+        shared = layered_image(client, "main--latest", b"shared" * 100_000)
+        layered_image(client, "old--latest", b"shared" * 100_000)
+        own = layered_image(client, "old--latest-stage-builder", b"only old's" * 100_000)
+        for branch, age in (("main", 1), ("old", 40)):
+            write_marker(client, REPOSITORY, branch, state="saved", branch=branch,
+                         build_id="b", at=NOW - age * DAY)
+        report = prune(cache)
+        assert [d.scope.name for d in report.removed] == ["old"]
+        # Its own layer and its own configs; the shared layer is main's too.
+        assert len(b"only old's" * 100_000) < report.freed < len(b"only old's" * 100_000) + 2000
+        registry.stop()
+    blobs = folder / "data/docker/registry/v2/blobs/sha256"
+
+    def stored(digest: str) -> bool:
+        hexdigest = digest.removeprefix("sha256:")
+        return (blobs / hexdigest[:2] / hexdigest / "data").is_file()
+
+    config = folder / "config.yml"
+    plain = subprocess.run(["docker-registry", "garbage-collect", str(config)],
+                           capture_output=True, text=True, check=True)
+    assert stored(own), plain.stdout  # the untagged manifest still names it
+    untagged = subprocess.run(
+        ["docker-registry", "garbage-collect", "--delete-untagged", str(config)],
+        capture_output=True, text=True, check=True,
+    )
+    assert not stored(own), untagged.stdout
+    assert stored(shared)  # main's
