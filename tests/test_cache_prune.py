@@ -424,8 +424,12 @@ def test_inv_cache_prune_in_a_pull_request_refuses_in_one_line(cache: Cache) -> 
     assert refused.returncode != 0
     assert cache.tags() == before
     errors = [line for line in refused.stderr.splitlines() if line.strip()]
-    assert errors[0].startswith("layerkeep: cache.prune: cache.prune deletes nothing here: "
-                                "the cache is read-only in this job (a pull request build")
+    assert errors == [
+        "layerkeep: cache.prune: cache.prune deletes nothing here, the cache is read-only in "
+        "this job: a pull request build (LAYERKEEP_CACHE_READ_ONLY=auto) (run it from a "
+        "scheduled job on the default branch)"
+    ]
+    assert "ls-remote" not in refused.stdout  # refused before asking anything
     assert "Traceback" not in refused.stderr
 
 

@@ -70,7 +70,7 @@ def refuse_if_read_only(settings: Settings, what: str) -> None:
     read_only = cache_scope(settings).read_only
     if read_only:
         raise PruneRefused(
-            f"{what} deletes nothing here: the cache is read-only in this job ({read_only})",
+            f"{what} deletes nothing here, the cache is read-only in this job: {read_only}",
             hint="run it from a scheduled job on the default branch",
         )
 

@@ -73,6 +73,8 @@ def prune(
     log = masked_log(current)
     if current.cache_backend == "dir":
         return _prune_folder(current, dry_run=dry_run)
+    if not dry_run:
+        refuse_if_read_only(current, "cache.prune")
     live = _live_branches(current, branches, remote)
     report = prune_registry(
         current, environ(), older_than=days, live_branches=live, dry_run=dry_run, log=log
