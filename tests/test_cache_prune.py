@@ -437,8 +437,7 @@ def test_inv_cache_status_json(cache: Cache) -> None:
     cache.save("main", age_days=2)
     shown = inv(cache, "cache.status", "--json")
     assert shown.returncode == 0, shown.stderr
-    start = shown.stdout.index("{")
-    status, _ = json.JSONDecoder().raw_decode(shown.stdout[start:])
+    status = json.loads(shown.stdout.splitlines()[-1])
     assert [row["scope"] for row in status["scopes"]] == ["main"]
     assert status["scopes"][0]["fallback"]
 

@@ -11,6 +11,7 @@ Written atomically under the cache folder's lock.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -75,8 +76,8 @@ def record_use(
     """Mark ``keys`` used now by ``build_id``, as a ``restored`` or ``saved`` event;
     whether it was written (a folder that is not there or not writable is left alone)."""
     cache = CacheDir(cache_dir)
-    if not cache.exists():
-        return False
+    if not cache.exists() or not os.access(cache_dir, os.W_OK):
+        return False  # nothing saved here yet, or a folder this job only reads
     try:
         with cache.locked():
             usage = read_usage(cache_dir)

@@ -26,7 +26,7 @@ from .taskkit import environ, masked_log, say
 @step(
     "cache.status",
     flags=CACHE_FLAGS,
-    help={"json": "print the status as JSON (for scripts) instead of a table"},
+    help={"json": "print the status as JSON on one line, the last (for scripts)"},
     uses_job=False,
 )
 def status(c: Context, json: bool = False) -> Note:
@@ -36,7 +36,8 @@ def status(c: Context, json: bool = False) -> Note:
     if is_dry(c):
         return say_plan(status_plan(current))
     found = cache_status(current, environ())
-    lines = [json_text.dumps(found, indent=1)] if json else status_lines(found)
+    # One line, the output's last: `inv cache.status --json | tail -n 1` for a script.
+    lines = [json_text.dumps(found, sort_keys=True)] if json else status_lines(found)
     for line in lines:
         say(line)
     registry = found["backend"] == "registry"
