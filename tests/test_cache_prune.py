@@ -345,6 +345,7 @@ def test_status_lists_each_scope_with_its_age_and_sizes(cache: Cache) -> None:
     assert round(feature["age_days"]) == 20
     assert main["saved_by"] == "build-main"
     assert main["tags"] == {"image": 2, "record": 1, "mount": 1, "buildkit": 1}
+    assert sorted(main["tag_names"]) == sorted(f"main--{content}" for content in CONTENTS)
     assert main["state"] == "saved"
     # Different notes: no blob shared, each scope's bytes are its own.
     assert main["unique_bytes"] == main["bytes"] > 0

@@ -113,6 +113,7 @@ def registry_status(settings: Settings, environ: Mapping[str, str], *, now: floa
             "fallback": scope.name == fallback,
             "state": scope.marker.state if scope.marker else "unmarked",
             "tags": kinds,
+            "tag_names": [tag.tag for tag in scope.tags],
             "bytes": scope.size(),
             "unique_bytes": unique[scope.name],
             "last_saved": scope.saved,
