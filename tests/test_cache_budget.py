@@ -18,8 +18,10 @@ import pytest
 from layerkeep.building.cache_mounts import CacheMount
 from layerkeep.cache.backend import SaveOutcome
 from layerkeep.cache.budget import MB, folder_size, plan_budget
-from layerkeep.cache.layers import load_images, save_images
-from layerkeep.cache.mount_store import MountsReport, MountStore
+from layerkeep.cache.layer_load import load_images
+from layerkeep.cache.layer_save import save_images
+from layerkeep.cache.mount_folder import MountStore
+from layerkeep.cache.mount_store import MountsReport
 from layerkeep.cache.status import dir_status, status_lines
 from layerkeep.cache.store import CacheDir
 from layerkeep.cache.upkeep import after_load, after_save

@@ -28,8 +28,9 @@ from layerkeep.cache.scope_marker import mark_saved, marker_tag, read_marker, wr
 from layerkeep.cache.status import registry_status, status_lines
 from layerkeep.cache.whole_scope import load_whole_scope
 from layerkeep.core.ci_vars import GitFacts
-from layerkeep.core.registry import Credentials
-from layerkeep.core.registry_api import DOCKER_MANIFEST, DeleteDisabled, RegistryClient
+from layerkeep.core.registry_api import DOCKER_MANIFEST, RegistryClient
+from layerkeep.core.registry_api_errors import DeleteDisabled
+from layerkeep.core.registry_credentials import Credentials
 from layerkeep.core.settings import Settings, load_settings
 
 REPOSITORY = "team/app-cache"

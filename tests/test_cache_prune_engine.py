@@ -26,8 +26,10 @@ from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.imageref import ImageRef
 from layerkeep.core.progress import Meter, Unit, silent
-from layerkeep.core.registry import Credentials, path_in_registry, push_tag
+from layerkeep.core.registry import push_tag
 from layerkeep.core.registry_api import RegistryClient
+from layerkeep.core.registry_credentials import Credentials, path_in_registry
+from layerkeep.core.registry_failures import Retries
 from layerkeep.core.settings import Settings, load_settings
 
 pytestmark = pytest.mark.docker
@@ -65,7 +67,7 @@ class Setup:
             target = ImageRef(repository, f"{branch}--{tag}")
             ids[local] = random_image(self.engine, str(target), 0.01)
             push_tag(self.engine, target, Credentials(self.registry.address, "", ""),
-                     attempts=1, log=quiet)
+                     Retries(1, quiet))
         with RegistryClient(
             Credentials(self.registry.address, "", ""), environ={}, timeout=10
         ) as client:
