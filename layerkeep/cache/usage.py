@@ -65,7 +65,7 @@ def read_usage(cache_dir: Path) -> Usage:
             _event(data.get("restored")),
             _event(data.get("saved")),
         )
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, ValueError, TypeError, AttributeError, KeyError):
         return Usage()
 
 
