@@ -17,7 +17,8 @@ import pytest
 from registry_setup import Registry, running_registry
 from test_cache_budget import random_image
 
-from layerkeep.building.image import Builder, images_to_cache
+from layerkeep.building.build_plan import images_to_cache
+from layerkeep.building.builder import Builder
 from layerkeep.cache.backend import load_cache
 from layerkeep.cache.prune import prune_registry
 from layerkeep.cache.registry_backend import cache_location, cache_tags
