@@ -494,3 +494,9 @@ def test_the_registry_garbage_collection_frees_what_a_prune_removed(tmp_path: Pa
     )
     assert not stored(own), untagged.stdout
     assert stored(shared)  # main's
+
+
+def test_a_registry_without_the_cache_repository_has_no_scopes(cache: Cache) -> None:
+    assert registry_status(cache.settings(), {}, now=NOW)["scopes"] == []
+    report = prune(cache)
+    assert (report.removed, report.kept) == ([], [])

@@ -22,6 +22,7 @@ from typing import Any
 from layerkeep.cache.registry_backend import SCOPE_SEPARATOR
 from layerkeep.cache.scope_marker import MARKER_TAG, Marker, read_marker
 from layerkeep.core.registry_api import RegistryClient
+from layerkeep.core.registry_api_errors import RegistryAPIError
 from layerkeep.core.registry_failures import TagNotFound
 
 IMAGE_CONFIGS = (
@@ -78,8 +79,10 @@ def read_scopes(client: RegistryClient, repository: str) -> list[Scope]:
     repository does not exist yet."""
     try:
         tags = client.tags(repository)
-    except TagNotFound:
-        return []
+    except RegistryAPIError as error:
+        if error.status == 404:  # NAME_UNKNOWN: nothing was ever saved there
+            return []
+        raise
     by_name: dict[str, Scope] = {}
     for tag in sorted(tags):
         name, separator, rest = tag.partition(SCOPE_SEPARATOR)
