@@ -11,13 +11,14 @@ import io
 import json
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 
 from layerkeep.building.cache_mounts import CacheMount
 from layerkeep.cache.backend import SaveOutcome
-from layerkeep.cache.budget import MB, folder_size, plan_budget
+from layerkeep.cache.budget import MB, BudgetReport, folder_size, keep_within_budget, plan_budget
 from layerkeep.cache.layer_load import load_images
 from layerkeep.cache.layer_save import save_images
 from layerkeep.cache.mount_folder import MountStore
@@ -210,3 +211,27 @@ def test_status_shows_the_last_restore_and_a_read_only_job_writes_nothing(
     assert "of 100 MB allowed" in table[0]
     assert table[2].endswith("UTC by build job-42")
     assert json.loads(json.dumps(status)) == status  # what --json prints
+
+
+def test_the_budget_waits_for_the_cache_folders_lock(
+    engine: Engine, unique_repository: str, tmp_path: Path
+) -> None:
+    """A job reading the folder holds its lock: nothing is dropped until it lets go."""
+    cache_dir = tmp_path / "cache"
+    app = f"{unique_repository}/app:latest"
+    random_image(engine, app, 1)
+    keep_mount(cache_dir, "pip", 3)
+    save(engine, folder_settings(tmp_path, cache_dir), [app], [])
+    index_before = MountStore(cache_dir).read_index()
+    done: list[BudgetReport] = []
+    with CacheDir(cache_dir).locked(write=False):  # as load_images holds it
+        worker = threading.Thread(target=lambda: done.append(keep_within_budget(
+            cache_dir, 2 * MB, written_images=(), written_mounts=(), log=quiet
+        )))
+        worker.start()
+        worker.join(timeout=3)  # long enough to finish, were it not waiting
+        assert worker.is_alive()
+        assert MountStore(cache_dir).read_index() == index_before
+    worker.join()
+    assert done[0].mounts == ["pip"]
+    assert MountStore(cache_dir).read_index() == {}
