@@ -25,9 +25,10 @@ from layerkeep.building.build_plan import images_to_cache
 from layerkeep.building.builder import choose_builder
 from layerkeep.building.image import build_image
 from layerkeep.cache.archive import read_saved
+from layerkeep.cache.blob_writer import BlobWriter
 from layerkeep.cache.layer_load import load_images
 from layerkeep.cache.layer_save import save_images
-from layerkeep.cache.store import BlobWriter, CacheDir
+from layerkeep.cache.store import CacheDir
 from layerkeep.core.engine import Engine, connect, describe_host
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.settings import Settings

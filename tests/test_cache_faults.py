@@ -17,9 +17,12 @@ import pytest
 from sample_project import build, make_project
 
 from layerkeep.building.build_plan import images_to_cache
+from layerkeep.cache.blob_writer import BlobWriter
 from layerkeep.cache.layer_load import cache_reference, cache_sources, load_images
 from layerkeep.cache.layer_save import save_images
-from layerkeep.cache.store import Blob, BlobWriter, CacheDir, CacheUnavailable, Manifest
+from layerkeep.cache.manifest import Blob, Manifest
+from layerkeep.cache.store import CacheDir
+from layerkeep.cache.store_errors import CacheUnavailable
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import LayerkeepError
 from layerkeep.core.settings import Settings

@@ -38,7 +38,7 @@ from layerkeep.cache.mount_store import (
     restore_cache_mounts,
     save_cache_mounts,
 )
-from layerkeep.cache.store import CorruptCache
+from layerkeep.cache.store_errors import CorruptCache
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.errors import ConfigError

@@ -32,7 +32,8 @@ from layerkeep.building.image import build_image
 from layerkeep.cache.backend import load_cache, save_cache
 from layerkeep.cache.mount_folder import FORMAT as MOUNTS_FORMAT
 from layerkeep.cache.mount_folder import MountStore
-from layerkeep.cache.store import CacheDir, CacheUnavailable, CorruptCache
+from layerkeep.cache.store import CacheDir
+from layerkeep.cache.store_errors import CacheUnavailable, CorruptCache
 from layerkeep.core import joblock
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.errors import ConfigError

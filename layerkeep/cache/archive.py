@@ -26,7 +26,8 @@ from typing import Protocol
 
 import zstandard
 
-from layerkeep.cache.store import CHUNK, config_layers
+from layerkeep.cache.layout import CHUNK
+from layerkeep.cache.manifest import config_layers
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.tarstream import (
     BLOCK,

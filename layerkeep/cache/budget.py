@@ -16,8 +16,10 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from layerkeep.cache.manifest import Manifest
 from layerkeep.cache.mount_folder import MountStore
-from layerkeep.cache.store import CacheDir, CorruptCache, Manifest
+from layerkeep.cache.store import CacheDir
+from layerkeep.cache.store_errors import CorruptCache
 from layerkeep.cache.usage import forget, image_key, mount_key, read_usage
 
 Log = Callable[[str], None]

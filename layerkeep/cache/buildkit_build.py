@@ -37,7 +37,8 @@ from layerkeep.cache.buildkit_dir import (
     stage,
 )
 from layerkeep.cache.registry_backend import CacheLocation, cache_location, cache_scope
-from layerkeep.cache.store import CacheDir, CacheError
+from layerkeep.cache.store import CacheDir
+from layerkeep.cache.store_errors import CacheError
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import BuildFailed
 from layerkeep.core.registry_api import RegistryClient

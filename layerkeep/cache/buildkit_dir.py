@@ -53,7 +53,8 @@ from layerkeep.cache.buildkit_layout import (
     write_index,
 )
 from layerkeep.cache.layers import read_or_empty
-from layerkeep.cache.store import CacheDir, CorruptCache, unavailable
+from layerkeep.cache.store import CacheDir
+from layerkeep.cache.store_errors import CorruptCache, unavailable
 from layerkeep.core.atomic import TEMP_PREFIX, atomic_write, fsync_folder
 
 Log = Callable[[str], None]

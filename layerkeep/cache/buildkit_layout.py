@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from layerkeep.cache.store import CorruptCache
+from layerkeep.cache.store_errors import CorruptCache
 from layerkeep.core.atomic import atomic_write
 from layerkeep.core.tarstream import chunks_of
 

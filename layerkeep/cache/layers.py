@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from layerkeep.cache.store import CacheDir, CorruptCache, Manifest
+from layerkeep.cache.manifest import Manifest
+from layerkeep.cache.store import CacheDir
+from layerkeep.cache.store_errors import CorruptCache
 
 Log = Callable[[str], None]
 

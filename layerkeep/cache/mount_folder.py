@@ -17,7 +17,8 @@ from pathlib import Path
 import zstandard
 
 from layerkeep.building.cache_mounts import CacheMount
-from layerkeep.cache.store import CacheDir, CorruptCache, unavailable
+from layerkeep.cache.store import CacheDir
+from layerkeep.cache.store_errors import CorruptCache, unavailable
 from layerkeep.core.atomic import atomic_write
 
 FOLDER = "mounts"

@@ -31,7 +31,7 @@ from layerkeep.building.cache_mounts import EMPTY_TAR, CacheMount, export_mount,
 from layerkeep.building.cache_mounts import find_cache_mounts as find_in_dockerfile
 from layerkeep.cache.mount_folder import CHUNK, MountStore
 from layerkeep.cache.mount_registry import MountRegistry, mount_registry
-from layerkeep.cache.store import CorruptCache
+from layerkeep.cache.store_errors import CorruptCache
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.registry_failures import RegistryAuthError, RegistryUnavailable

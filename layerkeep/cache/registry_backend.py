@@ -47,7 +47,7 @@ from layerkeep.building.inline_cache import complete
 from layerkeep.cache.archive import image_id_of
 from layerkeep.cache.layer_load import LoadReport
 from layerkeep.cache.layer_save import SaveReport, unchanged
-from layerkeep.cache.store import CachedImage, config_layers
+from layerkeep.cache.manifest import CachedImage, config_layers
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef, parse_image_ref

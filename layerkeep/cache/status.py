@@ -19,10 +19,12 @@ from typing import Any
 
 from layerkeep.cache.budget import MB, folder_size
 from layerkeep.cache.buildkit_dir import FOLDER as BUILDKIT_FOLDER
+from layerkeep.cache.manifest import Manifest
 from layerkeep.cache.mount_folder import MountStore
 from layerkeep.cache.registry_backend import cache_location, cache_scope
 from layerkeep.cache.registry_scopes import age_days, read_scopes, unique_sizes, when
-from layerkeep.cache.store import CacheDir, CorruptCache, Manifest
+from layerkeep.cache.store import CacheDir
+from layerkeep.cache.store_errors import CorruptCache
 from layerkeep.cache.usage import Event, image_key, mount_key, read_usage
 from layerkeep.core.registry_api import RegistryClient
 from layerkeep.core.registry_credentials import path_in_registry

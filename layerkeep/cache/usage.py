@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from layerkeep.cache.store import CacheDir, CacheUnavailable
+from layerkeep.cache.store import CacheDir
+from layerkeep.cache.store_errors import CacheUnavailable
 from layerkeep.core.atomic import atomic_write
 
 Log = Callable[[str], None]
