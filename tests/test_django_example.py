@@ -23,7 +23,8 @@ from machines import fresh_machine
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.job import BUILD_ID_LABEL
-from layerkeep.testrun.run import MANIFEST, count_testcases
+from layerkeep.testrun.reports_folder import MANIFEST
+from layerkeep.testrun.run import count_testcases
 
 pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parent.parent

@@ -46,7 +46,8 @@ from layerkeep.core.settings import (
     load_settings,
     secret_build_args,
 )
-from layerkeep.testrun.run import MANIFEST, CaseCounts, run_tests
+from layerkeep.testrun.reports_folder import MANIFEST
+from layerkeep.testrun.run import CaseCounts, run_tests
 
 NOBODY = 65534
 VICTIM_TEXT = "the victim's own content\n"
@@ -304,7 +305,7 @@ def test_a_user_made_reports_folder_keeps_its_mode_and_gets_the_reports(
 MOVE_AS_USER = """
 import sys
 from pathlib import Path
-from layerkeep.testrun.run import move_reports
+from layerkeep.testrun.reports_folder import move_reports
 lines = []
 moved = move_reports(Path(sys.argv[1]), Path(sys.argv[2]), lines.append)
 print("\\n".join(map(str, moved + lines)))

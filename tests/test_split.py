@@ -21,7 +21,7 @@ from layerkeep.core.ci_vars import GitFacts, commit_time, detect
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings, load_settings
 from layerkeep.testrun import split
-from layerkeep.testrun.run import move_reports
+from layerkeep.testrun.reports_folder import move_reports
 from layerkeep.testrun.split import (
     Node,
     container_path,

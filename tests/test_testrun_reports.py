@@ -12,15 +12,8 @@ from layerkeep.core.engine import Engine
 from layerkeep.core.job import Job
 from layerkeep.core.settings import Settings, load_settings
 from layerkeep.testrun import run as testrun
-from layerkeep.testrun.run import (
-    MANIFEST,
-    SETUP_DONE,
-    CaseCounts,
-    clear_previous_reports,
-    count_testcases,
-    record_reports,
-    run_tests,
-)
+from layerkeep.testrun.reports_folder import MANIFEST, clear_previous_reports, record_reports
+from layerkeep.testrun.run import SETUP_DONE, CaseCounts, count_testcases, run_tests
 
 PYTEST_XML = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" tests="5">

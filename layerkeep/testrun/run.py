@@ -1,9 +1,9 @@
 """test.run: the project's tests inside the app image, JUnit XML into the reports folder.
 
-The reports folder may hold the user's own files, so only what layerkeep's previous run
-wrote there is removed before the tests: each run lists the files it wrote in
-``.layerkeep-reports.json`` in that folder. A run whose tests fail before writing JUnit
-then leaves no stale ``junit.xml`` behind for CI to show.
+The reports folder (:mod:`.reports_folder`) may hold the user's own files, so only what
+layerkeep's previous run wrote there is removed before the tests: each run lists the
+files it wrote in ``.layerkeep-reports.json`` in that folder. A run whose tests fail
+before writing JUnit then leaves no stale ``junit.xml`` behind for CI to show.
 
 The container never writes the reports folder itself, whose permissions stay as they
 are: images often run as a user the host does not know, so the tests get a folder of
@@ -27,33 +27,30 @@ seconds each file took go into the timing history kept with the cache
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import shlex
-import shutil
-import stat
-import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from layerkeep.core.atomic import atomic_write
 from layerkeep.core.ci_vars import commit_time
 from layerkeep.core.engine import Engine
 from layerkeep.core.settings import Mount, Settings
 from layerkeep.testrun.app_container import REPORTS_MOUNT, mounts_for
 from layerkeep.testrun.nodes import ContainerRun, node_settings, run_at_once
+from layerkeep.testrun.reports_folder import (
+    clear_previous_reports,
+    container_outbox,
+    move_reports,
+    record_reports,
+)
 from layerkeep.testrun.split import PLACEHOLDER, Node, Plan, plan_tests, share_command
 from layerkeep.testrun.timing_store import load_history, save_history
 from layerkeep.testrun.timings import file_seconds, measured
 
 Log = Callable[[str], None]
-MANIFEST = ".layerkeep-reports.json"
 SETUP_DONE = "==> layerkeep: setup done, the tests start"
-# The private folder the test container's own folder lives in while the tests run.
-OUTBOX_PREFIX = ".layerkeep-tests-"
 
 
 @dataclass(frozen=True)
@@ -364,103 +361,3 @@ def count_testcases(reports: Iterable[Path]) -> CaseCounts:
             else:
                 tally["passed"] += 1
     return CaseCounts(**tally, unreadable=tuple(unreadable))
-
-
-def clear_previous_reports(folder: Path) -> int:
-    """Remove the files the manifest says layerkeep's previous run wrote; how many.
-
-    Nothing else is touched: not the user's files, not a path outside ``folder``.
-    """
-    manifest = folder / MANIFEST
-    try:
-        listed = json.loads(manifest.read_text(encoding="utf-8")).get("files", [])
-    except FileNotFoundError:
-        return 0
-    except (OSError, ValueError, AttributeError):
-        listed = []  # damaged: ours, so it goes, but it names nothing to remove
-    inside = folder.resolve()
-    removed = 0
-    for name in listed if isinstance(listed, list) else []:
-        if not isinstance(name, str):
-            continue
-        path = folder / name
-        if not path.resolve().is_relative_to(inside) or not path.is_file():
-            continue
-        path.unlink()
-        removed += 1
-    manifest.unlink()
-    return removed
-
-
-def record_reports(folder: Path, written: Iterable[Path]) -> Path:
-    """Write the manifest of the files this run wrote in ``folder`` (atomically)."""
-    names = sorted(path.relative_to(folder).as_posix() for path in written)
-    text = json.dumps({"written_by": "layerkeep test.run", "files": names}, indent=2) + "\n"
-    target = folder / MANIFEST
-    atomic_write(target, text.encode(), mode=0o644)
-    return target
-
-
-@contextlib.contextmanager
-def container_outbox(reports: Path, log: Log) -> Iterator[Path]:
-    """A folder the test container may write (0777), inside a private one (0700) of
-    layerkeep's in ``reports``; removed afterwards with what is left in it."""
-    private = Path(tempfile.mkdtemp(prefix=OUTBOX_PREFIX, dir=reports)).resolve()
-    try:
-        outbox = private / "reports"
-        outbox.mkdir()
-        outbox.chmod(0o777)  # ours, and only reachable through its private parent
-        yield outbox
-    finally:
-        try:
-            shutil.rmtree(private)
-        except OSError as error:
-            log(
-                f"warning: could not remove {private} ({error.strerror or error}): the tests "
-                "made folders there as another user; remove it as root"
-            )
-
-
-def move_reports(outbox: Path, reports: Path, log: Log, *, rename: str = "") -> list[Path]:
-    """Move the regular files the tests wrote in ``outbox`` to the same place in
-    ``reports``; the files moved, sorted. What cannot be moved is a warning.
-
-    ``rename`` (``-node2``) goes into the name of what the tests wrote at the top of
-    ``outbox``: ``junit.xml`` -> ``junit-node2.xml``, ``htmlcov/`` -> ``htmlcov-node2/``.
-    """
-    moved: list[Path] = []
-
-    def unreadable(error: OSError) -> None:
-        log(f"warning: reports in {error.filename} not read: {error.strerror or error}")
-
-    for folder, _, names in os.walk(outbox, onerror=unreadable):
-        for name in names:
-            source = Path(folder) / name
-            target = reports / _renamed(source.relative_to(outbox), rename)
-            if not stat.S_ISREG(source.lstat().st_mode):
-                log(f"warning: {target.relative_to(reports)} is not a regular file; left out")
-                continue
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _move(source, target)
-            except OSError as error:
-                log(f"warning: report {target} not written: {error.strerror or error}")
-                continue
-            moved.append(target)
-    return sorted(moved)
-
-
-def _renamed(path: Path, suffix: str) -> Path:
-    """``path`` with ``suffix`` before the extension of its first part."""
-    if not suffix:
-        return path
-    first = PurePosixPath(path.parts[0])
-    return Path(f"{first.stem}{suffix}{first.suffix}", *path.parts[1:])
-
-
-def _move(source: Path, target: Path) -> None:
-    try:
-        source.replace(target)
-    except PermissionError:
-        # In a folder the container made as its own user: readable, not ours to empty.
-        shutil.copyfile(source, target)
