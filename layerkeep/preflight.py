@@ -22,6 +22,7 @@ from pathlib import Path
 from layerkeep.building.builder import buildkit_cli
 from layerkeep.building.context import ignore_file, preflight_context
 from layerkeep.building.dockerfile import directives, read_instructions
+from layerkeep.building.image import unset_secret_variables
 from layerkeep.core.engine import context_files, read_ignore_file
 from layerkeep.core.errors import ConfigError
 from layerkeep.core.settings import Settings
@@ -235,7 +236,7 @@ def _shown(path: Path, project: Path) -> str:
 def _secret_problems(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     """The build secrets whose variable this environment lacks (found before the build
     rather than after the cache was restored)."""
-    missing = [s.variable for s in settings.build_secrets if s.variable not in environ]
+    missing = unset_secret_variables(settings, environ)
     if not missing:
         return []
     return [

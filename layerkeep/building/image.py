@@ -233,6 +233,11 @@ def _shortest_first(chains: Sequence[Sequence[str]]) -> list[str]:
     return sorted(depth, key=depth.__getitem__)
 
 
+def unset_secret_variables(settings: Settings, environ: Mapping[str, str]) -> list[str]:
+    """The variables LAYERKEEP_BUILD_SECRETS names that ``environ`` lacks."""
+    return [s.variable for s in settings.build_secrets if s.variable not in environ]
+
+
 def _check_secrets(
     settings: Settings, builder: Builder, environ: Mapping[str, str], log: Log
 ) -> None:
@@ -253,7 +258,7 @@ def _check_secrets(
             hint="build with BuildKit (LAYERKEEP_BUILDER=auto or buildkit, with a docker CLI "
             "that can use it)",
         )
-    missing = [s.variable for s in settings.build_secrets if s.variable not in environ]
+    missing = unset_secret_variables(settings, environ)
     if missing:
         raise ConfigError(
             f"LAYERKEEP_BUILD_SECRETS names {', '.join(missing)}, not set in the environment",
