@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import machines
 import pytest
+from bundled_example import committed_example
 from clean_env import clean_environ
 
 from layerkeep.core.engine import Engine
@@ -80,14 +80,7 @@ class ExampleProject:
 
 @pytest.fixture
 def example(tmp_path: Path, engine: Engine, unique_repository: str) -> ExampleProject:
-    root = tmp_path / "project"
-    shutil.copytree(REPO / "example", root / "example")
-    shutil.copy(REPO / "layerkeep.env", root / "layerkeep.env")
-    (root / "tasks.py").write_text(PROJECT_TASKS)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    subprocess.run([*git, "-C", str(root), "add", "-A"], check=True)
-    subprocess.run([*git, "-C", str(root), "commit", "-qm", "example"], check=True)
+    root = committed_example(tmp_path / "project", tasks=PROJECT_TASKS)
     return ExampleProject(root, f"{unique_repository}/shortener")
 
 

@@ -8,7 +8,6 @@ The same behaviours on small tasks without an engine are in test_graph.py.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bundled_example import committed_example
 from clean_env import clean_environ
 from conftest import TEST_REPOSITORY, remove_test_images
 
@@ -62,15 +62,7 @@ class Example:
 @pytest.fixture(scope="module")
 def example(tmp_path_factory: pytest.TempPathFactory, engine: Engine) -> Iterator[Example]:
     """One project for the module: its image builds once, later builds are cached."""
-    root = tmp_path_factory.mktemp("graph") / "project"
-    shutil.copytree(REPO / "example", root / "example")
-    shutil.copy(REPO / "layerkeep.env", root / "layerkeep.env")
-    (root / "tasks.py").write_text("from layerkeep.tasks import ns\n")
-    (root / ".gitignore").write_text("cache/\nreports/\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "example"], check=True)
+    root = committed_example(tmp_path_factory.mktemp("graph") / "project")
     repository = f"{TEST_REPOSITORY}/{uuid.uuid4().hex[:10]}"
     yield Example(root, f"{repository}/shortener")
     remove_test_images(engine, repository)

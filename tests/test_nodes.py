@@ -8,7 +8,6 @@ the full run's test cases once each; after one timed run the nodes' shares balan
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bundled_example import committed_example
 from clean_env import clean_environ
 from conftest import TEST_REPOSITORY, remove_test_images
 
@@ -249,19 +249,27 @@ def test_a_command_that_names_its_tests_is_warned_about(
 @pytest.fixture(scope="module")
 def example(tmp_path_factory: pytest.TempPathFactory, engine: Engine) -> Iterator[Path]:
     """A copy of the bundled example with its layerkeep.env; its image is removed after."""
-    root = tmp_path_factory.mktemp("nodes-example") / "project"
-    shutil.copytree(REPO / "example", root / "example")
-    shutil.copy(REPO / "layerkeep.env", root / "layerkeep.env")
-    (root / "tasks.py").write_text("from layerkeep.tasks import ns\n")
-    (root / ".gitignore").write_text("cache/\nreports/\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(root)]
-    subprocess.run(["git", "init", "-q", str(root)], check=True)
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "example"], check=True)
+    root = committed_example(tmp_path_factory.mktemp("nodes-example") / "project")
     repository = f"{TEST_REPOSITORY}/{uuid.uuid4().hex[:10]}"
     (root / "image").write_text(f"{repository}/shortener")
     yield root
     remove_test_images(engine, repository)
+
+
+def example_environ(
+    example: Path, build_id: str, reports: str, **extra: str
+) -> dict[str, str]:
+    """The example's environment for one run: its image, the shared cache folder, the
+    reports in ``reports`` and its test files split between nodes."""
+    return clean_environ(
+        LAYERKEEP_IMAGE=(example / "image").read_text(),
+        LAYERKEEP_BUILD_ID=build_id,
+        LAYERKEEP_CACHE_IMAGES="",
+        LAYERKEEP_CACHE_DIR=str(example / "cache"),
+        LAYERKEEP_REPORTS_DIR=str(example / reports),
+        LAYERKEEP_TEST_FILES="example/tests/test_*.py",
+        **extra,
+    )
 
 
 @dataclass(frozen=True)
@@ -274,13 +282,8 @@ class Seen:
 
 def test_two_nodes_on_the_example_use_separate_databases(example: Path, engine: Engine) -> None:
     build_id = f"n{uuid.uuid4().hex[:8]}"
-    environ = clean_environ(
-        LAYERKEEP_IMAGE=(example / "image").read_text(),
-        LAYERKEEP_BUILD_ID=build_id,
-        LAYERKEEP_CACHE_IMAGES="",
-        LAYERKEEP_CACHE_DIR=str(example / "cache"),
-        LAYERKEEP_REPORTS_DIR=str(example / "reports"),
-        LAYERKEEP_TEST_FILES="example/tests/test_*.py",
+    environ = example_environ(
+        example, build_id, "reports",
         LAYERKEEP_TEST_COMMAND="python -m pytest {files} --junitxml=/reports/junit.xml",
         LAYERKEEP_TEST_SETUP='echo "seen: ${DATABASE_URL##*/} ${REDIS_URL##*/}"',
     )
@@ -315,14 +318,8 @@ def test_two_nodes_on_the_example_use_separate_databases(example: Path, engine: 
 
 def test_sigterm_while_nodes_run_removes_every_container(example: Path, engine: Engine) -> None:
     build_id = f"n{uuid.uuid4().hex[:8]}"
-    environ = clean_environ(
-        LAYERKEEP_IMAGE=(example / "image").read_text(),
-        LAYERKEEP_BUILD_ID=build_id,
-        LAYERKEEP_CACHE_IMAGES="",
-        LAYERKEEP_CACHE_DIR=str(example / "cache"),
-        LAYERKEEP_REPORTS_DIR=str(example / "reports-sigterm"),
-        LAYERKEEP_TEST_FILES="example/tests/test_*.py",
-        LAYERKEEP_TEST_COMMAND="sleep 300; : {files}",
+    environ = example_environ(
+        example, build_id, "reports-sigterm", LAYERKEEP_TEST_COMMAND="sleep 300; : {files}"
     )
     job = subprocess.Popen(
         [sys.executable, "-m", "invoke", "test.run", "--nodes", "2"], cwd=example,
