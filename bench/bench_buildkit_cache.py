@@ -2,6 +2,7 @@
 
     python bench/bench_buildkit_cache.py [--backend dir|registry|both]
                                          [--store containerd|classic|both]
+                                         [--compression zstd|gzip]
 
 The recipe a user would pick instead of layerkeep (docker/build-push-action's):
 ``docker buildx build --cache-from type=local,src=C --cache-to type=local,dest=C2,mode=max``
@@ -16,7 +17,9 @@ registry); the recipes alternate, each on engines of its own. Runs: cold, unchan
 one edit of the source file. Printed per run: restore + build + save, layerkeep's
 phases (its run report), and the ratio layerkeep / BuildKit; then the cache size. On
 the classic store (where BuildKit cannot export its cache with the docker driver)
-layerkeep's phases alone. Prints figures; asserts nothing.
+layerkeep's phases alone. ``--compression`` is layerkeep's LAYERKEEP_LAYER_COMPRESSION
+(default zstd; the recipe keeps BuildKit's default, gzip). Prints figures; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -162,7 +165,7 @@ def edit(app: Path, run: str) -> None:
         commit(app, "edit")
 
 
-def bench_dir(work: Path) -> None:
+def bench_dir(work: Path, compression: str) -> None:
     """The folder backend against BuildKit's local cache, on the containerd store."""
     ours, theirs = work / "ours", work / "theirs"
     for root in (ours, theirs):
@@ -170,6 +173,7 @@ def bench_dir(work: Path) -> None:
     settings = {
         "LAYERKEEP_IMAGE": IMAGE, "LAYERKEEP_CONTEXT": ".", "LAYERKEEP_CACHE_DIR": "cache",
         "LAYERKEEP_REPORTS_DIR": "reports",
+        "LAYERKEEP_LAYER_COMPRESSION": compression,
     }
     local = theirs / "cache"
     print("containerd store, folder cache (seconds: restore + build + save)")
@@ -190,7 +194,7 @@ def bench_dir(work: Path) -> None:
     )
 
 
-def bench_registry(work: Path, registry: Registry) -> None:
+def bench_registry(work: Path, registry: Registry, compression: str) -> None:
     """The registry backend against BuildKit's registry cache, on the containerd store."""
     ours, theirs = work / "ours", work / "theirs"
     for root in (ours, theirs):
@@ -199,6 +203,7 @@ def bench_registry(work: Path, registry: Registry) -> None:
         "LAYERKEEP_IMAGE": IMAGE, "LAYERKEEP_CONTEXT": ".", "LAYERKEEP_CACHE_BACKEND": "registry",
         "LAYERKEEP_REGISTRY": registry.address, "LAYERKEEP_BRANCH": "main",
         "LAYERKEEP_REPORTS_DIR": "reports",
+        "LAYERKEEP_LAYER_COMPRESSION": compression,
     }
     ref = f"{registry.address}/bench-theirs-cache:main"
     print("containerd store, registry cache (seconds: restore + build + save)")
@@ -249,15 +254,16 @@ def main() -> None:
     )
     parser.add_argument("--backend", choices=["dir", "registry", "both"], default="both")
     parser.add_argument("--store", choices=["containerd", "classic", "both"], default="both")
+    parser.add_argument("--compression", choices=["zstd", "gzip"], default="zstd")
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-bk-", dir="/var/tmp") as folder:
         work = Path(folder)
         if arguments.store in ("containerd", "both"):
             if arguments.backend in ("dir", "both"):
-                bench_dir(work / "dir")
+                bench_dir(work / "dir", arguments.compression)
             if arguments.backend in ("registry", "both"):
                 with running_registry(work / "registry") as registry:
-                    bench_registry(work / "registry-runs", registry)
+                    bench_registry(work / "registry-runs", registry, arguments.compression)
         if arguments.store in ("classic", "both"):
             bench_classic(work / "classic")
 

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import shutil
 import subprocess
+import tarfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import SESSION_LABEL, TEST_LABEL
+from registry_setup import running_registry
 from second_engine import (
     SecondEngine,
     SecondEngineUnavailable,
@@ -38,10 +43,12 @@ from layerkeep.cache.buildkit_layout import (
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine, connect
 from layerkeep.core.settings import Settings, load_settings
+from layerkeep.release.push import push_release
 
 pytestmark = [pytest.mark.docker, pytest.mark.private_engines]
 
 BASE = "debian:bookworm-slim"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # how a zstd frame starts (the layers' default)
 DOCKERFILE = """\
 FROM debian:bookworm-slim AS deps
 COPY blob.bin /blob.bin
@@ -63,6 +70,11 @@ class Containerd:
     @property
     def environ(self) -> dict[str, str]:
         return dict(self.second.environ)
+
+    @property
+    def docker(self) -> str:
+        """This engine's own docker CLI (26.1.5)."""
+        return shutil.which("docker", path=self.environ.get("PATH")) or "docker"
 
     def fresh(self, image: str) -> None:
         """A fresh machine: the app image gone, the builder cache empty."""
@@ -95,6 +107,7 @@ class Project:
     image: str
     containerd: Containerd
     build_id: str = "local"
+    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def make(cls, root: Path, containerd: Containerd, *, size: int = 4 << 20) -> Project:
@@ -112,6 +125,7 @@ class Project:
             "LAYERKEEP_CONTEXT": str(self.root),
             "LAYERKEEP_CACHE_DIR": str(self.cache),
             "LAYERKEEP_BUILD_ID": self.build_id,
+            **self.extra,
             **extra,
         }
         return load_settings(self.root, environ, git_facts=lambda _: GitFacts("", ""))
@@ -198,6 +212,82 @@ def test_each_save_keeps_one_cache_and_only_the_blobs_it_needs(
     assert unchanged.buildkit.bytes_written < 100_000
 
 
+def image_layer_types(containerd: Containerd, image: str) -> list[str]:
+    """The media types of ``image``'s layers as the engine holds them (its OCI save)."""
+    saved = subprocess.run(
+        [containerd.docker, "save", image], env=containerd.environ, capture_output=True, check=True
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(saved)) as archive:
+
+        def read(digest: str) -> dict[str, Any]:
+            member = archive.extractfile(f"blobs/sha256/{digest.removeprefix('sha256:')}")
+            assert member is not None
+            return dict(json.load(member))
+
+        index_file = archive.extractfile("index.json")
+        assert index_file is not None
+        document = read(json.load(index_file)["manifests"][0]["digest"])
+        while "manifests" in document:  # an index (with attestations): its image
+            document = read(document["manifests"][0]["digest"])
+    return [str(layer["mediaType"]) for layer in document["layers"]]
+
+
+def cache_layer_types(project: Project) -> set[str]:
+    """The media types of the layers BuildKit's cache in the folder names."""
+    pointer = project.manifest()["buildkit"]
+    assert isinstance(pointer, dict)
+    content = json.loads(blob_path(project.cache / FOLDER, str(pointer["digest"])).read_bytes())
+    return {str(entry["mediaType"]) for entry in content["manifests"]} - {CONFIG_TYPE}
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_layers_take_the_compression_set_and_every_step_still_comes_back(
+    containerd: Containerd, tmp_path: Path, compression: str
+) -> None:
+    project = Project.make(tmp_path / compression, containerd)
+    if compression == "gzip":  # zstd is the default
+        project.extra["LAYERKEEP_LAYER_COMPRESSION"] = "gzip"
+    project.ci()
+    project.edit("v1\n")
+    built, _ = project.ci()
+    assert built.tally.reused == built.tally.total - 1, built.reuse
+
+    image = f"{project.image}:latest"
+    # The base image's layer went in uncompressed; every layer the build made is zstd/gzip.
+    made = image_layer_types(containerd, image)[1:]
+    assert made
+    assert all(kind.endswith(f"+{compression}") for kind in made), made
+    layer = "application/vnd.oci.image.layer.v1.tar"  # the base's, as it went in
+    assert cache_layer_types(project) == {layer, f"{layer}+{compression}"}
+
+    # What release.push sends is that image, and a Docker 26 engine pulls and runs it.
+    with running_registry(tmp_path / "registry") as registry:
+        settings = project.settings(
+            LAYERKEEP_REGISTRY=registry.address, LAYERKEEP_COMMIT="0" * 40,
+            LAYERKEEP_BRANCH="main",
+        )
+        report = push_release(containerd.engine, settings, log=lambda _: None)
+        pushed = f"{registry.address}/{project.image}:{'0' * 40}"
+        status, manifest, _ = registry.get(f"/v2/{project.image}/manifests/{report.digest}")
+        assert status == 200
+        while "manifests" in manifest:
+            manifest = registry.get(
+                f"/v2/{project.image}/manifests/{manifest['manifests'][0]['digest']}"
+            )[1]
+        assert all(
+            layer["mediaType"].endswith(f"+{compression}") for layer in manifest["layers"][1:]
+        )
+        containerd.fresh(image)
+        pull = [containerd.docker, "pull", "-q", pushed]
+        subprocess.run(pull, env=containerd.environ, check=True)
+        shown = subprocess.run(
+            [containerd.docker, "run", "--rm", pushed, "cat", "/app.txt"],
+            env=containerd.environ, capture_output=True, text=True, check=True,
+        )
+        assert shown.stdout == "v1\n"
+        containerd.engine.remove_image(pushed, force=True)
+
+
 def damage(path: Path) -> None:
     """The same size, other content: a bit flip on disk."""
     with path.open("r+b") as stream:
@@ -244,9 +334,9 @@ def test_a_save_that_finds_a_damaged_export_leaves_the_cache_as_it_was(
     build_with_cache(engine, settings, builder, environ, log=lambda _: None)
     # Between the build and the save, the export's new layer is damaged on disk.
     staging = project.cache / STAGINGS / "local"
-    new = [  # written by this build (one link), and a layer (gzip), not JSON
+    new = [  # written by this build (one link), and a layer (zstd), not JSON
         path for path in staging.glob("blobs/sha256/*")
-        if path.stat().st_nlink == 1 and path.read_bytes()[:2] == b"\x1f\x8b"
+        if path.stat().st_nlink == 1 and path.read_bytes()[:4] == ZSTD_MAGIC
     ]
     assert len(new) == 1
     damage(new[0])

@@ -134,6 +134,8 @@ def build_image(
             plan, target, tuple(sources), settings.build_args, excludes, tally, log,
             cache_to=export.cache_to if export is not None else None,
             secrets=settings.build_secrets,
+            compression=settings.layer_compression if export is not None else "",
+            inline_cache=export is None,
         )
         try:
             build_target(engine, builder, job, cli_environ)

@@ -37,6 +37,11 @@ class Job:
     log: Log
     cache_to: str | None = None
     secrets: Sequence[BuildSecret] = ()
+    # zstd: the image's and the exported cache's layers (see _output_flags); "": defaults.
+    compression: str = ""
+    # Inline cache metadata in the image (BuildKit), for the next build's --cache-from;
+    # not where the cache is BuildKit's own export.
+    inline_cache: bool = True
 
 
 def build_target(
@@ -105,9 +110,27 @@ def _build_with_cli(cli: str, job: Job, environ: Mapping[str, str]) -> None:
         _run_cli(cli, job, environ, copy)
 
 
+def _output_flags(job: Job) -> list[str]:
+    """Where the image goes: tagged in the engine; with zstd layers when asked.
+
+    The engine unpacks zstd layers several times faster than gzip ones, and BuildKit
+    compresses them faster: on the containerd image store, where the image's layers come
+    from the imported cache, that is most of a cached build's time.
+    """
+    image = str(job.target.image)
+    if job.compression != "zstd":
+        return ["-t", image]
+    return ["--output", f"type=image,name={image}{_compression_options(job.compression)}"]
+
+
+def _compression_options(compression: str) -> str:
+    """The exporter options for ``compression`` ("" leaves BuildKit's default, gzip)."""
+    return ",compression=zstd,oci-mediatypes=true" if compression == "zstd" else ""
+
+
 def _run_cli(cli: str, job: Job, environ: Mapping[str, str], dockerfile: Path) -> None:
     image = str(job.target.image)
-    command = [cli, "build", "--progress=plain", "-f", str(dockerfile), "-t", image]
+    command = [cli, "build", "--progress=plain", "-f", str(dockerfile), *_output_flags(job)]
     if job.target.stage:
         command += ["--target", job.target.stage]
     for cached in job.cache_from:
@@ -120,8 +143,8 @@ def _run_cli(cli: str, job: Job, environ: Mapping[str, str], dockerfile: Path) -
         command += ["--secret", f"id={secret.id},env={secret.variable}"]
     build_args = dict(job.build_args)
     if job.cache_to:
-        command += ["--cache-to", job.cache_to]
-    else:
+        command += ["--cache-to", job.cache_to + _compression_options(job.compression)]
+    elif job.inline_cache:
         build_args["BUILDKIT_INLINE_CACHE"] = "1"
     for name in build_args:
         # Values travel in the environment, not the command line: `--build-arg NAME`

@@ -22,7 +22,14 @@ from layerkeep.core.imageref import ImageRef
 from layerkeep.core.secrets import Masker
 from layerkeep.core.service_specs import ServiceSpec
 from layerkeep.core.settings import parsers
-from layerkeep.core.settings.parsers import Builder, BuildSecret, CacheBackend, Mount, ReadOnly
+from layerkeep.core.settings.parsers import (
+    Builder,
+    BuildSecret,
+    CacheBackend,
+    Compression,
+    Mount,
+    ReadOnly,
+)
 
 PREFIX = "LAYERKEEP_"
 
@@ -134,6 +141,13 @@ class Settings:
             ".layerkeep-cache", "Folder holding the layer cache (relative or absolute).",
             parsers.folder, flag="--cache-dir",
             heading="The layer cache (cache.load, cache.save)",
+        ),
+    ]
+    layer_compression: Annotated[
+        Compression,
+        setting(
+            "zstd", "Layers of the image and of BuildKit's cache, where BuildKit exports it: "
+            "zstd, or gzip for pullers older than Docker 23.", parsers.one_of(parsers.COMPRESSIONS),
         ),
     ]
     cache_images: Annotated[

@@ -32,6 +32,8 @@ CacheBackend = Literal["dir", "registry"]
 CACHE_BACKENDS: tuple[CacheBackend, ...] = ("dir", "registry")
 ReadOnly = Literal["auto", "yes", "no"]
 READ_ONLY: tuple[ReadOnly, ...] = ("auto", "yes", "no")
+Compression = Literal["zstd", "gzip"]
+COMPRESSIONS: tuple[Compression, ...] = ("zstd", "gzip")
 Choice = TypeVar("Choice", bound=str)
 
 
