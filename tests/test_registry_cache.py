@@ -280,6 +280,9 @@ def test_cache_pulled_from_the_registry_reuses_every_step(
             assert first.cold
             assert sorted(first.missing) == sorted(images_to_cache(settings))
             assert lines == [f"no cache in {repository} (scope main) yet: this is a cold build"]
+            # Where the app's cache is BuildKit's own (no images asked for): not "cold".
+            load_from_registry(engine, settings, [], log=lines.append)
+            assert len(lines) == 1
 
             # The base is new: nothing any run left on this shared engine can match.
             cold = build(engine, settings, kind)

@@ -37,7 +37,8 @@ class Job:
     log: Log
     cache_to: str | None = None
     secrets: Sequence[BuildSecret] = ()
-    # zstd: the image's and the exported cache's layers (see _output_flags); "": defaults.
+    # "zstd": the image's and the exported cache's layers (see _output_flags); anything
+    # else leaves BuildKit's default, gzip.
     compression: str = ""
     # Inline cache metadata in the image (BuildKit), for the next build's --cache-from;
     # not where the cache is BuildKit's own export.

@@ -394,6 +394,8 @@ def _log_load(
 ) -> None:
     if report.unreachable:
         return
+    if not (report.restored or report.present or report.missing or report.failed):
+        return  # nothing asked for: where BuildKit's own cache is kept, image.build reads it
     scopes = scope.own if scope.own == scope.fallback else f"{scope.own}, else {scope.fallback}"
     if report.cold and not report.failed:
         log(f"no cache in {repository} (scope {scopes}) yet: this is a cold build")
