@@ -23,6 +23,7 @@ from typing import Any, cast
 import pytest
 from registry_setup import running_registry
 
+from layerkeep.cache.buildkit_build import zstd_refused_hint
 from layerkeep.core.ci_vars import GitFacts
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
@@ -368,3 +369,22 @@ def test_the_time_limit_is_a_setting(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as raised:
             load(LAYERKEEP_PUSH_TIMEOUT=bad)
         assert "LAYERKEEP_PUSH_TIMEOUT" in raised.value.one_line()
+
+
+def test_a_registry_refusing_zstd_layers_gets_the_way_out(tmp_path: Path) -> None:
+    # Docker Distribution takes zstd layers, so the refusals here are older registries'
+    # words, as the build's error line carries them.
+    def hint(message: str, **environ: str) -> str:
+        settings = load_settings(tmp_path, environ, git_facts=lambda _: GitFacts("", ""))
+        return zstd_refused_hint(settings, message)
+
+    refused = [
+        "failed to push: unexpected status: 415 Unsupported Media Type",
+        "manifest invalid: layer media type application/vnd.oci.image.layer.v1.tar+zstd",
+        "error writing manifest: MANIFEST_INVALID",
+    ]
+    for message in refused:
+        assert "LAYERKEEP_LAYER_COMPRESSION=gzip" in hint(message)
+        assert hint(message, LAYERKEEP_LAYER_COMPRESSION="gzip") == ""
+    assert hint("no space left on device") == ""
+    assert hint("dial tcp 127.0.0.1:5000: connect: connection refused") == ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from layerkeep.core.settings import Settings
 
 Log = Callable[[str], None]
 REGISTRY_TAG = "buildcache"
+# How registries word a refused layer or manifest type.
+_REFUSED_LAYERS = re.compile(r"media.?type|manifest.?invalid|unsupported|zstd", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,13 @@ def registry_export(settings: Settings, environ: Mapping[str, str], *, log: Log)
     return target
 
 
+def zstd_refused_hint(settings: Settings, message: str) -> str:
+    """The way out when a registry seems to refuse zstd layers (older ones do), or ""."""
+    if settings.layer_compression != "zstd" or not _REFUSED_LAYERS.search(message):
+        return ""
+    return " (if the registry refuses zstd layers, set LAYERKEEP_LAYER_COMPRESSION=gzip)"
+
+
 def replace_to(export: CacheExport) -> CacheExport:
     """``export`` without its ``--cache-to``: the build again, exporting nothing."""
     return CacheExport(export.cache_from, None, export.environ)
@@ -209,7 +219,7 @@ def _build_with_registry_cache(
         except CacheExportFailed as error:
             log(
                 f"warning: BuildKit could not write its cache to {target}: {error.message}; "
-                "the job goes on without it"
+                f"the job goes on without it{zstd_refused_hint(settings, error.message)}"
             )
             return ExportedBuild(build(export=replace_to(export)))
     return ExportedBuild(report, pushed_to=target if cache_to else "")
