@@ -288,6 +288,27 @@ def test_layers_take_the_compression_set_and_every_step_still_comes_back(
         containerd.engine.remove_image(pushed, force=True)
 
 
+@pytest.mark.parametrize(("before", "after"), [("gzip", "zstd"), ("zstd", "gzip")])
+def test_a_cache_saved_with_the_other_compression_still_gives_every_step(
+    containerd: Containerd, tmp_path: Path, before: str, after: str
+) -> None:
+    # Upgrading layerkeep (gzip caches) or changing the setting keeps the cache working.
+    project = Project.make(tmp_path / f"{before}-{after}", containerd)
+    project.extra["LAYERKEEP_LAYER_COMPRESSION"] = before
+    project.ci()
+    project.extra["LAYERKEEP_LAYER_COMPRESSION"] = after
+    for number in range(1, 3):
+        project.edit(f"v{number}\n")
+        built, _ = project.ci()
+        assert built.tally.reused == built.tally.total - 1, built.reuse
+        project.assert_sound()
+        shown = subprocess.run(
+            [containerd.docker, "run", "--rm", f"{project.image}:latest", "cat", "/app.txt"],
+            env=containerd.environ, capture_output=True, text=True, check=True,
+        )
+        assert shown.stdout == f"v{number}\n"
+
+
 def damage(path: Path) -> None:
     """The same size, other content: a bit flip on disk."""
     with path.open("r+b") as stream:
