@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +31,9 @@ from layerkeep.building.step_inputs import Identity, StageInputs, Step
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import ImageRef, is_valid_tag
+from layerkeep.core.log import Log
 from layerkeep.core.settings import Settings
 
-Log = Callable[[str], None]
 FORMAT = "layerkeep-build-record/1"
 RECORDS_FILE = "build-records.json"
 RECORD_TAG_SUFFIX = "-build-record"

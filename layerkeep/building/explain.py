@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import difflib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -29,9 +29,9 @@ from layerkeep.building.step_inputs import (
     read_inputs,
 )
 from layerkeep.core.engine import Engine
+from layerkeep.core.log import Log
 from layerkeep.core.settings import Settings
 
-Log = Callable[[str], None]
 _SHOWN = 3  # paths named in a line before "and N more"
 _TEXT = 80  # characters of an instruction shown
 _VERTEX = {"RUN", "COPY", "ADD", "WORKDIR"}  # the instructions BuildKit numbers as steps

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from layerkeep.building.build_plan import BuildPlan, plan_build
@@ -33,10 +33,10 @@ from layerkeep.building.target_build import CacheExportFailed, Job, build_target
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import BuildFailed, ConfigError
 from layerkeep.core.imageref import ImageRef
+from layerkeep.core.log import Log
 from layerkeep.core.registry_failures import OFFLINE_HINT, unreachable_registry
 from layerkeep.core.settings import Settings, secret_build_args
 
-Log = Callable[[str], None]
 _MANIFEST_URL = re.compile(
     r"//(?P<host>[^/\s\"]+)/v2/(?P<repository>[^\s\"]+?)/manifests/(?P<tag>[^\s\"/]+)"
 )

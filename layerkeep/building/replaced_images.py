@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ResourceConflict
-
-Log = Callable[[str], None]
+from layerkeep.core.log import Log
 
 
 def remove_replaced(engine: Engine, replaced: Sequence[str], log: Log) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,9 +15,8 @@ from layerkeep.building.context import dockerfile_with_excludes
 from layerkeep.building.output import BuildkitParser, LegacyParser, StepTally
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import BuildFailed, ConfigError
+from layerkeep.core.log import Log
 from layerkeep.core.settings import BuildSecret, cli_variable_among
-
-Log = Callable[[str], None]
 
 
 class CacheExportFailed(BuildFailed):

@@ -8,7 +8,7 @@ services') are kept as images on every builder.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from layerkeep.building.build_plan import images_to_cache, own_layers_from
@@ -36,10 +36,9 @@ from layerkeep.cache.scope_marker import mark_saved
 from layerkeep.cache.store import CacheDir
 from layerkeep.cache.whole_scope import load_whole_scope
 from layerkeep.core.engine import Engine
+from layerkeep.core.log import Log
 from layerkeep.core.progress import MeterFactory, silent
 from layerkeep.core.settings import Settings
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +21,8 @@ from layerkeep.cache.mount_folder import MountStore
 from layerkeep.cache.store import CacheDir
 from layerkeep.cache.store_errors import CorruptCache
 from layerkeep.cache.usage import forget, image_key, mount_key, read_usage
+from layerkeep.core.log import Log
 
-Log = Callable[[str], None]
 MB = 1_000_000
 
 

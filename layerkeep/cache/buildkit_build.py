@@ -19,7 +19,7 @@ import contextlib
 import functools
 import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +42,12 @@ from layerkeep.cache.store import CacheDir
 from layerkeep.cache.store_errors import CacheError
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import BuildFailed
+from layerkeep.core.log import Log
 from layerkeep.core.registry_api import RegistryClient
 from layerkeep.core.registry_credentials import path_in_registry
 from layerkeep.core.registry_failures import RegistryAuthError, RegistryUnavailable
 from layerkeep.core.settings import Settings
 
-Log = Callable[[str], None]
 REGISTRY_TAG = "buildcache"
 # How registries word a refused layer or manifest type.
 _REFUSED_LAYERS = re.compile(r"media.?type|manifest.?invalid|unsupported|zstd", re.IGNORECASE)

@@ -36,7 +36,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -56,8 +56,8 @@ from layerkeep.cache.layers import read_or_empty
 from layerkeep.cache.store import CacheDir
 from layerkeep.cache.store_errors import CorruptCache, unavailable
 from layerkeep.core.atomic import TEMP_PREFIX, atomic_write, fsync_folder
+from layerkeep.core.log import Log
 
-Log = Callable[[str], None]
 FOLDER = "buildkit"
 STAGINGS = ".staging"
 BUILT = "built.json"

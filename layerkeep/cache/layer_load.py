@@ -15,12 +15,13 @@ from typing import Any
 
 from layerkeep.building.inline_cache import has_inline_cache
 from layerkeep.cache.archive import LayerSource, legacy_archive
-from layerkeep.cache.layers import Log, mb, read_or_empty
+from layerkeep.cache.layers import mb, read_or_empty
 from layerkeep.cache.manifest import Blob, CachedImage, Manifest
 from layerkeep.cache.store import CacheDir
 from layerkeep.cache.store_errors import CacheUnavailable, CorruptCache
 from layerkeep.core.engine import Engine, image_content, image_layers
 from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.log import Log
 from layerkeep.core.progress import MeterFactory, silent
 
 CACHE_REPOSITORY = "layerkeep-cache"

@@ -17,11 +17,12 @@ from layerkeep.building.inline_cache import (
 )
 from layerkeep.cache.archive import SavedImage, SkippedWrongly, image_id_of, read_saved
 from layerkeep.cache.blob_writer import BlobWriter, compression_threads
-from layerkeep.cache.layers import Log, mb, read_or_empty
+from layerkeep.cache.layers import mb, read_or_empty
 from layerkeep.cache.manifest import CachedImage, Manifest
 from layerkeep.cache.store import CacheDir
 from layerkeep.core.engine import Engine, image_layers
 from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.log import Log
 from layerkeep.core.progress import MeterFactory, silent
 
 # BuildKit's inline cache: a config key (and a label on some builders) that changes on

@@ -15,13 +15,10 @@ both read the manifest as :func:`read_or_empty` does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from layerkeep.cache.manifest import Manifest
 from layerkeep.cache.store import CacheDir
 from layerkeep.cache.store_errors import CorruptCache
-
-Log = Callable[[str], None]
+from layerkeep.core.log import Log
 
 
 def read_or_empty(cache: CacheDir, log: Log) -> Manifest:

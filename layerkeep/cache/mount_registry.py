@@ -9,7 +9,6 @@ registry lookup.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +23,13 @@ from layerkeep.cache.registry_backend import (
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ResourceConflict
 from layerkeep.core.imageref import ImageRef
+from layerkeep.core.log import Log
 from layerkeep.core.registry import local_digests, pull_tag, push_tag, remote_digest
 from layerkeep.core.registry_failures import Retries, TagNotFound
 from layerkeep.core.settings import Settings
 from layerkeep.core.tag_names import TAG_MAX, safe_tag
 from layerkeep.core.tarstream import chunks_of
 
-Log = Callable[[str], None]
 DIGEST_LABEL = "io.layerkeep.cache-mount.digest"
 
 

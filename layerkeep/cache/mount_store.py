@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +34,11 @@ from layerkeep.cache.mount_registry import MountRegistry, mount_registry
 from layerkeep.cache.store_errors import CorruptCache
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.log import Log
 from layerkeep.core.registry_failures import RegistryAuthError, RegistryUnavailable
 from layerkeep.core.settings import Settings
 from layerkeep.core.tarstream import chunks_of
 
-Log = Callable[[str], None]
 SEED_REPOSITORY = "layerkeep-cache-mount-seed"
 
 

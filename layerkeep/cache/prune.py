@@ -25,12 +25,12 @@ from layerkeep.cache.registry_backend import cache_location, cache_scope, scope_
 from layerkeep.cache.registry_scopes import Scope, age_days, read_scopes, unique_sizes, when
 from layerkeep.cache.scope_marker import delete_tag, marker_tag, write_marker
 from layerkeep.core.errors import LayerkeepError
+from layerkeep.core.log import Log
 from layerkeep.core.registry_api import RegistryClient
 from layerkeep.core.registry_credentials import path_in_registry
 from layerkeep.core.registry_failures import TagNotFound
 from layerkeep.core.settings import Settings
 
-Log = Callable[[str], None]
 # A digest no manifest has: deleting it tells whether the registry allows deletes.
 NO_SUCH_MANIFEST = "sha256:" + "0" * 64
 

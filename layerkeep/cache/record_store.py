@@ -15,7 +15,6 @@ cannot be written, pushed or pulled is a warning.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 from layerkeep.building.build_records import RECORDS_FILE, kept_records, record_image, records_text
 from layerkeep.cache.registry_backend import cache_location, cache_scope
@@ -24,11 +23,10 @@ from layerkeep.core.atomic import atomic_write
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import ImageRef
+from layerkeep.core.log import Log
 from layerkeep.core.registry import pull_tag, push_tag
 from layerkeep.core.registry_failures import Retries, Sleep, TagNotFound
 from layerkeep.core.settings import Settings
-
-Log = Callable[[str], None]
 
 
 def write_records_file(engine: Engine, settings: Settings, *, log: Log) -> bool:

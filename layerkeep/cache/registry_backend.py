@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ from layerkeep.cache.manifest import CachedImage, config_layers
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef, parse_image_ref
+from layerkeep.core.log import Log
 from layerkeep.core.progress import MeterFactory, silent
 from layerkeep.core.registry import Pulled, pull_tag, push_tag
 from layerkeep.core.registry_api import RegistryClient
@@ -70,7 +71,6 @@ from layerkeep.core.registry_failures import (
 from layerkeep.core.settings import Settings
 from layerkeep.core.tag_names import TAG_MAX, safe_tag
 
-Log = Callable[[str], None]
 EXTRA_PREFIX = "extra-"
 
 

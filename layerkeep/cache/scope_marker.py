@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,12 +33,12 @@ from layerkeep.cache.registry_backend import (
     scoped_tag,
 )
 from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.log import Log
 from layerkeep.core.registry_api import OCI_MANIFEST, RegistryClient
 from layerkeep.core.registry_credentials import path_in_registry
 from layerkeep.core.registry_failures import TagNotFound
 from layerkeep.core.settings import Settings
 
-Log = Callable[[str], None]
 MARKER_TAG = "layerkeep.scope"
 CONFIG_TYPE = "application/vnd.layerkeep.scope.v1+json"
 TOMBSTONE_TYPE = "application/vnd.layerkeep.tombstone.v1+json"

@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from layerkeep.cache.backend import SaveOutcome
 from layerkeep.cache.budget import MB, BudgetReport, keep_within_budget
 from layerkeep.cache.layer_load import LoadReport
 from layerkeep.cache.mount_store import MountsReport
 from layerkeep.cache.registry_backend import cache_scope
 from layerkeep.cache.usage import image_key, mount_key, record_use
+from layerkeep.core.log import Log
 from layerkeep.core.settings import Settings
-
-Log = Callable[[str], None]
 
 
 def after_load(settings: Settings, report: LoadReport, mounts: MountsReport, *, log: Log) -> bool:

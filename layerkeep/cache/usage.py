@@ -21,8 +21,8 @@ from typing import Any
 from layerkeep.cache.store import CacheDir
 from layerkeep.cache.store_errors import CacheUnavailable
 from layerkeep.core.atomic import atomic_write
+from layerkeep.core.log import Log
 
-Log = Callable[[str], None]
 FILE = "usage.json"
 FORMAT = "layerkeep-cache-usage/1"
 

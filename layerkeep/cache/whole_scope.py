@@ -18,11 +18,11 @@ from typing import Literal, TypeVar
 from layerkeep.cache.registry_backend import cache_location, cache_scope
 from layerkeep.cache.scope_marker import read_marker
 from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.log import Log
 from layerkeep.core.registry_api import RegistryClient
 from layerkeep.core.registry_credentials import path_in_registry
 from layerkeep.core.settings import Settings
 
-Log = Callable[[str], None]
 Loaded = TypeVar("Loaded")
 Seen = Literal["saved", "pruning", "none", "unknown"]
 

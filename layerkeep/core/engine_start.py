@@ -17,12 +17,13 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from layerkeep.core.engine import DEFAULT_TIMEOUT, Engine, connect, describe_host
 from layerkeep.core.errors import EngineUnavailable
 from layerkeep.core.job import Job
+from layerkeep.core.log import Log
 
 DOCKERD_LOG = Path(tempfile.gettempdir()) / "layerkeep-dockerd.log"
 DEFAULT_HOST = "unix:///var/run/docker.sock"
@@ -40,7 +41,6 @@ _DOCKERD_VARIABLES = (
 )
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-Log = Callable[[str], None]
 
 
 def start_refusal(environ: Mapping[str, str], *, euid: int, dockerd: str | None) -> str:

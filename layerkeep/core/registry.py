@@ -16,9 +16,10 @@ from typing import Any, Protocol, TypeVar
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import ImageRef
+from layerkeep.core.log import Log
 from layerkeep.core.progress import Meter, MeterFactory, silent
 from layerkeep.core.registry_credentials import Credentials
-from layerkeep.core.registry_failures import Log, Retries, TagNotFound
+from layerkeep.core.registry_failures import Retries, TagNotFound
 
 _RETRYING = re.compile(r"^Retrying in (\d+) seconds?$")
 # The status line that ends a push; Docker 26's containerd image store gives the digest

@@ -33,10 +33,10 @@ from typing import Literal, TypeVar
 
 from layerkeep.core.engine import TimeLimitReached
 from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.log import Log
 from layerkeep.core.registry_credentials import Credentials
 from layerkeep.core.settings import Settings
 
-Log = Callable[[str], None]
 Sleep = Callable[[float], None]
 T = TypeVar("T")
 FIRST_DELAY = 1.0

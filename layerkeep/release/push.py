@@ -30,6 +30,7 @@ from pathlib import Path
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError
 from layerkeep.core.imageref import ImageRef, is_valid_tag
+from layerkeep.core.log import Log
 from layerkeep.core.progress import MeterFactory, silent
 from layerkeep.core.registry import Pushed, push_tag, remote_digest
 from layerkeep.core.registry_credentials import (
@@ -41,7 +42,6 @@ from layerkeep.core.registry_failures import Retries, Sleep
 from layerkeep.core.settings import Settings
 from layerkeep.core.tag_names import safe_tag
 
-Log = Callable[[str], None]
 GitTag = Callable[[Path], str]
 GIT_TAG = "{git_tag}"
 

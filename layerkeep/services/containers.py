@@ -14,7 +14,7 @@ import hashlib
 import json
 import shlex
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,6 +24,7 @@ from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
 from layerkeep.core.imageref import parse_image_ref
 from layerkeep.core.job import BUILD_ID_LABEL, PROJECT_LABEL, Job
+from layerkeep.core.log import Log
 from layerkeep.core.progress import MeterFactory, silent
 from layerkeep.core.registry import pull_tag
 from layerkeep.core.registry_credentials import credentials_for, registry_host
@@ -32,7 +33,6 @@ from layerkeep.core.service_specs import ServiceSpec, service_key
 from layerkeep.core.settings import Settings
 from layerkeep.services.readiness import ServiceWait, wait_ready
 
-Log = Callable[[str], None]
 SERVICE_LABEL = "io.layerkeep.service"
 # A digest of what the container was created from: a changed image, env, command or
 # port makes a second `up` replace the container instead of reusing a stale one.

@@ -9,7 +9,7 @@ awaited, the container's state and its last log lines (masked with the job's sec
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NoReturn, Protocol
 
 from layerkeep.core.engine import Engine, RunningExec
@@ -20,9 +20,9 @@ from layerkeep.core.errors import (
     ResourceNotFound,
 )
 from layerkeep.core.job import Job
+from layerkeep.core.log import Log
 from layerkeep.core.service_specs import ServiceSpec, service_key
 
-Log = Callable[[str], None]
 POLL_INTERVAL = 0.25
 LOG_LINES = 15
 _EXEC_SETTLE = 0.2

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError
+from layerkeep.core.log import Log
 from layerkeep.core.settings import Mount, Settings, render_template
 from layerkeep.services.containers import service_facts
 
-Log = Callable[[str], None]
 REPORTS_MOUNT = "/reports"
 
 

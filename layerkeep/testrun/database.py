@@ -6,18 +6,17 @@ import io
 import re
 import tarfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import CommandFailed, ConfigError, DockerOperationError
+from layerkeep.core.log import Log
 from layerkeep.core.service_specs import ServiceSpec
 from layerkeep.core.settings import Settings
 from layerkeep.services.readiness import ServiceWait, wait_ready
 from layerkeep.testrun.app_container import mounts_for, run_in_app_image
 from layerkeep.testrun.nodes import local_node_settings
 
-Log = Callable[[str], None]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _SQL_FOLDER = "/layerkeep-sql"
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import DockerOperationError
+from layerkeep.core.log import Log
 from layerkeep.core.settings import Mount, Settings
 from layerkeep.testrun.app_container import create_app_container
 
-Log = Callable[[str], None]
 # How long the output of a container that exited may take to drain.
 _DRAIN_SECONDS = 30.0
 

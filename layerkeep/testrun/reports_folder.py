@@ -15,12 +15,12 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 from layerkeep.core.atomic import atomic_write
+from layerkeep.core.log import Log
 
-Log = Callable[[str], None]
 MANIFEST = ".layerkeep-reports.json"
 # The private folder the test container's own folder lives in while the tests run.
 OUTBOX_PREFIX = ".layerkeep-tests-"

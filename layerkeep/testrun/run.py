@@ -30,12 +30,13 @@ import contextlib
 import shlex
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from layerkeep.core.ci_vars import commit_time
 from layerkeep.core.engine import Engine
+from layerkeep.core.log import Log
 from layerkeep.core.settings import Mount, Settings
 from layerkeep.testrun.app_container import REPORTS_MOUNT, mounts_for
 from layerkeep.testrun.nodes import ContainerRun, node_settings, run_at_once
@@ -49,7 +50,6 @@ from layerkeep.testrun.split import PLACEHOLDER, Node, Plan, plan_tests, share_c
 from layerkeep.testrun.timing_store import load_history, save_history
 from layerkeep.testrun.timings import file_seconds, measured
 
-Log = Callable[[str], None]
 SETUP_DONE = "==> layerkeep: setup done, the tests start"
 
 

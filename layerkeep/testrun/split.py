@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import heapq
 import shlex
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from layerkeep.core.errors import ConfigError
+from layerkeep.core.log import Log
 from layerkeep.core.settings import Settings
 from layerkeep.testrun.timings import FileTime, History, history_digest, latest
 
-Log = Callable[[str], None]
 PLACEHOLDER = "{files}"
 
 

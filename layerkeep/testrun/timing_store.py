@@ -19,7 +19,7 @@ import gzip
 import io
 import json
 import tarfile
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from layerkeep.cache.registry_backend import cache_location, cache_scope, scoped_tag
@@ -27,6 +27,7 @@ from layerkeep.cache.store import CacheDir
 from layerkeep.core.atomic import atomic_write
 from layerkeep.core.errors import DockerOperationError, LayerkeepError
 from layerkeep.core.imageref import is_valid_tag
+from layerkeep.core.log import Log
 from layerkeep.core.registry_api import (
     DOCKER_MANIFEST,
     RegistryClient,
@@ -45,7 +46,6 @@ from layerkeep.testrun.timings import (
     parse_history,
 )
 
-Log = Callable[[str], None]
 TIMINGS_FILE = "test-timings.json"
 TAG_SUFFIX = "-test-timings"
 # Nodes whose registry tags are read: as many as LAYERKEEP_NODE_TOTAL allows.

@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-Log = Callable[[str], None]
+from layerkeep.core.log import Log
+
 FORMAT = "layerkeep-test-timings/1"
 
 
