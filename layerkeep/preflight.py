@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from layerkeep.building.builder import buildkit_cli
@@ -25,6 +25,7 @@ from layerkeep.building.dockerfile import directives, read_instructions
 from layerkeep.building.image import unset_secret_variables
 from layerkeep.core.engine import context_files, read_ignore_file
 from layerkeep.core.errors import ConfigError
+from layerkeep.core.log import Log
 from layerkeep.core.settings import Settings
 from layerkeep.testrun.split import plan_tests
 
@@ -91,7 +92,7 @@ def check_before_start(
     environ: Mapping[str, str],
     *,
     flags: Collection[str] = (),
-    log: Callable[[str], None],
+    log: Log,
 ) -> None:
     """Log each warning and each problem :func:`preflight` finds, then raise one
     ConfigError for the problems."""

@@ -36,13 +36,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from layerkeep.core.engine import Engine
 from layerkeep.core.errors import ConfigError, DockerOperationError, ResourceConflict
+from layerkeep.core.log import Log
 
 STANDIN_LABEL = "io.layerkeep.standin"
 STANDIN_IMAGE_LABEL = "io.layerkeep.standin.image"
@@ -112,7 +113,7 @@ def ensure_standins(
     *,
     names: Sequence[str] | None = None,
     force: bool = False,
-    log: Callable[[str], None] = print,
+    log: Log = print,
     ca_bundle: Path = DEFAULT_CA_BUNDLE,
 ) -> list[str]:
     """Build the stand-ins the engine lacks (all, or ``names``); return those built.

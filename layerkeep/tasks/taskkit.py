@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from invoke.config import Config
@@ -12,6 +12,7 @@ from invoke.config import Config
 from layerkeep.core.engine import Engine
 from layerkeep.core.engine_start import connect_or_start
 from layerkeep.core.job import Job
+from layerkeep.core.log import Log
 from layerkeep.core.progress import MeterFactory, for_stream
 from layerkeep.core.settings import Settings, load_settings
 
@@ -53,7 +54,7 @@ def meters() -> MeterFactory:
     return for_stream(sys.stdout)
 
 
-def masked_log(settings: Settings) -> Callable[[str], None]:
+def masked_log(settings: Settings) -> Log:
     """Task output with every secret of the job masked: what library functions log.
 
     Builders echo commands with build arguments filled in, tests print what they like:
